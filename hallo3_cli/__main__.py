@@ -1,0 +1,3 @@
+from hallo3_cli.cli import main
+
+main()

@@ -1,0 +1,184 @@
+"""The ``hallo3`` command line: a thin Typer shell over the library.
+
+Heavy modules (torch, diffusers, transformers, av) are imported inside the commands so that
+``hallo3 --help`` and ``hallo3 --version`` stay instant. Results go to stdout, logs and progress to
+stderr; errors are one line with a non-zero exit code (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from hallo3_cli import __version__
+from hallo3_cli.errors import Hallo3Error, NotImplementedYet
+
+app = typer.Typer(
+    name="hallo3",
+    help="Hallo3 talking-portrait video from one image and one speech recording.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False, "quiet": False}
+
+MODEL_HELP = "Model preset from models.toml: 'hallo3' (the release) or 'tiny-random' (offline test model, output is noise)."
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hallo3-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", envvar="HALLO3_DEBUG", help="Show full tracebacks on errors."),
+) -> None:
+    _state["debug"] = debug
+
+
+def log(message: str) -> None:
+    """Print a log line to stderr unless --quiet."""
+    if not _state["quiet"]:
+        print(message, file=sys.stderr, flush=True)
+
+
+def emit(result: str | Path) -> None:
+    """Print a command's result (an output path) to stdout."""
+    print(str(result), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+@app.command("download")
+def download_cmd(
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Model folder (default: $HALLO3_HOME or the Hugging Face cache)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be fetched and the total size, fetch nothing."),
+    from_dir: Optional[Path] = typer.Option(None, "--from", help="Import an existing official pretrained_models/ folder (no network)."),
+) -> None:
+    """Fetch and convert the weights listed in models.toml.
+
+    Example: hallo3 download --dry-run
+    """
+    raise NotImplementedYet("'hallo3 download' is not implemented yet")
+
+
+@app.command("embed-audio")
+def embed_audio_cmd(
+    speech: Path = typer.Argument(..., help="Speech recording (wav, mp3, m4a, flac, ogg)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Features file to write (.safetensors)."),
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    separate_vocals: bool = typer.Option(False, "--separate-vocals", help="Isolate the voice with the release's MDX-Net model first."),
+    device: str = typer.Option("auto", "--device", help="torch device: auto, cpu, cuda, cuda:1, mps."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
+) -> None:
+    """Speech -> per-frame wav2vec features (a stage file).
+
+    Example: hallo3 embed-audio speech.wav -o speech.audio.safetensors
+    """
+    _state["quiet"] = quiet
+    from hallo3_cli.audio import embed_audio_file
+
+    out = embed_audio_file(
+        speech, output, model=model, separate_vocals=separate_vocals, device=device, progress=not quiet
+    )
+    emit(out)
+
+
+@app.command("encode-ref")
+def encode_ref_cmd(
+    image: Path = typer.Argument(..., help="Portrait image (jpg, png, webp, ...)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Reference file to write (.safetensors)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Scene description (default: a generic talking-head prompt)."),
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    preview: Optional[Path] = typer.Option(None, "--preview", help="Also write the framed image with face box and mask drawn (PNG)."),
+    device: str = typer.Option("auto", "--device", help="torch device: auto, cpu, cuda, cuda:1, mps."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
+) -> None:
+    """Portrait -> identity: face embedding and mask, VAE latents, prompt, reference features.
+
+    Example: hallo3 encode-ref face.png -o face.ref.safetensors --preview framing.png
+    """
+    raise NotImplementedYet("'hallo3 encode-ref' is not implemented yet")
+
+
+@app.command("render")
+def render_cmd(
+    face: Optional[Path] = typer.Argument(None, help="Portrait image (or use --ref)."),
+    speech: Optional[Path] = typer.Argument(None, help="Speech recording (or use --audio)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output: .mp4 (video) or .safetensors (clips)."),
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
+) -> None:
+    """Render the talking video clip by clip (resumable).
+
+    Example: hallo3 render face.png speech.wav -o out.mp4
+    """
+    raise NotImplementedYet("'hallo3 render' is not implemented yet")
+
+
+@app.command("stitch")
+def stitch_cmd(
+    clips: Path = typer.Argument(..., help="Clips file written by 'hallo3 render -o CLIPS.safetensors'."),
+    output: Path = typer.Option(..., "--output", "-o", help="Video to write (.mp4)."),
+    audio: Path = typer.Option(..., "--audio", help="The original speech recording to mux."),
+    device: str = typer.Option("auto", "--device", help="torch device for the VAE decoder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
+) -> None:
+    """Clips + speech -> mp4 (H.264 + AAC, 25 fps).
+
+    Example: hallo3 stitch clips.safetensors --audio speech.wav -o out.mp4
+    """
+    raise NotImplementedYet("'hallo3 stitch' is not implemented yet")
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the Typer app and turn errors into one-line messages."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("HALLO3_DEBUG") == "1"
+    try:
+        code = app(args=argv, prog_name="hallo3", standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
+    except Hallo3Error as err:
+        if debug:
+            raise
+        print(f"hallo3: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("hallo3: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as err:
+        # Typer vendors click: recognise its usage errors by shape rather than by class.
+        if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
+            err.show()
+            sys.exit(err.exit_code)
+        if type(err).__name__ == "Abort":
+            print("hallo3: aborted", file=sys.stderr)
+            sys.exit(130)
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"hallo3: error: {type(err).__name__}: {message} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

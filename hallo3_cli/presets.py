@@ -1,0 +1,217 @@
+"""Model presets (``models.toml``): where each component lives, its geometry, and fingerprints.
+
+A preset is either the real release (``hallo3``: components on disk under the model home) or
+``tiny-random`` (same architecture, tiny widths, weights generated from a seed in memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from hallo3_cli.errors import Hallo3Error, ModelError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MODELS_TOML = Path(__file__).with_name("models.toml")
+TINY_RANDOM = "tiny-random"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One model preset: geometry, defaults and components."""
+
+    name: str
+    table: dict[str, Any] = field(repr=False)
+
+    # geometry and defaults -------------------------------------------------------------------
+    @property
+    def is_random(self) -> bool:
+        return "seed" in self.table
+
+    @property
+    def seed(self) -> int:
+        return int(self.table.get("seed", 0))
+
+    @property
+    def height(self) -> int:
+        return int(self.table["height"])
+
+    @property
+    def width(self) -> int:
+        return int(self.table["width"])
+
+    @property
+    def fps(self) -> int:
+        return int(self.table["fps"])
+
+    @property
+    def clip_length(self) -> int:
+        return int(self.table["clip_length"])
+
+    @property
+    def motion_frames(self) -> int:
+        return int(self.table["motion_frames"])
+
+    @property
+    def steps(self) -> int:
+        return int(self.table["steps"])
+
+    @property
+    def cfg(self) -> float:
+        return float(self.table["cfg"])
+
+    @property
+    def vae_scale(self) -> float:
+        return float(self.table["vae_scale"])
+
+    @property
+    def text_length(self) -> int:
+        return int(self.table["text_length"])
+
+    @property
+    def default_prompt(self) -> str:
+        return str(self.table["default_prompt"])
+
+    @property
+    def description(self) -> str:
+        return str(self.table.get("description", ""))
+
+    def config(self, component: str) -> dict[str, Any]:
+        """Architecture overrides of a random preset's component (empty for the release)."""
+        return dict(self.table.get(component, {}))
+
+    @property
+    def components(self) -> dict[str, dict[str, Any]]:
+        return dict(self.table.get("components", {}))
+
+    # files -------------------------------------------------------------------------------------
+    @property
+    def home(self) -> Path:
+        """Folder holding this preset's converted components."""
+        return model_home() / self.name
+
+    def component_dir(self, component: str) -> Path:
+        """Local folder of a component (``transformer``, ``vae``, ``wav2vec``...)."""
+        return self.home / component
+
+    def require(self, component: str) -> Path:
+        """The component's folder, or a ModelError telling the user how to get it."""
+        if self.is_random:
+            raise Hallo3Error(f"preset {self.name!r} has no files; its {component} is generated in memory")
+        path = self.component_dir(component)
+        if not (path / ".complete").exists():
+            raise ModelError(
+                f"the {component} weights of preset {self.name!r} are not installed in {path}; "
+                f"run: hallo3 download --model {self.name}"
+            )
+        return path
+
+    # fingerprints ------------------------------------------------------------------------------
+    def fingerprint(self, *components: str) -> str:
+        """A short, cheap fingerprint of the weights of ``components``.
+
+        Random presets: hash of preset name, seed and component configs. Release: hash of each
+        component's file names, sizes and the first and last MiB of every file (no full read).
+        """
+        digest = hashlib.sha256(self.name.encode())
+        for component in sorted(components):
+            digest.update(component.encode())
+            if self.is_random:
+                digest.update(str(self.seed).encode())
+                digest.update(json.dumps(self.config(component), sort_keys=True).encode())
+            else:
+                digest.update(_folder_fingerprint(self.require(component)).encode())
+        return digest.hexdigest()[:16]
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder)}:{size}".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def model_home() -> Path:
+    """``$HALLO3_HOME``, else ``<Hugging Face cache>/hallo3-cli``."""
+    if os.environ.get("HALLO3_HOME"):
+        return Path(os.environ["HALLO3_HOME"]).expanduser()
+    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(hf_home).expanduser() / "hallo3-cli"
+
+
+@lru_cache(maxsize=None)
+def _all_presets() -> dict[str, dict[str, Any]]:
+    with open(MODELS_TOML, "rb") as f:
+        return tomllib.load(f)
+
+
+def preset_names() -> list[str]:
+    return list(_all_presets())
+
+
+def get_preset(name: str) -> Preset:
+    """Look up a preset by name; unknown names raise a one-line error listing the known ones."""
+    presets = _all_presets()
+    if name not in presets:
+        raise Hallo3Error(f"unknown model preset {name!r}; known presets: {', '.join(presets)}")
+    return Preset(name, presets[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# seeded random weights (tiny-random preset and tests)
+
+
+def fill_random_(module, seed: int, std: float = 0.02) -> None:
+    """Overwrite every parameter and persistent buffer of ``module`` with seeded random values.
+
+    Each tensor gets its own generator seeded from ``seed`` and its name, so the values do not
+    depend on library initialisation code or on module construction order. Norm weights are drawn
+    around 1, everything else around 0.
+    """
+    import torch
+
+    state = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if not tensor.is_floating_point():
+                continue
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+            values = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std
+            leaf = name.rsplit(".", 2)
+            if leaf[-1] == "weight" and tensor.ndim == 1 and "norm" in name.lower():
+                values += 1.0
+            tensor.copy_(values.to(tensor.dtype))
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` → cuda if available, then mps, else cpu; anything else is validated by torch."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise Hallo3Error(f"device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
+    return device

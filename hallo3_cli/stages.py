@@ -1,0 +1,358 @@
+"""Every on-disk artifact of the pipeline, in one place.
+
+Each stage file is a safetensors file. Its ``__metadata__`` (string → string) always holds
+
+- ``format``          e.g. ``hallo3.audio``
+- ``format_version``  an integer; bumped whenever the layout changes
+- ``model``           the model preset that produced it (``hallo3``, ``tiny-random``)
+- ``weights``         a fingerprint of the weights involved (see ``hallo3_cli.presets``)
+- ``params``          JSON of the producing parameters
+- ``source_sha256``   sha256 of the input media (for clips: of the input stage files)
+
+plus the per-format keys listed in each :class:`StageKind`. Loading validates all of it — format,
+version, metadata types, tensor names, ranks, dtypes and cross-shape consistency — and raises
+:class:`StageFileError` with a one-line message naming the file. Writes are atomic.
+
+Formats
+-------
+``hallo3.audio``      ``features`` (frames_padded, layers, channels): wav2vec hidden states per video
+                      frame, NOT windowed (windowing is a view, done on load; this keeps 10 minutes
+                      at ~0.55 GB in fp32). Metadata ``fps``, ``num_frames`` (unpadded video frames),
+                      ``clip_length``, ``sample_rate``.
+``hallo3.reference``  the identity of one portrait: ``image`` (3, H, W) framed image in [-1, 1],
+                      ``ref_latent`` (16, h, w) VAE latent of the face-masked image ×scale,
+                      ``face_embedding`` (512,), ``face_box`` (4,) int32 x0 y0 x1 y1 in the framed image,
+                      ``prompt_embeds`` (text_len, text_dim), ``ref_bank`` (layers, tokens, width).
+                      Metadata ``framing`` (``pad`` or ``crop``), ``source_width``, ``source_height``,
+                      ``face_found``, ``prompt``.
+``hallo3.clip``       one finished clip, written by ``render`` as soon as it exists (resume unit):
+                      ``latents`` (latent_frames, 16, h, w), ``motion`` (2, 3, H, W) the last two
+                      decoded frames in [-1, 1] that seed the next clip. Metadata ``index``, ``render_key``.
+``hallo3.clips``      a whole render: ``latents`` (clips, latent_frames, 16, h, w). Metadata
+                      ``num_frames``, ``fps``, ``clip_length``, ``motion_frames``, ``framing``,
+                      ``height``, ``width``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from hallo3_cli.errors import StageFileError
+from hallo3_cli.fsutil import atomic_path, require_file
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+COMMON_META = ("format", "format_version", "model", "weights", "params", "source_sha256")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    ndim: int
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """The schema of one stage-file format."""
+
+    format: str
+    version: int
+    tensors: tuple[TensorSpec, ...]
+    meta: dict[str, type] = field(default_factory=dict)
+    check: Callable[["Stage"], str | None] | None = None
+    description: str = ""
+
+
+@dataclass
+class Stage:
+    """A loaded (validated) stage file: tensors by name and typed metadata."""
+
+    kind: StageKind
+    tensors: dict[str, Any]
+    meta: dict[str, Any]
+    path: Path | None = None
+
+    def __getitem__(self, name: str):
+        return self.tensors[name]
+
+    @property
+    def model(self) -> str:
+        return self.meta["model"]
+
+    @property
+    def weights(self) -> str:
+        return self.meta["weights"]
+
+    @property
+    def params(self) -> dict:
+        return self.meta["params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# per-format consistency checks (return an error message or None)
+
+
+def _check_audio(stage: Stage) -> str | None:
+    frames = stage["features"].shape[0]
+    n, clip = stage.meta["num_frames"], stage.meta["clip_length"]
+    if n < 1:
+        return "num_frames must be at least 1"
+    if frames < n:
+        return f"features hold {frames} frames but num_frames is {n}"
+    if stage.meta["fps"] <= 0 or clip <= 0:
+        return "fps and clip_length must be positive"
+    return None
+
+
+def _check_reference(stage: Stage) -> str | None:
+    image, latent = stage["image"], stage["ref_latent"]
+    if image.shape[0] != 3:
+        return f"image must have 3 channels, has {image.shape[0]}"
+    if stage["face_box"].shape != (4,):
+        return "face_box must hold 4 numbers"
+    if stage["face_embedding"].shape[0] < 1:
+        return "empty face_embedding"
+    if latent.shape[1] * 8 != image.shape[1] or latent.shape[2] * 8 != image.shape[2]:
+        return f"ref_latent {tuple(latent.shape)} does not match image {tuple(image.shape)}"
+    if stage.meta["framing"] not in ("pad", "crop"):
+        return f"unknown framing {stage.meta['framing']!r}"
+    return None
+
+
+def _check_clip(stage: Stage) -> str | None:
+    if stage["motion"].shape[1] != 3:
+        return "motion frames must have 3 channels"
+    return None
+
+
+def _check_clips(stage: Stage) -> str | None:
+    latents = stage["latents"]
+    if latents.shape[0] < 1:
+        return "holds no clips"
+    if stage.meta["framing"] not in ("pad", "crop"):
+        return f"unknown framing {stage.meta['framing']!r}"
+    new_per_clip = stage.meta["clip_length"] - stage.meta["motion_frames"]
+    if stage.meta["num_frames"] > latents.shape[0] * new_per_clip:
+        return f"num_frames {stage.meta['num_frames']} exceeds what {latents.shape[0]} clips hold"
+    return None
+
+
+AUDIO = StageKind(
+    "hallo3.audio",
+    1,
+    (TensorSpec("features", 3),),
+    {"fps": int, "num_frames": int, "clip_length": int, "sample_rate": int},
+    _check_audio,
+    "speech features",
+)
+REFERENCE = StageKind(
+    "hallo3.reference",
+    1,
+    (
+        TensorSpec("image", 3),
+        TensorSpec("ref_latent", 3),
+        TensorSpec("face_embedding", 1),
+        TensorSpec("face_box", 1, ("int32", "int64")),
+        TensorSpec("prompt_embeds", 2),
+        TensorSpec("ref_bank", 3),
+    ),
+    {"framing": str, "source_width": int, "source_height": int, "face_found": bool, "prompt": str},
+    _check_reference,
+    "portrait reference",
+)
+CLIP = StageKind(
+    "hallo3.clip",
+    1,
+    (TensorSpec("latents", 4), TensorSpec("motion", 4)),
+    {"index": int, "render_key": str},
+    _check_clip,
+    "rendered clip",
+)
+CLIPS = StageKind(
+    "hallo3.clips",
+    1,
+    (TensorSpec("latents", 5),),
+    {
+        "num_frames": int,
+        "fps": int,
+        "clip_length": int,
+        "motion_frames": int,
+        "framing": str,
+        "height": int,
+        "width": int,
+    },
+    _check_clips,
+    "rendered clips",
+)
+KINDS = {kind.format: kind for kind in (AUDIO, REFERENCE, CLIP, CLIPS)}
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding of metadata values (safetensors metadata is str -> str)
+
+
+def _encode(value: Any, typ: type) -> str:
+    if typ is bool:
+        return "true" if value else "false"
+    if typ is dict:
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _decode(text: str, typ: type, key: str) -> Any:
+    try:
+        if typ is bool:
+            if text not in ("true", "false"):
+                raise ValueError
+            return text == "true"
+        if typ is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+        return typ(text)
+    except (ValueError, TypeError):
+        raise ValueError(f"metadata {key!r} is not a valid {typ.__name__}: {text[:40]!r}") from None
+
+
+def _meta_types(kind: StageKind) -> dict[str, type]:
+    return {"model": str, "weights": str, "params": dict, "source_sha256": str, **kind.meta}
+
+
+def _dtype_name(tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _validate(stage: Stage) -> None:
+    kind = stage.kind
+    for spec in kind.tensors:
+        if spec.name not in stage.tensors:
+            raise ValueError(f"missing tensor {spec.name!r}")
+        tensor = stage.tensors[spec.name]
+        if tensor.ndim != spec.ndim:
+            raise ValueError(f"tensor {spec.name!r} has {tensor.ndim} dimensions, expected {spec.ndim}")
+        if _dtype_name(tensor) not in spec.dtypes:
+            raise ValueError(f"tensor {spec.name!r} has dtype {_dtype_name(tensor)}, expected one of {', '.join(spec.dtypes)}")
+    extra = set(stage.tensors) - {spec.name for spec in kind.tensors}
+    if extra:
+        raise ValueError(f"unexpected tensors {sorted(extra)}")
+    if kind.check is not None:
+        problem = kind.check(stage)
+        if problem:
+            raise ValueError(problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def save_stage(path: str | Path, kind: StageKind, tensors: dict, meta: dict) -> Path:
+    """Validate and atomically write a stage file. ``meta`` must hold the common and per-kind keys."""
+    from safetensors.torch import save_file
+
+    types = _meta_types(kind)
+    missing = [key for key in types if key not in meta]
+    if missing:
+        raise ValueError(f"{kind.format}: metadata is missing {missing}")
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    stage = Stage(kind, tensors, {key: meta[key] for key in types})
+    _validate(stage)
+    header = {"format": kind.format, "format_version": str(kind.version)}
+    header.update({key: _encode(meta[key], typ) for key, typ in types.items()})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return Path(path)
+
+
+def read_header(path: str | Path) -> dict[str, str]:
+    """The raw ``__metadata__`` of a safetensors file, without reading tensor data."""
+    import struct
+
+    path = require_file(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("file too short")
+            (size,) = struct.unpack("<Q", head)
+            if size > 100_000_000:
+                raise ValueError("header too large")
+            raw = f.read(size)
+            if len(raw) != size:
+                raise ValueError("header truncated")
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError, OSError):
+        raise StageFileError("not a safetensors stage file (unreadable, truncated or corrupt header)", path) from None
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise StageFileError("corrupt safetensors metadata", path)
+    return meta
+
+
+def load_stage(
+    path: str | Path,
+    kind: StageKind,
+    *,
+    model: str | None = None,
+    weights: str | None = None,
+    device: str = "cpu",
+) -> Stage:
+    """Read and validate a stage file of ``kind``.
+
+    ``model``/``weights``, when given, must match what produced the file (a features file made by
+    another preset or by other weights is refused rather than silently misused).
+    """
+    path = require_file(path)
+    raw = read_header(path)
+    fmt = raw.get("format")
+    if fmt != kind.format:
+        what = f"a {KINDS[fmt].description} file ({fmt})" if fmt in KINDS else f"format {fmt!r}" if fmt else "not a hallo3 stage file"
+        raise StageFileError(f"expected a {kind.description} file ({kind.format}), found {what}", path)
+    version = raw.get("format_version")
+    if version != str(kind.version):
+        raise StageFileError(
+            f"{kind.format} format version {version} is not supported (this hallo3-cli reads version {kind.version}); "
+            "rerun the stage that wrote it",
+            path,
+        )
+    try:
+        meta = {key: _decode(raw[key], typ, key) for key, typ in _meta_types(kind).items() if key in raw}
+        missing = [key for key in _meta_types(kind) if key not in raw]
+        if missing:
+            raise ValueError(f"metadata is missing {missing}")
+    except ValueError as err:
+        raise StageFileError(str(err), path) from None
+    if model is not None and meta["model"] != model:
+        raise StageFileError(f"was made with model preset {meta['model']!r}, not {model!r}; rerun that stage with --model {model}", path)
+    if weights is not None and meta["weights"] != weights:
+        raise StageFileError("was made with different weights of the same preset (fingerprint mismatch); rerun that stage", path)
+    tensors = _read_tensors(path, device)
+    stage = Stage(kind, tensors, meta, path)
+    try:
+        _validate(stage)
+    except ValueError as err:
+        raise StageFileError(str(err), path) from None
+    return stage
+
+
+def _read_tensors(path: Path, device: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StageFileError(f"corrupt or truncated safetensors data ({reason})", path) from None
+
+
+def source_digest(*digests: str) -> str:
+    """Combine several sha256 hex digests into one (for stages derived from several inputs)."""
+    import hashlib
+
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
