@@ -1,0 +1,250 @@
+"""Portrait loading and framing (SPEC §7.1).
+
+``load_image`` turns any reasonable image file into an 8-bit RGB ``PIL.Image``; ``frame_image`` fits it
+to the model's frame exactly as the official sampler does:
+
+- square source (width == height): resize to a ``side × side`` square, ``side = min(height, width)``
+  (bilinear, antialiased: torchvision ``Resize`` defaults), then pad the remaining width (or height)
+  with zeros split evenly, the extra pixel on the right/bottom. Zero is black in [0, 1], so the pad
+  is -1 after ``×2 - 1``. Framing ``"pad"``.
+- any other shape: bicubic (antialiased) resize so the image covers the frame, the long side scaled to
+  ``int(side * frame / short)`` exactly as the official code truncates, then a centre crop.
+  Framing ``"crop"``. Like the official code this path is not clamped, so bicubic overshoot can leave
+  values slightly outside [-1, 1].
+
+The official code resizes with torchvision on tensors (antialias on by default since torchvision
+0.17); ``torch.nn.functional.interpolate(..., antialias=True)`` is the same computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from hallo3_cli.errors import InputError
+from hallo3_cli.fsutil import require_file
+
+MIN_SIDE = 64
+"""Smallest accepted short side in pixels: below this a face cannot be detected or rendered usefully."""
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+"""Larger images are reduced on load (JPEG: DCT draft decoding; others: integer box filter) to at most
+this many pixels. The model frame is 480×720, so this only bounds memory; it never limits quality."""
+
+MAX_SOURCE_PIXELS = 16384 * 16384
+"""Images with more pixels than this are refused (decompression-bomb guard, replaces PIL's own)."""
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load an image file as 8-bit RGB with its EXIF orientation applied.
+
+    Grayscale, palette, CMYK and 16-bit images are converted (16-bit is scaled to 8 bits, not clipped).
+    Transparent pixels are composited over black, the colour the model sees in its padding, so
+    whatever colour values hide under full transparency cannot leak into the portrait.
+    Images above ``max_pixels`` are reduced while decoding to keep memory bounded (``None``: never).
+    Raises :class:`InputError` naming the file for anything that is not a usable image.
+    """
+    path = require_file(path)
+    try:
+        with _pil_bomb_check_disabled(), Image.open(path) as source:
+            image = _decode(source, path, max_pixels)
+            if image is source:
+                image = source.copy()  # closing the source releases its pixels too
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError("not an image file, or a format PIL cannot read", path) from None
+    except MemoryError:
+        raise
+    except Exception as err:  # PIL raises a zoo of types (OSError, SyntaxError, ValueError, ...) for bad data
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"cannot decode image ({reason})", path) from None
+    return image
+
+
+def _decode(image: Image.Image, path: Path, max_pixels: int | None) -> Image.Image:
+    width, height = image.size
+    if width * height > MAX_SOURCE_PIXELS:
+        raise InputError(
+            f"image is {width}×{height} ({width * height / 1e6:.0f} megapixels), more than the "
+            f"{MAX_SOURCE_PIXELS / 1e6:.0f} megapixels accepted; downscale it first",
+            path,
+        )
+    if min(width, height) < MIN_SIDE:
+        raise InputError(
+            f"image is too small ({width}×{height}); the short side must be at least {MIN_SIDE} pixels", path
+        )
+    factor = _reduction_factor(width, height, max_pixels)
+    if factor > 1 and image.format in ("JPEG", "MPO"):
+        image.draft(None, (math.ceil(width / factor), math.ceil(height / factor)))
+    image.load()
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a damaged EXIF block must not reject pixels that decoded fine
+        pass
+    image = _to_rgb(image)
+    factor = _reduction_factor(*image.size, max_pixels)
+    if factor > 1:
+        image = image.reduce(factor)
+    return image
+
+
+def _reduction_factor(width: int, height: int, max_pixels: int | None) -> int:
+    if max_pixels is None:
+        return 1
+    return max(1, math.ceil(math.sqrt(width * height / max_pixels)))
+
+
+@contextlib.contextmanager
+def _pil_bomb_check_disabled():
+    """PIL's decompression-bomb limit warns at 89 MP and refuses at 179 MP, which would stop a
+    legitimate 108 MP photo; :data:`MAX_SOURCE_PIXELS` is checked instead. The lock keeps PIL's
+    global setting consistent when several threads load images."""
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # PIL's own conversion clips 16-bit values at 255; scale the 0..65535 range instead.
+        values = np.asarray(image).astype(np.float64)
+        gray = np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGB", rgba.size, (0, 0, 0))
+        black.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return black
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# framing (SPEC §7.1)
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Where the resized source lands in the frame: the source is scaled to ``resized_width ×
+    resized_height`` and its top-left corner placed at ``(offset_x, offset_y)`` (negative when cropped)."""
+
+    framing: str
+    resized_width: int
+    resized_height: int
+    offset_x: int
+    offset_y: int
+
+
+def framing_for(source_width: int, source_height: int) -> str:
+    """``"pad"`` for a square source (the official ``h == w`` test), ``"crop"`` otherwise."""
+    return "pad" if source_width == source_height else "crop"
+
+
+def frame_geometry(source_width: int, source_height: int, height: int, width: int) -> FrameGeometry:
+    """The resize and placement :func:`frame_image` applies to a ``source_width × source_height`` image."""
+    if framing_for(source_width, source_height) == "pad":
+        side = min(height, width)
+        return FrameGeometry("pad", side, side, (width - side) // 2, (height - side) // 2)
+    if source_width / source_height > width / height:
+        resized_h, resized_w = height, int(source_width * height / source_height)
+    else:
+        resized_h, resized_w = int(source_height * width / source_width), width
+    # The official code truncates; guard against a float rounding that would fall one pixel short.
+    resized_h, resized_w = max(resized_h, height), max(resized_w, width)
+    return FrameGeometry("crop", resized_w, resized_h, -((resized_w - width) // 2), -((resized_h - height) // 2))
+
+
+def frame_image(image: Image.Image | torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, str]:
+    """Fit a portrait to the model frame (SPEC §7.1).
+
+    ``image`` is an RGB ``PIL.Image`` or a float tensor ``(3, h, w)`` in [0, 1] (e.g. the face-masked
+    image, which the official code masks at source resolution and then frames the same way).
+    Returns the framed float32 tensor ``(3, height, width)`` in [-1, 1] and the framing
+    (``"pad"`` or ``"crop"``).
+    """
+    pixels = _to_unit_tensor(image)
+    _, source_h, source_w = pixels.shape
+    geometry = frame_geometry(source_w, source_h, height, width)
+    size = (geometry.resized_height, geometry.resized_width)
+    if geometry.framing == "pad":
+        resized = _resize(pixels, size, "bilinear")
+        pad_x, pad_y = geometry.offset_x, geometry.offset_y
+        framed = F.pad(resized, (pad_x, width - size[1] - pad_x, pad_y, height - size[0] - pad_y), value=0.0)
+        framed = framed.clamp(0, 1)
+    else:
+        resized = _resize(pixels, size, "bicubic")
+        top, left = -geometry.offset_y, -geometry.offset_x
+        framed = resized[:, top : top + height, left : left + width]
+    return (framed * 2.0 - 1.0).contiguous(), geometry.framing
+
+
+def frame_box(
+    box: tuple[float, float, float, float], source_width: int, source_height: int, height: int, width: int
+) -> tuple[float, float, float, float]:
+    """Map a box ``(x0, y0, x1, y1)`` in source-pixel edge coordinates to the framed image, clipped
+    to the frame. Round outwards (floor/ceil) if integer pixels are needed."""
+    geometry = frame_geometry(source_width, source_height, height, width)
+    scale_x = geometry.resized_width / source_width
+    scale_y = geometry.resized_height / source_height
+    x0, y0, x1, y1 = box
+    mapped = (
+        x0 * scale_x + geometry.offset_x,
+        y0 * scale_y + geometry.offset_y,
+        x1 * scale_x + geometry.offset_x,
+        y1 * scale_y + geometry.offset_y,
+    )
+    return (
+        min(max(mapped[0], 0.0), width),
+        min(max(mapped[1], 0.0), height),
+        min(max(mapped[2], 0.0), width),
+        min(max(mapped[3], 0.0), height),
+    )
+
+
+def crop_box_for_output(framing: str, height: int, width: int) -> tuple[int, int, int, int]:
+    """The part of each generated frame that goes into the video (SPEC §7.5): the centre square for
+    a padded (square) source, the full frame otherwise. Returns ``(x0, y0, x1, y1)``."""
+    if framing == "pad":
+        side = min(height, width)
+        x0, y0 = (width - side) // 2, (height - side) // 2
+        return x0, y0, x0 + side, y0 + side
+    if framing == "crop":
+        return 0, 0, width, height
+    raise ValueError(f"unknown framing {framing!r}")
+
+
+def _to_unit_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            image = _to_rgb(image)
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255.0)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
+    return image.float()
+
+
+def _resize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    if tuple(pixels.shape[1:]) == size:
+        return pixels  # torchvision returns the input untouched when the size already matches
+    return F.interpolate(pixels[None], size=size, mode=mode, align_corners=False, antialias=True)[0]

@@ -1,0 +1,101 @@
+"""Attention processors of the Hallo3 DiTs (swappable, diffusers-style).
+
+Both take every extra argument explicitly: diffusers' ``Attention.forward`` silently drops keyword
+arguments that a processor's ``__call__`` does not declare (SPEC §8b.10).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import apply_rotary_emb
+
+
+def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """(B, N, heads·d) → (B, heads, N, d)."""
+    return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+
+class Hallo3SelfAttnProcessor:
+    """Joint self-attention over ``[text | video]`` plus the reference-network bank as extra keys.
+
+    - qk-LayerNorm on every token, RoPE on the video slice only (SPEC §2.2).
+    - The reference tokens go through this layer's ``to_k``/``to_v`` and ``norm_k`` without RoPE.
+      The official code also gives them query rows and then discards those outputs; appending them
+      only as keys/values is numerically identical and saves one frame of queries (SPEC §8b.6).
+    """
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ref_states: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is not None:
+            raise ValueError("Hallo3SelfAttnProcessor does not support attention masks")
+        text_length = encoder_hidden_states.shape[1]
+        tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+
+        query = _heads(attn, attn.to_q(tokens))
+        key = _heads(attn, attn.to_k(tokens))
+        value = _heads(attn, attn.to_v(tokens))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, text_length:] = apply_rotary_emb(query[:, :, text_length:], image_rotary_emb)
+            key[:, :, text_length:] = apply_rotary_emb(key[:, :, text_length:], image_rotary_emb)
+
+        if ref_states is not None:
+            ref_states = ref_states.to(tokens.dtype)
+            if ref_states.shape[0] != tokens.shape[0]:
+                ref_states = ref_states.expand(tokens.shape[0], -1, -1)
+            ref_key = _heads(attn, attn.to_k(ref_states))
+            if attn.norm_k is not None:
+                ref_key = attn.norm_k(ref_key)
+            key = torch.cat([key, ref_key], dim=2)
+            value = torch.cat([value, _heads(attn, attn.to_v(ref_states))], dim=2)
+
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2)
+        out = attn.to_out[1](attn.to_out[0](out))
+        encoder_out, video_out = out.split([text_length, out.shape[1] - text_length], dim=1)
+        return video_out, encoder_out
+
+
+class Hallo3CrossAttnProcessor:
+    """Face / audio cross-attention (SPEC §2.3–2.4, §8b.7).
+
+    The query and the keys use the layer's self-attention q/k LayerNorms (passed in as
+    ``norm_q``/``norm_k`` rather than registered twice: safetensors refuses shared tensors), and the
+    query gets the rotary embedding of the first latent frame; keys get none.
+    """
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        query_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        norm_q: torch.nn.Module | None = None,
+        norm_k: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("Hallo3CrossAttnProcessor does not support attention masks")
+        query = _heads(attn, attn.to_q(hidden_states))
+        key = _heads(attn, attn.to_k(encoder_hidden_states))
+        value = _heads(attn, attn.to_v(encoder_hidden_states))
+        if norm_q is not None:
+            query = norm_q(query)
+        if norm_k is not None:
+            key = norm_k(key)
+        if query_rotary_emb is not None:
+            query = apply_rotary_emb(query, query_rotary_emb)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2)
+        return attn.to_out[1](attn.to_out[0](out))

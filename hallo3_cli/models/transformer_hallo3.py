@@ -1,0 +1,217 @@
+"""Hallo3's main DiT: CogVideoX-5B-I2V with reference keys, face and audio cross-attention (SPEC §2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
+from torch import nn
+
+from hallo3_cli.models.blocks import Hallo3Block, Hallo3PatchEmbed, video_rotary_embedding
+from hallo3_cli.models.projections import AudioProjModel, FaceProjModel
+
+
+class Hallo3DiTMixin:
+    """What the main DiT and the reference network share on top of ``CogVideoXTransformer3DModel``."""
+
+    _no_split_modules = ["Hallo3Block", "Hallo3PatchEmbed"]
+    _supports_gradient_checkpointing = False
+
+    def _build_common(self, *, num_layers: int, face_cross_attention_dim=None, audio_cross_attention_dim=None):
+        config = self.config
+        inner_dim = config.num_attention_heads * config.attention_head_dim
+        self.patch_embed = Hallo3PatchEmbed(
+            patch_size=config.patch_size,
+            in_channels=config.in_channels,
+            embed_dim=inner_dim,
+            text_embed_dim=config.text_embed_dim,
+            sample_width=config.sample_width,
+            sample_height=config.sample_height,
+            sample_frames=config.sample_frames,
+            temporal_compression_ratio=config.temporal_compression_ratio,
+            max_text_seq_length=config.max_text_seq_length,
+        )
+        self.transformer_blocks = nn.ModuleList(
+            Hallo3Block(
+                dim=inner_dim,
+                num_attention_heads=config.num_attention_heads,
+                attention_head_dim=config.attention_head_dim,
+                time_embed_dim=config.time_embed_dim,
+                norm_eps=config.norm_eps,
+                face_cross_attention_dim=face_cross_attention_dim,
+                audio_cross_attention_dim=audio_cross_attention_dim,
+            )
+            for _ in range(num_layers)
+        )
+        # The official final_layer.norm_final uses eps 1e-6; diffusers builds it with norm_eps (SPEC §8b.4).
+        self.norm_out.norm.eps = 1e-6
+
+    def time_embedding_of(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``time_embed(timestep_embedding(t))`` with embedding = [cos, sin] (SPEC §2.1, §8b.3)."""
+        return self.time_embedding(self.time_proj(timestep).to(dtype))
+
+    def rotary_embedding(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, frames, _, height, width = hidden_states.shape
+        p = self.config.patch_size
+        cache = getattr(self, "_rotary_cache", None)
+        key = (frames, height // p, width // p, hidden_states.device)
+        if cache is None or cache[0] != key:
+            rope = video_rotary_embedding(frames, height // p, width // p, self.config.attention_head_dim, hidden_states.device)
+            self._rotary_cache = cache = (key, rope)
+        return cache[1]
+
+    def _embed(self, hidden_states, encoder_hidden_states):
+        tokens = self.patch_embed(encoder_hidden_states, hidden_states)
+        text_length = encoder_hidden_states.shape[1]
+        return tokens[:, text_length:], tokens[:, :text_length]
+
+
+class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
+    """The Hallo3 denoiser (v-prediction).
+
+    Call convention::
+
+        out = model(hidden_states=x,                # (B, 13, 32, H, W): noisy latent ⊕ image condition
+                    encoder_hidden_states=text,     # (B, 226, text_embed_dim)
+                    timestep=t,                     # (B,)
+                    audio_embeds=audio,             # (B, 49, 5, layers, channels) windowed wav2vec features
+                    face_embeds=face,               # (B, 512)
+                    ref_states=ref_states,          # list of (B or 1, H·W/4, D), one per layer
+                    return_dict=False)[0]           # -> (B, 13, 16, H, W)
+
+    ``audio_tokens=`` / ``face_tokens=`` accept the outputs of :meth:`project_audio` /
+    :meth:`project_face` instead, so a sampler can project once per clip rather than per step.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_attention_heads: int = 48,
+        attention_head_dim: int = 64,
+        in_channels: int = 32,
+        out_channels: int = 16,
+        time_embed_dim: int = 512,
+        text_embed_dim: int = 4096,
+        num_layers: int = 42,
+        sample_width: int = 90,
+        sample_height: int = 60,
+        sample_frames: int = 49,
+        patch_size: int = 2,
+        temporal_compression_ratio: int = 4,
+        max_text_seq_length: int = 226,
+        norm_eps: float = 1e-5,
+        audio_window: int = 5,
+        audio_layers: int = 12,
+        audio_channels: int = 768,
+        audio_intermediate_dim: int = 512,
+        audio_context_tokens: int = 32,
+        audio_cross_attention_dim: int = 768,
+        face_embed_dim: int = 512,
+        face_tokens: int = 4,
+        face_cross_attention_dim: int = 1024,
+    ):
+        # The parent's undecorated constructor builds time embedding, final norms and projection;
+        # blocks and patch embedding are ours (built by _build_common).
+        CogVideoXTransformer3DModel.__init__.__wrapped__(
+            self,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            time_embed_dim=time_embed_dim,
+            text_embed_dim=text_embed_dim,
+            num_layers=0,
+            sample_width=sample_width,
+            sample_height=sample_height,
+            sample_frames=sample_frames,
+            patch_size=patch_size,
+            temporal_compression_ratio=temporal_compression_ratio,
+            max_text_seq_length=max_text_seq_length,
+            norm_eps=norm_eps,
+            use_rotary_positional_embeddings=True,
+        )
+        self._build_common(
+            num_layers=num_layers,
+            face_cross_attention_dim=face_cross_attention_dim,
+            audio_cross_attention_dim=audio_cross_attention_dim,
+        )
+        self.audio_proj = AudioProjModel(
+            window=audio_window,
+            layers=audio_layers,
+            channels=audio_channels,
+            intermediate_dim=audio_intermediate_dim,
+            output_dim=audio_cross_attention_dim,
+            context_tokens=audio_context_tokens,
+        )
+        self.face_proj = FaceProjModel(face_embed_dim, face_cross_attention_dim, face_tokens)
+
+    def project_audio(self, audio_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, frames, window, layers, channels) → (B, latent_frames, tokens, dim)."""
+        return self.audio_proj(audio_embeds.to(self.audio_proj.proj1.weight.dtype))
+
+    def project_face(self, face_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, 512) → (B, tokens, dim)."""
+        return self.face_proj(face_embeds.to(self.face_proj.proj.weight.dtype))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        audio_embeds: torch.Tensor | None = None,
+        face_embeds: torch.Tensor | None = None,
+        ref_states: list[torch.Tensor] | None = None,
+        audio_tokens: torch.Tensor | None = None,
+        face_tokens: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ) -> tuple[torch.Tensor] | Transformer2DModelOutput:
+        batch, frames, _, height, width = hidden_states.shape
+        if ref_states is None or len(ref_states) != len(self.transformer_blocks):
+            raise ValueError(f"ref_states must hold one tensor per layer ({len(self.transformer_blocks)})")
+        if audio_tokens is None:
+            if audio_embeds is None:
+                raise ValueError("pass audio_embeds or audio_tokens")
+            audio_tokens = self.project_audio(audio_embeds)
+        if face_tokens is None:
+            if face_embeds is None:
+                raise ValueError("pass face_embeds or face_tokens")
+            face_tokens = self.project_face(face_embeds)
+        if audio_tokens.shape[1] != frames:
+            raise ValueError(f"audio gives {audio_tokens.shape[1]} latent frames, the latent has {frames}")
+
+        dtype = hidden_states.dtype
+        timestep = torch.as_tensor(timestep, device=hidden_states.device, dtype=torch.float32).reshape(-1).expand(batch)
+        temb = self.time_embedding_of(timestep, dtype)
+        hidden, text = self._embed(hidden_states, encoder_hidden_states.to(dtype))
+
+        rope = self.rotary_embedding(hidden_states)
+        tokens_per_frame = hidden.shape[1] // frames
+        query_rope = (rope[0][:tokens_per_frame], rope[1][:tokens_per_frame])  # frame-0 positions (SPEC §2.3)
+        audio_context = audio_tokens.to(dtype).flatten(0, 1)  # (B·frames, tokens, dim)
+        face_context = face_tokens.to(dtype).repeat_interleave(frames, dim=0)
+
+        for block, ref in zip(self.transformer_blocks, ref_states):
+            hidden, text, _ = block(
+                hidden_states=hidden,
+                encoder_hidden_states=text,
+                temb=temb,
+                image_rotary_emb=rope,
+                attention_kwargs=attention_kwargs,
+                ref_states=ref,
+                face_tokens=face_context,
+                audio_tokens=audio_context,
+                query_rotary_emb=query_rope,
+            )
+
+        # final_layernorm, then the final layer's own norm_final (SPEC §2, "double final norm")
+        hidden = self.proj_out(self.norm_out(self.norm_final(hidden), temb=temb))
+        p = self.config.patch_size
+        output = hidden.reshape(batch, frames, height // p, width // p, -1, p, p)
+        output = output.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)

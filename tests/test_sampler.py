@@ -1,0 +1,267 @@
+"""The exact sampler (SPEC §6) against the official schedule numbers and the official 3-step run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from hallo3_cli import sampler
+from hallo3_cli.sampler import cfg, initial_noise, noise_draws, sample, schedule, v_to_x0
+
+
+def _max_diff(a, b) -> float:
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.double() - want.double()).abs().max().item() / want.abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def reference(official_dir):
+    return json.loads((official_dir / "sampler_reference.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sample3(official_dir):
+    with safe_open(str(official_dir / "tiny_sample3.safetensors"), "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+# --- schedule -----------------------------------------------------------------------------------
+
+
+def test_schedule_50_matches_official(reference):
+    steps = reference["steps"]
+    sched = schedule(50)
+    assert sched.num_steps == reference["num_steps"] == 50
+    assert sched.timesteps.dtype == torch.float32
+    assert sched.timesteps.tolist() == [float(s["network_timestep"]) for s in steps]
+    assert sched.denoiser_indices.tolist() == [s["denoiser_quantized_index"] for s in steps]
+    # SPEC §6: 11 steps (t = 219 … 19) snap to t - 1.
+    assert (sched.denoiser_indices != sched.timesteps.long()).sum().item() == 11
+
+    tol = 1e-7  # float32 precision; measured 0.0 (bit-exact)
+    assert _max_diff(sched.table, reference["denoiser_full_table_sqrt_alphas_cumprod_1000"]) <= tol
+    assert _max_diff(sched.alphas, reference["sampler_alpha_cumprod_sqrt_with_appended_one"]) <= tol
+    assert _max_diff(sched.alphas[:-1], [s["alpha_cumprod_sqrt_sampler"] for s in steps]) <= tol
+    assert _max_diff(sched.alphas[1:], [s["alpha_cumprod_sqrt_next"] for s in steps]) <= tol
+    assert _max_diff(sched.denoiser_alphas, [s["alpha_cumprod_sqrt_denoiser"] for s in steps]) <= tol
+
+    scalings = [sampler.denoiser_scalings(a) for a in sched.denoiser_alphas]
+    assert _max_diff(torch.cat([c for c, _ in scalings]), [s["c_skip"] for s in steps]) <= tol
+    assert _max_diff(torch.cat([c for _, c in scalings]), [s["c_out"] for s in steps]) <= tol
+
+
+def test_schedule_3_snaps_off_the_network_timestep(reference, sample3):
+    sched = schedule(3)
+    assert sched.timesteps.tolist() == [999.0, 666.0, 333.0]
+    assert sched.denoiser_indices.tolist() == [999, 660, 317]
+    # SPEC §8 caution: the fixture records the sampler alphas; the denoiser used the snapped ones.
+    assert sched.denoiser_alphas[0].item() == 0.0
+    assert sched.denoiser_alphas[1:].tolist() == pytest.approx([0.28186366, 0.73126209], abs=1e-8)
+    recorded = torch.cat([sample3[f"step{i}.alpha_cumprod_sqrt_quantized"] for i in range(3)])
+    assert _max_diff(sched.alphas[:3], recorded) <= 1e-7
+    assert _max_diff(sched.table, reference["denoiser_full_table_sqrt_alphas_cumprod_1000"]) <= 1e-7
+
+
+def test_schedule_1000_is_the_full_table():
+    sched = schedule(1000)
+    assert sched.timesteps.tolist() == [float(t) for t in range(999, -1, -1)]
+    assert torch.equal(sched.alphas[:-1], sched.table.flip(0))
+    assert torch.equal(sched.denoiser_indices, sched.timesteps.long())
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 7, 25, 49, 50, 60, 333, 999, 1000])
+def test_schedule_is_well_formed(num_steps):
+    sched = schedule(num_steps)
+    t, a = sched.timesteps, sched.alphas
+    assert t.shape == (num_steps,) and a.shape == (num_steps + 1,)
+    assert t[0].item() == 999.0 and t.min().item() >= 0
+    assert bool((t[1:] < t[:-1]).all()), "timesteps must be distinct and descending"
+    assert a[0].item() == 0.0 and a[-1].item() == 1.0
+    assert bool((a[1:] > a[:-1]).all()), "alphas must increase towards the data"
+    assert torch.equal(sched.denoiser_alphas, sched.table[sched.denoiser_indices])
+    # snapping picks the nearest entry of the (monotone) table: no neighbour is closer
+    gap = (sched.denoiser_alphas - a[:-1]).abs()
+    assert gap.max().item() < 2e-3
+    for offset in (-1, 1):
+        neighbour = (sched.denoiser_indices + offset).clamp(0, 999)
+        assert bool((gap <= (sched.table[neighbour] - a[:-1]).abs()).all())
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1001])
+def test_schedule_rejects_step_counts_out_of_range(bad):
+    with pytest.raises(ValueError, match="num_steps"):
+        schedule(bad)
+
+
+def test_schedule_rejects_non_integer_step_counts():
+    with pytest.raises(TypeError):
+        schedule(2.5)
+
+
+# --- denoiser helpers -----------------------------------------------------------------------------
+
+
+def test_v_to_x0_and_cfg_reproduce_the_official_guided_x0(official_dir, sample3):
+    with safe_open(str(official_dir / "tiny_official.safetensors"), "pt") as f:
+        v_uncond, v_cond = f.get_tensor("main.out_uc_c").chunk(2)
+        x = f.get_tensor("input.noisy_latent")
+        assert f.get_tensor("input.timestep").item() == 999.0
+    alpha = schedule(3).denoiser_alphas[0]
+    guided = cfg(v_to_x0(x, v_uncond, alpha), v_to_x0(x, v_cond, alpha), 3.5)
+    err = _rel_err(guided, sample3["step0.guided_denoised"])
+    assert err <= 1e-6, err  # measured 0.0
+
+
+def test_v_to_x0_formula_and_dtype():
+    x = torch.randn(2, 3, 4)
+    v = torch.randn(2, 3, 4).to(torch.bfloat16)
+    alpha = 0.6
+    got = v_to_x0(x, v, torch.tensor(alpha))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, alpha * x - 0.8 * v.float(), rtol=0, atol=1e-6)
+
+
+# --- sampling ---------------------------------------------------------------------------------------
+
+
+def test_replays_the_official_3_step_run(sample3):
+    calls = []
+
+    def denoise(x, t, alpha):
+        i = len(calls)
+        want = sample3[f"step{i}.x_in"]
+        calls.append((t, alpha.item(), _rel_err(x, want)))
+        return sample3[f"step{i}.guided_denoised"]
+
+    noises = [sample3["noise0"], sample3["noise1"], sample3["noise2"]]
+    out = sample(denoise, sample3["step0.x_in"], schedule(3), noise=noises)
+
+    assert [t for t, _, _ in calls] == [999.0, 666.0, 333.0]
+    assert [a for _, a, _ in calls] == pytest.approx([0.0, 0.28186366, 0.73126209], abs=1e-8)
+    x_errors = [e for _, _, e in calls]
+    final_error = _rel_err(out, sample3["final_latent"])
+    assert max(x_errors) <= 1e-5, x_errors  # measured [0.0, 0.0, 0.0]
+    assert final_error <= 1e-5, final_error  # measured 0.0
+
+
+def test_the_first_draw_of_a_second_order_step_is_discarded(sample3):
+    def run(noises):
+        seen = []
+
+        def denoise(x, t, alpha):
+            seen.append(x)
+            return sample3[f"step{len(seen) - 1}.guided_denoised"]
+
+        sample(denoise, sample3["step0.x_in"], schedule(3), noise=noises)
+        return seen[-1]  # the state entering the last step
+
+    noise0, noise1, noise2 = sample3["noise0"], sample3["noise1"], sample3["noise2"]
+    base = run([noise0, noise1, noise2])
+    assert torch.equal(run([noise0, torch.full_like(noise1, 1e3), noise2]), base)
+    assert not torch.allclose(run([noise0, noise1, noise2 + 1.0]), base)
+    assert not torch.allclose(run([noise0 + 1.0, noise1, noise2]), base)
+
+
+def _toy_denoise(x, t, alpha):
+    # any smooth deterministic function of (x, t, alpha) will do
+    return torch.tanh(x) * (1 - t / 2000) + 0.1 * alpha
+
+
+@pytest.mark.parametrize("num_steps", [2, 3, 7])
+def test_generator_draws_follow_the_official_order(num_steps):
+    shape = (1, 3, 2, 4, 5)
+    expected_gen = torch.Generator().manual_seed(1234)
+    x = initial_noise(shape, expected_gen)
+    manual = [torch.randn(shape, generator=expected_gen) for _ in range(noise_draws(num_steps))]
+
+    gen = torch.Generator().manual_seed(1234)
+    x_gen = initial_noise(shape, gen)
+    assert torch.equal(x_gen, x)
+    via_generator = sample(_toy_denoise, x_gen, schedule(num_steps), noise=gen)
+    via_list = sample(_toy_denoise, x, schedule(num_steps), noise=manual)
+    assert torch.equal(via_generator, via_list)
+    # exactly noise_draws(num_steps) draws were consumed
+    assert torch.equal(gen.get_state(), expected_gen.get_state())
+
+    # the global RNG (the official source) gives the same stream
+    torch.manual_seed(1234)
+    x_global = torch.randn(shape)
+    assert torch.equal(sample(_toy_denoise, x_global, schedule(num_steps)), via_list)
+
+
+def test_noise_draw_counts():
+    assert [noise_draws(n) for n in (1, 2, 3, 50)] == [0, 1, 3, 97]  # 97: sampler_reference.json
+
+    for n in (1, 2, 3, 5):
+        drawn = []
+
+        def counting(x):
+            drawn.append(x.shape)
+            return torch.zeros_like(x)
+
+        sample(_toy_denoise, torch.randn(1, 2, 3), schedule(n), noise=counting)
+        assert len(drawn) == noise_draws(n)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 7, 60])
+def test_same_seed_is_bit_identical_and_finite(num_steps):
+    shape = (1, 2, 3, 4, 5)
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return sample(_toy_denoise, initial_noise(shape, gen), schedule(num_steps), noise=gen)
+
+    first, second, other = run(7), run(7), run(8)
+    assert torch.isfinite(first).all()
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+
+
+def test_one_step_returns_the_first_x0():
+    x = torch.randn(1, 2, 3)
+    out = sample(lambda x, t, a: x * 2 + t, x, schedule(1), noise=[])
+    assert torch.equal(out, x * 2 + 999.0)
+
+
+@pytest.mark.parametrize("num_steps", [7, 50])
+def test_marginals_are_exact_for_a_perfect_denoiser(num_steps):
+    # With the true x0 the SDE update keeps x_t ~ N(a·x0, 1 - a²) at every step: this checks the
+    # multipliers independently of the fixture (wrong signs or a wrong noise scale fail it).
+    target = 0.5
+    gen = torch.Generator().manual_seed(0)
+    sched = schedule(num_steps)
+    states = []
+
+    def denoise(x, t, alpha):
+        states.append(x.clone())
+        return torch.full_like(x, target)
+
+    out = sample(denoise, initial_noise((1, 200_000), gen), sched, noise=gen)
+    assert torch.equal(out, torch.full_like(out, target))
+    for x, a in zip(states, sched.alphas[:-1].tolist()):
+        assert x.mean().item() == pytest.approx(a * target, abs=0.01)
+        assert x.std().item() == pytest.approx((1 - a * a) ** 0.5, abs=0.01)
+
+
+def test_callback_reports_every_step():
+    seen = []
+    sample(_toy_denoise, torch.randn(1, 4), schedule(4), noise=torch.Generator().manual_seed(0),
+           callback=lambda i, n: seen.append((i, n)))
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4)]
+
+
+def test_bad_noise_sources_raise():
+    x = torch.randn(1, 4)
+    with pytest.raises(ValueError, match="ran out"):
+        sample(_toy_denoise, x, schedule(3), noise=[torch.randn(1, 4)])
+    with pytest.raises(ValueError, match="shape"):
+        sample(_toy_denoise, x, schedule(3), noise=[torch.randn(1, 5)] * 3)
