@@ -75,6 +75,26 @@ def download_cmd(
     raise NotImplementedYet("'hallo3 download' is not implemented yet")
 
 
+@app.command("convert")
+def convert_cmd(
+    src: Path = typer.Argument(..., help="Official checkpoint: folder with 'latest', a .pt file, or a .safetensors file."),
+    dest: Path = typer.Argument(..., help="Folder that receives transformer/ and reference/ (diffusers layout)."),
+    audio_layers: int = typer.Option(12, "--audio-layers", help="wav2vec layers the audio projection expects (not inferable from shapes)."),
+    shard_size: float = typer.Option(2.0, "--shard-size", help="Shard size in GB."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+) -> None:
+    """Convert an official Hallo3 checkpoint into diffusers folders.
+
+    Example: hallo3 convert pretrained_models/hallo3 ./hallo3-diffusers
+    """
+    _state["quiet"] = quiet
+    from hallo3_cli.convert import convert_checkpoint
+
+    overrides = {"audio_layers": audio_layers} if audio_layers != 12 else None
+    convert_checkpoint(src, dest, overrides=overrides, shard_bytes=int(shard_size * 1024**3), progress=not quiet)
+    emit(dest)
+
+
 @app.command("embed-audio")
 def embed_audio_cmd(
     speech: Path = typer.Argument(..., help="Speech recording (wav, mp3, m4a, flac, ogg)."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -196,6 +197,56 @@ def test_generator_draws_follow_the_official_order(num_steps):
     torch.manual_seed(1234)
     x_global = torch.randn(shape)
     assert torch.equal(sample(_toy_denoise, x_global, schedule(num_steps)), via_list)
+
+
+def _reference_dpmpp_2m_sde(denoise, x, sched, noises, second_order=True):
+    """SDE-DPM-Solver++(2M) in float64, written in the paper's form (Lu et al. 2022, data prediction):
+    x_t = (σ_t/σ_s)·e^(-h)·x_s + α_t·(1 - e^(-2h))·D + σ_t·sqrt(1 - e^(-2h))·z,
+    D = x0_s + (x0_s - x0_prev)/(2r), r = h_prev/h, λ = log(α/σ); the first step is first order."""
+    alphas = sched.alphas.double().numpy()
+    sigmas = np.sqrt(1 - alphas**2)
+    with np.errstate(divide="ignore"):
+        lambdas = np.log(alphas) - np.log(sigmas)  # -inf at the zero-SNR start, +inf at the end
+    noises = iter(noises)
+    x = x.double()
+    x0_prev = None
+    for i in range(sched.num_steps - 1):
+        x0 = denoise(x, float(sched.timesteps[i]), sched.denoiser_alphas[i].double())
+        h = lambdas[i + 1] - lambdas[i]
+        if x0_prev is None:
+            d = x0
+        else:
+            next(noises)  # the official discarded draw
+            if not second_order:
+                x0_prev = x0
+            r = (lambdas[i] - lambdas[i - 1]) / h
+            d = x0 + (x0 - x0_prev) / (2 * r)
+        decay = 0.0 if np.isinf(h) else sigmas[i + 1] / sigmas[i] * np.exp(-h)
+        x = (decay * x + alphas[i + 1] * -np.expm1(-2 * h) * d
+             + sigmas[i + 1] * np.sqrt(-np.expm1(-2 * h)) * next(noises).double())
+        x0_prev = x0
+    return denoise(x, float(sched.timesteps[-1]), sched.denoiser_alphas[-1].double())
+
+
+@pytest.mark.parametrize("num_steps", [4, 7, 50])
+def test_second_order_update_matches_a_float64_reference(num_steps):
+    # The 3-step fixture never exercises the 2M correction (its step 1 follows alpha = 0, making it
+    # first order, and step 2 returns x0), so check the update against an independent formulation.
+    gen = torch.Generator().manual_seed(3)
+    shape = (1, 2, 8, 16)
+    x = initial_noise(shape, gen)
+    noises = [torch.randn(shape, generator=gen) for _ in range(noise_draws(num_steps))]
+    sched = schedule(num_steps)
+
+    def denoise(x, t, alpha):  # depends on x and t, so x0 changes between steps
+        return torch.tanh(1.5 * x) * (0.5 + t / 1000) + alpha * torch.sin(x)
+
+    got = sample(denoise, x, sched, noise=noises)
+    want = _reference_dpmpp_2m_sde(denoise, x, sched, noises)
+    assert _rel_err(got, want) <= 1e-4  # float32 vs float64; measured 3e-7 … 1.4e-5
+    # the test can tell: without the 2M correction the result is far off
+    first_order = _reference_dpmpp_2m_sde(denoise, x, sched, noises, second_order=False)
+    assert _rel_err(first_order, want) > 1e-3
 
 
 def test_noise_draw_counts():

@@ -1,0 +1,370 @@
+"""The ``embed-audio`` stage: speech → per-video-frame wav2vec features (SPEC §5 steps 1–5).
+
+The released model feeds wav2vec2-base-960h in an unusual way (official ``sgm/models/wav2vec.py``):
+the whole recording is normalised to zero mean and unit variance, zero-padded so that the number of
+video frames is a multiple of the clip length, and the convolutional features are linearly resampled
+to exactly one step per video frame (25 per second) BEFORE ``feature_projection`` and the transformer
+encoder. The hidden states of the 12 encoder layers are kept: ``(frames, 12, 768)``.
+
+Long recordings
+---------------
+The official code runs the encoder's self-attention over the whole file, which is quadratic in
+time and memory. Here only the transformer encoder is windowed; everything before it stays global
+and exact:
+
+- the conv feature extractor is local (receptive field 400 samples, stride 320) except for the
+  GroupNorm of its first layer, which normalises every channel over the WHOLE recording. It is run
+  in chunks in two passes: the first accumulates those per-channel statistics, the second applies
+  them, so the features equal the whole-file ones (up to float summation order, ~1e-7);
+- the interpolation to video frames and ``feature_projection`` run on the whole (small) feature
+  sequence, so their result is the whole-file result;
+- the encoder (positional convolution + layers) runs on spans of at most ``window_seconds`` that
+  overlap by ``context_seconds`` on each side; each frame is taken from the span where it lies in the
+  centre part ("centre cut"), so every kept frame sees at least ``context_seconds`` of context on both
+  sides (or the end of the file). The context (5 s = 125 frames) covers the positional convolution's
+  half width (64 frames), so the only approximation is that attention does not reach beyond the span.
+
+Inputs up to ``window_seconds`` (after padding) take the whole-file path and match the official
+computation exactly. Measured deviation of a 60 s input from the whole-file result (30 s windows,
+5 s context; see ``bench/RESULTS.md``): tiny random model max abs 8e-3 (mean 3e-4) on values of
+magnitude ~4; wav2vec2-base-sized random model max abs 1.4e-2 (mean 2e-4) on values up to ~7.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hallo3_cli import fsutil, stages
+from hallo3_cli.audio_io import SAMPLE_RATE, load_audio, resample
+from hallo3_cli.errors import ModelError
+from hallo3_cli.presets import Preset, fill_random_, get_preset, resolve_device
+
+WINDOW_SECONDS = 30.0
+"""Longest span the encoder attends over; longer inputs are windowed (see the module docstring)."""
+CONTEXT_SECONDS = 5.0
+"""Context on each side of a window's kept centre part."""
+CONV_CHUNK_FRAMES = 500
+"""Conv feature frames (50 per second) computed per chunk on long inputs: bounds memory."""
+NORM_EPS = 1e-7  # Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
+
+
+def load_audio_encoder(preset: Preset | str, device: str = "cpu"):
+    """The preset's wav2vec2 encoder (eval mode, float32, on ``device``) and its feature-extractor settings.
+
+    Returns ``(Wav2Vec2Model, {"sampling_rate": int, "do_normalize": bool})``. Random presets build
+    the architecture from ``[<preset>.wav2vec]`` in models.toml and fill it with seeded weights.
+    """
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    settings = {"sampling_rate": SAMPLE_RATE, "do_normalize": True}
+    if preset.is_random:
+        model = Wav2Vec2Model(Wav2Vec2Config(**preset.config("wav2vec")))
+        fill_random_(model, preset.seed)
+    else:
+        folder = preset.require("wav2vec")
+        model = _load_pretrained(folder)
+        config_file = folder / "preprocessor_config.json"
+        if config_file.exists():
+            try:
+                extractor = json.loads(config_file.read_text())
+            except (OSError, ValueError) as err:
+                raise ModelError(f"unreadable preprocessor config ({err})", config_file) from None
+            settings["sampling_rate"] = int(extractor.get("sampling_rate", SAMPLE_RATE))
+            settings["do_normalize"] = bool(extractor.get("do_normalize", True))
+        if settings["sampling_rate"] != SAMPLE_RATE:
+            raise ModelError(f"the wav2vec model expects {settings['sampling_rate']} Hz audio; hallo3 uses {SAMPLE_RATE} Hz", folder)
+    if model.config.do_stable_layer_norm:
+        raise ModelError("pre-norm (stable layer norm) wav2vec2 variants are not supported; Hallo3 uses wav2vec2-base")
+    model = model.to(device=device, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model, settings
+
+
+def _load_pretrained(folder: Path):
+    from transformers import Wav2Vec2Model
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the 960h checkpoint is a CTC model: its lm_head is unused here
+    try:
+        return Wav2Vec2Model.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load the wav2vec weights ({reason}); run: hallo3 download", folder) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def num_video_frames(num_samples: int, fps: int = 25, sample_rate: int = SAMPLE_RATE) -> int:
+    """Video frames covering ``num_samples`` of audio: ``ceil(samples / rate * fps)`` (official float formula)."""
+    return math.ceil(num_samples / sample_rate * fps)
+
+
+def compute_features(
+    waveform,
+    encoder,
+    fps: int = 25,
+    clip_length: int = 49,
+    *,
+    normalize: bool = True,
+    window_seconds: float | None = WINDOW_SECONDS,
+    context_seconds: float = CONTEXT_SECONDS,
+    progress: bool = False,
+):
+    """wav2vec features of 16 kHz mono speech, one step per video frame (SPEC §5 steps 2–4).
+
+    Returns ``(features, n)``: ``features`` is a float32 CPU tensor ``(n_padded, layers, channels)``
+    where ``n_padded`` is ``n`` rounded up to a multiple of ``clip_length`` and ``n`` is the number of
+    video frames of the speech itself. ``window_seconds=None`` always attends over the whole file.
+    """
+    import torch
+
+    samples = np.asarray(waveform, dtype=np.float32)
+    if samples.ndim != 1:
+        raise ValueError(f"expected mono audio of shape (samples,), got {samples.shape}")
+    if normalize:
+        # float32 numpy statistics, as Wav2Vec2FeatureExtractor computes them (matches bit for bit)
+        samples = (samples - samples.mean()) / np.sqrt(samples.var() + NORM_EPS)
+    n = num_video_frames(len(samples), fps)
+    n_padded = n
+    if clip_length > 0 and n % clip_length:
+        n_padded = n + clip_length - n % clip_length
+        samples = np.concatenate([samples, np.zeros((n_padded - n) * (SAMPLE_RATE // fps), np.float32)])
+
+    window = None if window_seconds is None else max(1, round(window_seconds * fps))
+    context = max(0, round(context_seconds * fps))
+    whole_file = window is None or n_padded <= window
+    device = next(encoder.parameters()).device
+    spans = [(0, n_padded, 0, n_padded)] if whole_file else encoder_spans(n_padded, window, context)
+    bar = _progress_bar(progress, len(spans))
+
+    with torch.inference_mode():
+        x = torch.from_numpy(samples).to(device)
+        if whole_file:
+            conv = encoder.feature_extractor(x[None])[0].transpose(0, 1)
+        else:
+            conv = _chunked_conv_features(encoder, x, bar)
+        conv = torch.nn.functional.interpolate(conv.T[None], size=n_padded, mode="linear", align_corners=True)[0].T
+        hidden, _ = encoder.feature_projection(conv[None])
+        del conv
+        layers = encoder.config.num_hidden_layers
+        features = torch.empty(n_padded, layers, hidden.shape[-1], dtype=torch.float32)
+        for start, stop, keep_start, keep_stop in spans:
+            states = _encode_span(encoder.encoder, hidden[:, start:stop])
+            for layer, state in enumerate(states):
+                features[keep_start:keep_stop, layer] = state[0, keep_start - start : keep_stop - start].float().cpu()
+            bar.update(1)
+    bar.close()
+    return features, n
+
+
+def encoder_spans(frames: int, window: int, context: int) -> list[tuple[int, int, int, int]]:
+    """Encoder spans for a long sequence: ``(start, stop, keep_start, keep_stop)`` per window.
+
+    Spans are at most ``window`` frames; the kept parts tile ``[0, frames)`` and every kept frame has
+    ``context`` frames of span on each side unless it is within ``context`` of a file end.
+    """
+    if frames <= window:
+        return [(0, frames, 0, frames)]
+    core = window - 2 * context
+    if core < 1:
+        raise ValueError(f"window ({window} frames) must be longer than twice the context ({context} frames)")
+    cuts = [0, *range(window - context, frames - context, core), frames]
+    spans = []
+    for keep_start, keep_stop in zip(cuts[:-1], cuts[1:]):
+        start = max(0, min(keep_start - context, frames - window))
+        stop = min(frames, max(start + window, keep_stop + context))
+        spans.append((start, stop, keep_start, keep_stop))
+    return spans
+
+
+def window_features(features, start: int, stop: int, window: int = 5):
+    """Frames ``start..stop-1`` each with its neighbours ``i - window//2 .. i + window//2`` (SPEC §5 step 5).
+
+    Indices are clamped to ``[0, n_padded - 1]``; returns ``(stop - start, window, layers, channels)``.
+    """
+    import torch
+
+    total = features.shape[0]
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be a positive odd number, got {window}")
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"frames {start}..{stop} are outside 0..{total}")
+    half = window // 2
+    index = torch.arange(start, stop)[:, None] + torch.arange(-half, half + 1)[None, :]
+    return features[index.clamp_(0, total - 1)]
+
+
+def embed_audio_file(
+    speech: str | Path,
+    output: str | Path,
+    model: str | Preset = "hallo3",
+    separate_vocals: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Decode ``speech``, optionally isolate the voice, compute features and write an audio stage file."""
+    from hallo3_cli import vocals
+
+    output = fsutil.check_output_path(output)
+    speech = fsutil.require_file(speech)
+    preset = get_preset(model) if isinstance(model, str) else model
+    components = ["wav2vec"]
+    separator_path = None
+    if separate_vocals:
+        separator_path = vocals.find_separator_model(preset)
+        components.append("audio_separator")
+    if not preset.is_random:
+        preset.require("wav2vec")
+    device = resolve_device(device)
+
+    if separator_path is not None:
+        mix = load_audio(speech, vocals.SEPARATOR_SAMPLE_RATE, mono=False)
+        voice = vocals.separate_vocals(mix, separator_path, progress=progress)
+        waveform = resample(voice.mean(axis=0), vocals.SEPARATOR_SAMPLE_RATE, SAMPLE_RATE)
+    else:
+        waveform = load_audio(speech, SAMPLE_RATE)
+
+    encoder, settings = load_audio_encoder(preset, device)
+    params = {
+        "fps": preset.fps,
+        "clip_length": preset.clip_length,
+        "sample_rate": SAMPLE_RATE,
+        "normalize": settings["do_normalize"],
+        "separate_vocals": bool(separate_vocals),
+        "window_seconds": WINDOW_SECONDS,
+        "context_seconds": CONTEXT_SECONDS,
+    }
+    features, n = compute_features(
+        waveform,
+        encoder,
+        fps=preset.fps,
+        clip_length=preset.clip_length,
+        normalize=settings["do_normalize"],
+        progress=progress,
+    )
+    meta = {
+        "model": preset.name,
+        "weights": preset.fingerprint(*components),
+        "params": params,
+        "source_sha256": fsutil.sha256_file(speech),
+        "fps": preset.fps,
+        "num_frames": n,
+        "clip_length": preset.clip_length,
+        "sample_rate": SAMPLE_RATE,
+    }
+    return stages.save_stage(output, stages.AUDIO, {"features": features.float().contiguous()}, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# internals
+
+
+def _progress_bar(enabled: bool, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="embed-audio", unit="step", disable=not enabled, file=sys.stderr, delay=1.0, leave=False)
+
+
+def _conv_geometry(config) -> tuple[int, int]:
+    """(receptive field, stride) of the whole conv feature extractor, in samples."""
+    field, stride = 1, 1
+    for kernel, step in zip(config.conv_kernel, config.conv_stride):
+        field += (kernel - 1) * stride
+        stride *= step
+    return field, stride
+
+
+def _conv_length(config, samples: int) -> int:
+    for kernel, step in zip(config.conv_kernel, config.conv_stride):
+        samples = (samples - kernel) // step + 1
+    return max(samples, 0)
+
+
+def _chunked_conv_features(encoder, x, bar):
+    """Conv features ``(frames, channels)`` of a long waveform in bounded memory, equal to the whole-file ones.
+
+    Chunks start on multiples of the total stride, so every layer sees exactly the samples it
+    would see in one pass. A first-layer GroupNorm (per channel, over all time) gets its
+    statistics from a first pass over the first conv alone.
+    """
+    import torch
+
+    config = encoder.config
+    field, stride = _conv_geometry(config)
+    frames = _conv_length(config, x.shape[0])
+    if frames < 1:
+        raise ValueError(f"audio too short for the wav2vec feature extractor ({x.shape[0]} samples)")
+    conv_layers = list(encoder.feature_extractor.conv_layers)
+    first = conv_layers[0]
+    group_norm = getattr(first, "layer_norm", None)
+    stats = None
+    if isinstance(group_norm, torch.nn.GroupNorm):
+        stats = _first_layer_stats(first.conv, x, group_norm.eps, CONV_CHUNK_FRAMES * stride // first.conv.stride[0], bar)
+    bar.total += math.ceil(frames / CONV_CHUNK_FRAMES)
+
+    out = torch.empty(frames, config.conv_dim[-1], dtype=torch.float32, device=x.device)
+    for a in range(0, frames, CONV_CHUNK_FRAMES):
+        b = min(frames, a + CONV_CHUNK_FRAMES)
+        h = x[a * stride : (b - 1) * stride + field][None, None]
+        if stats is None:
+            for layer in conv_layers:
+                h = layer(h)
+        else:
+            mean, inv_std = stats
+            h = first.conv(h)
+            h = (h - mean[:, None]) * inv_std[:, None] * group_norm.weight[:, None] + group_norm.bias[:, None]
+            h = first.activation(h)
+            for layer in conv_layers[1:]:
+                h = layer(h)
+        out[a:b] = h[0].T
+        bar.update(1)
+    return out
+
+
+def _first_layer_stats(conv, x, eps: float, chunk: int, bar):
+    """Per-channel mean and 1/sqrt(var + eps) of the first conv's output over the whole recording.
+
+    Chunk statistics are merged in float64 with Chan et al.'s pairwise update (no cancellation).
+    """
+    import torch
+
+    kernel, step = conv.kernel_size[0], conv.stride[0]
+    positions = (x.shape[0] - kernel) // step + 1
+    bar.total += math.ceil(positions / chunk)
+    count, mean, m2 = 0, None, None
+    for p in range(0, positions, chunk):
+        q = min(positions, p + chunk)
+        h = conv(x[p * step : (q - 1) * step + kernel][None, None])[0].double()
+        n_b, mean_b = h.shape[1], h.mean(dim=1)
+        m2_b = ((h - mean_b[:, None]) ** 2).sum(dim=1)
+        if mean is None:
+            count, mean, m2 = n_b, mean_b, m2_b
+        else:
+            delta = mean_b - mean
+            total = count + n_b
+            mean = mean + delta * (n_b / total)
+            m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+            count = total
+        bar.update(1)
+    inv_std = torch.rsqrt(m2 / count + eps)
+    return mean.float(), inv_std.float()
+
+
+def _encode_span(encoder, hidden):
+    """All layer outputs (``hidden_states[1:]``) of a post-norm wav2vec2 encoder on ``hidden`` (1, T, C)."""
+    hidden = hidden + encoder.pos_conv_embed(hidden)
+    hidden = encoder.layer_norm(hidden)
+    states = []
+    for layer in encoder.layers:
+        out = layer(hidden, attention_mask=None)
+        hidden = out[0] if isinstance(out, tuple) else out
+        states.append(hidden)
+    return states

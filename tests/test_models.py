@@ -1,0 +1,146 @@
+"""The Hallo3 networks against the official fixtures (SPEC §8): convert, load, run, compare."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hallo3_cli.convert import MAIN_PREFIX, REF_PREFIX, convert_checkpoint, infer_config, map_official
+from hallo3_cli.models import Hallo3ReferenceNet, Hallo3Transformer3DModel
+
+TOLERANCE = 2e-6  # × max|official| (SPEC §8)
+
+
+def rel_error(ours: torch.Tensor, official: torch.Tensor) -> float:
+    return ((ours.float() - official.float()).abs().max() / official.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def fixture(official_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(official_dir / "tiny_official.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def converted(fixture, tmp_path_factory):
+    """The fixture's official weights written as an official checkpoint folder, then converted."""
+    root = tmp_path_factory.mktemp("official")
+    weights = {k: v for k, v in fixture.items() if k.startswith(("model.", "ref_model."))}
+    (root / "ckpt" / "1").mkdir(parents=True)
+    (root / "ckpt" / "latest").write_text("1\n")
+    torch.save({"module": weights, "iteration": 1}, root / "ckpt" / "1" / "mp_rank_00_model_states.pt")
+    folders = convert_checkpoint(root / "ckpt", root / "diffusers")
+    main = Hallo3Transformer3DModel.from_pretrained(folders["transformer"]).eval()
+    reference = Hallo3ReferenceNet.from_pretrained(folders["reference"]).eval()
+    return main, reference
+
+
+@pytest.fixture(scope="module")
+def call(fixture, converted):
+    """One CFG denoiser call exactly as in tiny_official.json's call convention."""
+    main, reference = converted
+    text = fixture["input.text_cond"]
+    uncond_text = torch.zeros_like(text)
+    audio, face = fixture["input.audio_emb"], fixture["input.face_emb"]
+    x = fixture["input.noisy_latent"]
+    concat = torch.cat([fixture["input.concat_latent_frame0"], torch.zeros(1, x.shape[1] - 1, *x.shape[2:])], dim=1)
+    with torch.no_grad():
+        bank = reference(hidden_states=fixture["input.ref_latent"], encoder_hidden_states=uncond_text)
+        out = main(
+            hidden_states=torch.cat([torch.cat([x, x]), torch.cat([concat, concat])], dim=2),
+            encoder_hidden_states=torch.cat([uncond_text, text]),
+            timestep=torch.cat([fixture["input.timestep"]] * 2),
+            audio_embeds=torch.cat([torch.zeros_like(audio), audio]),
+            face_embeds=torch.cat([face, face]),
+            ref_states=[torch.cat([b, b]) for b in bank],
+            return_dict=False,
+        )[0]
+        audio_tokens = main.project_audio(torch.cat([torch.zeros_like(audio), audio]))
+        face_tokens = main.project_face(torch.cat([face, face]))
+        temb = main.time_embedding_of(torch.cat([fixture["input.timestep"]] * 2), torch.float32)
+    return {"bank": bank, "out": out, "audio": audio_tokens, "face": face_tokens, "temb": temb}
+
+
+def test_reference_bank_matches_official(call, fixture):
+    assert len(call["bank"]) == 2
+    for index, entry in enumerate(call["bank"]):
+        official = fixture[f"bank.layer{index}"]
+        assert entry.shape == official.shape
+        assert rel_error(entry, official) <= TOLERANCE
+
+
+def test_projections_and_time_embedding_match_official(call, fixture):
+    assert rel_error(call["audio"], fixture["main.audio_proj_out_uc_c"]) <= TOLERANCE
+    assert rel_error(call["face"], fixture["main.face_proj_out_uc_c"]) <= TOLERANCE
+    assert rel_error(call["temb"], fixture["main.time_embed_out"]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("half", [0, 1], ids=["uncond", "cond"])
+def test_main_output_matches_official(call, fixture, half):
+    official = fixture["main.out_uc_c"][half]
+    assert call["out"].shape == fixture["main.out_uc_c"].shape
+    assert rel_error(call["out"][half], official) <= TOLERANCE
+
+
+def test_precomputed_tokens_give_the_same_output(converted, fixture, call):
+    """project_audio/project_face once per clip (outside the step loop) changes nothing."""
+    main, _ = converted
+    x = fixture["input.noisy_latent"]
+    frame0 = fixture["input.concat_latent_frame0"]
+    concat = torch.cat([frame0, torch.zeros(1, x.shape[1] - 1, *x.shape[2:])], dim=1)
+    with torch.no_grad():
+        out = main(
+            hidden_states=torch.cat([torch.cat([x, x]), torch.cat([concat, concat])], dim=2),
+            encoder_hidden_states=torch.cat([torch.zeros_like(fixture["input.text_cond"]), fixture["input.text_cond"]]),
+            timestep=fixture["input.timestep"].expand(2),
+            audio_tokens=call["audio"],
+            face_tokens=call["face"],
+            ref_states=[b.expand(2, -1, -1) for b in call["bank"]],
+            return_dict=False,
+        )[0]
+    assert torch.equal(out, call["out"])
+
+
+def test_layernorm_eps_match_the_official_model(converted, official_dir):
+    """Every LayerNorm of the production sample in manifest_full.json has the official eps (SPEC §2)."""
+    manifest = json.loads((official_dir / "manifest_full.json").read_text())
+    main, _ = converted
+    modules = dict(main.named_modules())
+    # Map official module names onto ours through the converter's key mapping.
+    fake = {f"model.{name}.weight": torch.empty(1, device="meta") for name in manifest["layernorm_eps_main_sample"]}
+    checked = 0
+    for item in map_official(fake, MAIN_PREFIX):
+        official = item.sources[0].removeprefix("model.").removesuffix(".weight")
+        layer = item.name.split(".")[1] if item.name.startswith("transformer_blocks.") else None
+        if layer is not None and int(layer) >= main.config.num_layers:
+            continue
+        ours = modules[item.name.removesuffix(".weight")]
+        assert ours.eps == manifest["layernorm_eps_main_sample"][official]["eps"], (official, item.name)
+        checked += 1
+    assert checked >= 10
+
+
+def test_production_manifest_maps_completely(official_dir):
+    """At production size (meta device) every key maps onto our models with the right shape."""
+    from hallo3_cli.convert import check_mapping
+
+    manifest = json.loads((official_dir / "manifest_full.json").read_text())
+    state = {k: torch.empty(v["shape"], device="meta", dtype=torch.bfloat16) for k, v in manifest["parameters"].items()}
+    totals = {}
+    for prefix, cls, main in ((MAIN_PREFIX, Hallo3Transformer3DModel, True), (REF_PREFIX, Hallo3ReferenceNet, False)):
+        config = infer_config(state, prefix, main=main)
+        mapped = map_official(state, prefix)
+        check_mapping(mapped, cls, config, prefix)  # raises on missing / unexpected / wrong shapes
+        totals[cls.__name__] = (config, sum(m.nbytes for m in mapped) // 2)
+    main_config, main_params = totals["Hallo3Transformer3DModel"]
+    assert main_config["num_layers"] == 42 and main_config["num_attention_heads"] == 48
+    assert main_config["audio_channels"] == 768 and main_config["face_cross_attention_dim"] == 1024
+    # The only official parameters not carried over are the unused position_embeddings table.
+    unused = manifest["parameters"]["model.diffusion_model.transformer.position_embeddings.weight"]["shape"]
+    expected = manifest["totals"]["model.diffusion_model"]["num_params"] - unused[0] * unused[1]
+    assert main_params == expected
+    ref_unused = manifest["parameters"]["ref_model.diffusion_model.transformer.position_embeddings.weight"]["shape"]
+    assert totals["Hallo3ReferenceNet"][1] == manifest["totals"]["ref_model.diffusion_model"]["num_params"] - ref_unused[0] * ref_unused[1]
