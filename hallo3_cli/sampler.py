@@ -168,7 +168,8 @@ def _noise_fn(noise: NoiseSource) -> Callable[[torch.Tensor], torch.Tensor]:
         try:
             return next(iterator)
         except StopIteration:
-            raise ValueError("the noise sequence ran out: sample() needs noise_draws(num_steps) tensors") from None
+            message = "the noise sequence ran out: sample() needs noise_draws(num_steps) tensors"
+            raise ValueError(message) from None
 
     return take
 
@@ -224,7 +225,7 @@ def sample(
         if old_x0 is None:
             x = mult_x * x - mult_x0 * x0 + mult_noise * _checked(draw, x)
         else:
-            r = (lam - _log_snr(alphas[i - 1].reshape(1))) / h * 2
+            r = (lam - _log_snr(alphas[i - 1].reshape(1))) / h
             mult_cur = (1 + 1 / (2 * r)).to(x.device).reshape(shape)
             mult_old = (1 / (2 * r)).to(x.device).reshape(shape)
             # The official code also builds a first-order candidate and throws it away; its noise
