@@ -27,3 +27,30 @@ def official_dir() -> Path:
 @pytest.fixture(scope="session")
 def media_dir() -> Path:
     return _need(MEDIA)
+
+
+@pytest.fixture(scope="session")
+def fixture(official_dir):
+    """Tensors of tiny_official.safetensors (official weights, inputs and outputs)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(official_dir / "tiny_official.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def converted(fixture, tmp_path_factory):
+    """The fixture's official weights written as an official checkpoint folder, converted and loaded."""
+    import torch
+
+    from hallo3_cli.convert import convert_checkpoint
+    from hallo3_cli.models import Hallo3ReferenceNet, Hallo3Transformer3DModel
+
+    root = tmp_path_factory.mktemp("official")
+    weights = {k: v for k, v in fixture.items() if k.startswith(("model.", "ref_model."))}
+    (root / "ckpt" / "1").mkdir(parents=True)
+    (root / "ckpt" / "latest").write_text("1\n")
+    torch.save({"module": weights, "iteration": 1}, root / "ckpt" / "1" / "mp_rank_00_model_states.pt")
+    folders = convert_checkpoint(root / "ckpt", root / "diffusers")
+    main = Hallo3Transformer3DModel.from_pretrained(folders["transformer"]).eval()
+    reference = Hallo3ReferenceNet.from_pretrained(folders["reference"]).eval()
+    return main, reference

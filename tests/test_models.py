@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hallo3_cli.convert import MAIN_PREFIX, REF_PREFIX, convert_checkpoint, infer_config, map_official
+from hallo3_cli.convert import MAIN_PREFIX, REF_PREFIX, infer_config, map_official
 from hallo3_cli.models import Hallo3ReferenceNet, Hallo3Transformer3DModel
 
 TOLERANCE = 2e-6  # × max|official| (SPEC §8)
@@ -15,27 +15,6 @@ TOLERANCE = 2e-6  # × max|official| (SPEC §8)
 
 def rel_error(ours: torch.Tensor, official: torch.Tensor) -> float:
     return ((ours.float() - official.float()).abs().max() / official.abs().max()).item()
-
-
-@pytest.fixture(scope="module")
-def fixture(official_dir):
-    from safetensors.torch import load_file
-
-    return load_file(str(official_dir / "tiny_official.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def converted(fixture, tmp_path_factory):
-    """The fixture's official weights written as an official checkpoint folder, then converted."""
-    root = tmp_path_factory.mktemp("official")
-    weights = {k: v for k, v in fixture.items() if k.startswith(("model.", "ref_model."))}
-    (root / "ckpt" / "1").mkdir(parents=True)
-    (root / "ckpt" / "latest").write_text("1\n")
-    torch.save({"module": weights, "iteration": 1}, root / "ckpt" / "1" / "mp_rank_00_model_states.pt")
-    folders = convert_checkpoint(root / "ckpt", root / "diffusers")
-    main = Hallo3Transformer3DModel.from_pretrained(folders["transformer"]).eval()
-    reference = Hallo3ReferenceNet.from_pretrained(folders["reference"]).eval()
-    return main, reference
 
 
 @pytest.fixture(scope="module")
