@@ -2,15 +2,20 @@
 
 The public Python API is small and lazily imported so that ``hallo3 --help`` stays fast:
 
-    from hallo3_cli import embed_audio, encode_reference, render
+    from hallo3_cli import render_video, embed_audio_file, encode_reference, render_clips, stitch
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "embed_audio": "hallo3_cli.audio",
-    "load_audio": "hallo3_cli.media",
-    "load_image": "hallo3_cli.media",
+    "embed_audio_file": "hallo3_cli.audio",
+    "encode_reference": "hallo3_cli.pipeline",
+    "render_clips": "hallo3_cli.pipeline",
+    "render_video": "hallo3_cli.pipeline",
+    "stitch": "hallo3_cli.pipeline",
+    "VideoRenderer": "hallo3_cli.pipeline",
+    "load_audio": "hallo3_cli.audio_io",
+    "load_image": "hallo3_cli.image_io",
 }
 
 

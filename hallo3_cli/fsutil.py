@@ -47,7 +47,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     (PyAV, safetensors) behave the same. On any exception the temporary file is removed.
     """
     path = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    except OSError as err:
+        raise OutputError(f"cannot write here ({err.strerror or err})", path) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

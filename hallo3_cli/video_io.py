@@ -91,7 +91,9 @@ class VideoWriter:
             try:
                 self._tmp = self._atomic.__enter__()
             except OSError as err:
-                raise OutputError(f"cannot create a file in the output folder ({err.strerror or err})", self.path) from None
+                raise OutputError(
+                    f"cannot create a file in the output folder ({err.strerror or err})", self.path
+                ) from None
         except BaseException:
             if self._audio is not None:
                 self._audio.close()
@@ -122,7 +124,8 @@ class VideoWriter:
     # -----------------------------------------------------------------------------------------
 
     def write(self, frames: np.ndarray | torch.Tensor) -> None:
-        """Encode frames: uint8 numpy ``(n, H, W, 3)`` or float torch ``(n, 3, H, W)`` in [-1, 1]."""
+        """Encode frames now: uint8 numpy ``(n, H, W, 3)`` or float torch ``(n, 3, H, W)`` in [-1, 1].
+        The speech is muxed up to the same point, so nothing accumulates between calls."""
         if self._closed:
             raise ValueError("write() on a closed VideoWriter")
         if isinstance(frames, torch.Tensor):
@@ -169,7 +172,7 @@ class VideoWriter:
         if not self._closed:
             self._abort(RuntimeError("aborted"))
 
-    def __enter__(self) -> "VideoWriter":
+    def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -321,6 +324,9 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float, float | None]:
                 audio = container.streams.audio[0]
                 if audio.duration is not None:
                     audio_duration = float(audio.duration * audio.time_base)
+                else:  # containers without per-stream durations (e.g. Matroska)
+                    samples = sum(frame.samples for frame in container.decode(audio))
+                    audio_duration = samples / audio.codec_context.sample_rate
     except (av.FFmpegError, OSError, IndexError) as err:
         raise InputError(f"cannot read video ({_reason(err)})", path) from None
     if not frames:
