@@ -1,41 +1,41 @@
 """Face identity for ``encode-ref`` (SPEC §4): detection, ArcFace embedding, face box and mask.
 
 The official code runs insightface ``FaceAnalysis`` (release folder ``face_analysis/models``:
-``scrfd_10g_bnkps.onnx`` detector, ``glintr100.onnx`` recognizer) and a mediapipe face landmarker.
-This module reproduces the insightface part on onnxruntime and numpy alone, following insightface
-0.7.3 (the version current when Hallo3 was released; 1.0 changed the detector to several input sizes):
+``scrfd_10g_bnkps.onnx`` detector, ``glintr100.onnx`` recognizer) plus a mediapipe landmarker for
+the mask. This module redoes the insightface part with onnxruntime and numpy, following insightface
+0.7.3 (current at Hallo3's release; 1.0 changed the detector to several input sizes):
 
-- SCRFD: letterbox resize into ``det_size`` (640×640) keeping the aspect ratio, image at the top-left;
-  ``(x - 127.5) / 128`` on RGB; anchor-free decoding of the 3 (or 5) strides; score ≥ 0.5;
-  NMS at IoU 0.4 (insightface's ``+1`` pixel areas); boxes and keypoints scaled back to the image.
-- Largest face by box area, ties to the higher score (the official code sorts by area).
-- ArcFace: 5-point similarity (Umeyama, as scikit-image ``SimilarityTransform.estimate``) to the
-  112×112 ArcFace template, bilinear warp with zero border, normalisation ``(x - 127.5) / 127.5``
-  unless the graph's first 8 nodes include both a ``Sub``/``_minus`` and a ``Mul``/``_mul`` node
-  (converted mxnet models normalise inside; then 0 / 1). The raw, unnormalised output is the embedding.
-- The two OpenCV calls the embedding depends on (``cv2.resize`` INTER_LINEAR and ``cv2.warpAffine``
-  INTER_LINEAR on uint8) are reimplemented with OpenCV 4.x's fixed-point arithmetic; they matched
-  OpenCV 4.10 bit for bit on random images here. OpenCV 5 changed ``warpAffine`` (±6 grey levels).
+- SCRFD: letterbox into ``det_size`` 640×640 keeping the aspect ratio (top-left), ``(x - 127.5) / 128``
+  on RGB, anchor decoding per stride, score ≥ 0.5, NMS at IoU 0.4 with ``+1`` pixel areas, boxes
+  and keypoints scaled back to the image. The largest box area wins (ties: higher score).
+- ArcFace: 5-point similarity (Umeyama, computed like scikit-image) onto the 112×112 template,
+  bilinear warp with zero border, ``(x - 127.5) / 127.5`` unless the graph's first 8 nodes include
+  both a ``Sub``/``_minus`` and a ``Mul``/``_mul`` node (mxnet conversions; then raw pixels).
+  The raw, unnormalised output is the embedding.
+- ``cv2.resize`` and ``cv2.warpAffine`` (INTER_LINEAR, uint8) are redone in OpenCV 4.x's fixed-point
+  arithmetic. Against insightface 0.7.3 itself (OpenCV 4.10, scikit-image 0.26) on synthetic ONNX
+  models, boxes, keypoints, scores and embeddings came out identical. OpenCV 5 changed
+  ``warpAffine``: its crops differ from 4.x by a few grey levels.
 
-Which image: the official code analyses the ORIGINAL image (full resolution, before any resize or
-crop), builds the mask at that resolution, multiplies, and only then frames both the image and the
-masked image (SPEC §7.1). Pass :meth:`FaceAnalyzer.analyze` the original image as RGB uint8; the
-returned box is in its pixel coordinates; apply :func:`face_mask` there, then frame.
+Which image: the official code analyses the ORIGINAL image (full resolution, before framing),
+builds the mask at that resolution, multiplies, and only then frames the image and the masked
+image alike (SPEC §7.1). Pass :meth:`FaceAnalyzer.analyze` the original RGB uint8 image; the box is
+in its pixels; apply :func:`face_mask` there, then frame.
 
-Face box — how it differs from the official one. The official mask is the axis-aligned box of the
-36 face-oval ("silhouette") points of the mediapipe landmarker. We ship no landmarker. Instead the
-same 36 points of mediapipe's canonical face model (``canonical_face_model.obj``, Apache-2.0,
-orthographic front view) were placed once in the 112×112 ArcFace template frame by the similarity
-that best maps the canonical model's eye centres (mean of each eye contour), nose tip (point 1) and
-mouth corners (61, 291) onto the template (:data:`TEMPLATE_SILHOUETTE`). At run time they are mapped
-into the image by the inverse of the face's alignment transform and their bounding box replaces the
-landmarker's. It follows the detected face's position, scale and in-plane rotation, but it is a
-mean face: real face shapes, yaw/pitch and expression move the true oval by an unmeasured few
-percent of the face size (no mediapipe reference was available to measure it). A detector without
-keypoints falls back to its own box. Then the official rule (``expand_region``): round, expand ×1.2
-about the centre, and SHIFT the box back inside the image keeping its size (SPEC §4 says "clipped";
-the code shifts). Deviation: when the expanded box is larger than the image, the official slice
-starts at a negative index and masks only a sliver at the far edge; we clamp that start at 0.
+Face box, and how it differs from the official one. The official box bounds the 36 face-oval
+("silhouette") points of the mediapipe landmarker, which we do not ship. Instead we pose
+mediapipe's canonical 3D face (``canonical_face_model.obj``, Apache-2.0, same point numbering) on
+the face: the weak-perspective pose (yaw, pitch, roll, scale, shift) that best projects its eye
+centres, nose tip and mouth corners onto the 5 detected keypoints (:func:`fit_head_pose`); its 36
+projected oval points give the box. It follows position, scale and head rotation but is a mean
+face (no individual shape or expression). Against mediapipe FaceMesh 0.10.21 on the three test
+portraits and their mirror images, with the 5 points taken from that mesh, the box sides were off
+by 3.6 % of the face size on average and 10 % at worst (a 2D similarity fit: up to 22 % on turned
+heads); with SCRFD's own keypoints this was not measured (no release models here).
+Then the official rule (``expand_region``): round, expand ×1.2 about the centre and SHIFT the box
+back inside the image keeping its size (SPEC §4 says "clipped"; the code shifts). Deviation: if the
+expanded box is larger than the image the official slice starts at a negative index and masks a
+sliver at the far edge; we clamp the start at 0.
 
 No face: zero embedding, the whole image as the face box, ``found=False`` (the caller warns).
 """
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,19 +67,30 @@ ARCFACE_TEMPLATE = np.array(
     dtype=np.float32,
 )
 
-# mediapipe's 36 face-oval points (silhouette ids 10, 338, ..., 109, in that order) of the canonical
-# face model, in the ArcFace template frame (see the module docstring for the derivation).
-TEMPLATE_SILHOUETTE = np.array(
+# Mediapipe's canonical face model (``canonical_face_model.obj``, Apache-2.0), in its own units
+# (cm) with axes turned to the image's: x right, y down, z away from the camera. Keypoints in
+# SCRFD's order: eye centres (mean of each eye contour), nose tip (point 1), mouth corners (61, 291).
+CANONICAL_KEYPOINTS = np.array(
     [
-        (55.7, 19.0), (66.7, 19.0), (76.1, 20.3), (85.4, 23.3), (92.0, 28.3), (96.8, 35.1),
-        (99.5, 42.7), (100.6, 52.8), (100.2, 62.5), (99.6, 72.5), (98.1, 83.1), (95.0, 94.1),
-        (90.5, 102.4), (85.6, 108.0), (79.8, 112.7), (74.8, 115.9), (69.6, 118.4), (63.8, 120.3),
-        (56.3, 121.0), (48.8, 120.4), (43.0, 118.6), (37.7, 116.1), (32.8, 113.0), (26.9, 108.3),
-        (21.9, 102.8), (17.3, 94.5), (14.1, 83.6), (12.5, 73.0), (11.7, 63.0), (11.2, 53.3),
-        (12.2, 43.2), (14.9, 35.5), (19.5, 28.7), (26.1, 23.6), (35.4, 20.6), (44.8, 19.2),
-    ],
-    dtype=np.float64,
+        (-3.160, -2.643, -3.626), (3.160, -2.643, -3.626), (0.000, 1.127, -7.476), (-2.456, 4.343, -4.284),
+        (2.456, 4.343, -4.284),
+    ]
 )
+# The 36 face-oval points the official mask is built from (mediapipe ids 10, 338, 297, ..., 109).
+CANONICAL_SILHOUETTE = np.array(
+    [
+        (0.000, -8.262, -4.482), (1.891, -8.236, -4.275), (3.524, -8.006, -3.729), (5.133, -7.486, -2.660),
+        (6.279, -6.615, -1.426), (7.088, -5.435, -0.100), (7.556, -4.107, 0.992), (7.743, -2.365, 2.005),
+        (7.664, -0.673, 2.436), (7.542, 1.049, 2.431), (7.271, 2.891, 2.252), (6.720, 4.789, 1.745),
+        (5.941, 6.224, 0.631), (5.085, 7.179, -0.715), (4.069, 7.993, -1.925), (3.211, 8.533, -2.802),
+        (2.309, 8.974, -3.609), (1.293, 9.296, -4.094), (0.000, 9.403, -4.264), (-1.293, 9.296, -4.094),
+        (-2.309, 8.974, -3.609), (-3.211, 8.533, -2.802), (-4.069, 7.993, -1.925), (-5.085, 7.179, -0.715),
+        (-5.941, 6.224, 0.631), (-6.720, 4.789, 1.745), (-7.271, 2.891, 2.252), (-7.542, 1.049, 2.431),
+        (-7.664, -0.673, 2.436), (-7.743, -2.365, 2.005), (-7.556, -4.107, 0.992), (-7.088, -5.435, -0.100),
+        (-6.279, -6.615, -1.426), (-5.133, -7.486, -2.660), (-3.524, -8.006, -3.729), (-1.891, -8.236, -4.275),
+    ]
+)
+MAX_POSE_ANGLE = np.radians(75.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,11 +301,52 @@ def alignment_matrix(kps: np.ndarray, size: int = 112) -> np.ndarray:
     return estimate_similarity(np.asarray(kps, np.float32), template_points(size))
 
 
+def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
+    about_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    about_x = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    about_z = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
+    return about_z @ about_x @ about_y
+
+
+def project_canonical(pose: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Weak-perspective image of canonical-model points for ``pose`` = (yaw, pitch, roll, log
+    scale, tx, ty): ``scale * (R @ p)[:2] + t``."""
+    yaw, pitch, roll, log_scale, tx, ty = pose
+    return np.exp(log_scale) * (np.asarray(points, np.float64) @ _rotation(yaw, pitch, roll)[:2].T) + (tx, ty)
+
+
+def fit_head_pose(kps: np.ndarray, iterations: int = 50) -> np.ndarray:
+    """The weak-perspective pose (yaw, pitch, roll, log scale, tx, ty) that best projects the
+    canonical keypoints onto ``kps`` (Gauss-Newton from the frontal similarity fit). Falls back
+    to that frontal fit if the solution is not better or turns beyond 75°."""
+    kps = np.asarray(kps, np.float64)
+    start = estimate_similarity(CANONICAL_KEYPOINTS[:, :2], kps)
+    frontal = np.array([0.0, 0.0, np.arctan2(start[1, 0], start[0, 0]), 0.5 * np.log(np.linalg.det(start[:, :2])), *start[:, 2]])
+
+    def residual(pose: np.ndarray) -> np.ndarray:
+        return (project_canonical(pose, CANONICAL_KEYPOINTS) - kps).ravel()
+
+    pose = frontal.copy()
+    for _ in range(iterations):
+        r = residual(pose)
+        steps = 1e-6 * np.maximum(1.0, np.abs(pose))
+        jacobian = np.stack(
+            [(residual(pose + delta) - residual(pose - delta)) / (2 * delta.sum()) for delta in np.diag(steps)], 1
+        )
+        update = np.linalg.lstsq(jacobian, -r, rcond=None)[0]
+        pose = pose + update
+        if not np.all(np.isfinite(pose)) or np.abs(update).max() < 1e-10:
+            break
+    plausible = np.all(np.isfinite(pose)) and np.abs(pose[:2]).max() <= MAX_POSE_ANGLE
+    if not plausible or np.linalg.norm(residual(pose)) > np.linalg.norm(residual(frontal)):
+        return frontal
+    return pose
+
+
 def silhouette_points(kps: np.ndarray) -> np.ndarray:
-    """The canonical face oval (36 points) placed on a face by its 5 keypoints, image pixels."""
-    matrix = alignment_matrix(kps, 112)
-    linear, shift = matrix[:, :2], matrix[:, 2]
-    return (TEMPLATE_SILHOUETTE - shift) @ np.linalg.inv(linear).T
+    """The canonical face oval (36 points) posed by the face's 5 keypoints, in image pixels."""
+    return project_canonical(fit_head_pose(kps), CANONICAL_SILHOUETTE)
 
 
 def expand_box(box: Sequence[float], height: int, width: int, ratio: float = FACE_EXPAND_RATIO) -> np.ndarray:
@@ -389,8 +442,16 @@ def _open_session(path: str | Path, providers: Sequence | None):
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as err:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load ONNX model ({reason})", path) from None
+        raise ModelError(f"cannot load ONNX model ({_ort_reason(err)})", path) from None
+
+
+def _ort_reason(err: Exception) -> str:
+    """The useful part of an onnxruntime load error (no status prefix, path or C++ location)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^Load model from .* failed:", "", text)
+    text = re.sub(r"^/\S+:\d+ .*?\) ", "", text)
+    return text[:300]
 
 
 def _read_varint(stream) -> int:
@@ -470,7 +531,13 @@ class ScrfdDetector:
     come grouped as scores, then box distances, then keypoint distances, one per stride.
     """
 
-    _LAYOUTS = {6: ((8, 16, 32), 2, False), 9: ((8, 16, 32), 2, True), 10: ((8, 16, 32, 64, 128), 1, False), 15: ((8, 16, 32, 64, 128), 1, True)}
+    # output count -> (strides, anchors per cell, keypoints)
+    _LAYOUTS = {
+        6: ((8, 16, 32), 2, False),
+        9: ((8, 16, 32), 2, True),
+        10: ((8, 16, 32, 64, 128), 1, False),
+        15: ((8, 16, 32, 64, 128), 1, True),
+    }
 
     def __init__(
         self,
@@ -485,7 +552,8 @@ class ScrfdDetector:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) not in self._LAYOUTS:
             raise ModelError(
-                f"not an SCRFD face detector ({len(inputs)} inputs, {len(outputs)} outputs; expected 1 image input and 6, 9, 10 or 15 outputs)",
+                f"not an SCRFD face detector ({len(inputs)} inputs, {len(outputs)} outputs; "
+                "expected 1 image input and 6, 9, 10 or 15 outputs)",
                 self.path,
             )
         self.input_name = inputs[0].name
@@ -530,7 +598,7 @@ class ScrfdDetector:
             hits = np.where(score[:, 0] >= self.score_threshold)[0]
             distance = box_dist[hits] * stride
             c = centres[hits]
-            boxes.append(np.stack([c[:, 0] - distance[:, 0], c[:, 1] - distance[:, 1], c[:, 0] + distance[:, 2], c[:, 1] + distance[:, 3]], -1))
+            boxes.append(np.concatenate([c - distance[:, :2], c + distance[:, 2:]], 1))
             scores.append(score[hits, 0])
             if self.has_keypoints:
                 points.append(c[:, None, :] + (kps_dist[0][hits] * stride).reshape(-1, 5, 2))
@@ -557,7 +625,8 @@ class ArcFaceRecognizer:
         try:
             template_points(self.input_size)
         except ValueError:
-            raise ModelError(f"unsupported recognizer input size {self.input_size} (multiples of 112 or 128)", self.path) from None
+            message = f"unsupported recognizer input size {self.input_size} (multiples of 112 or 128)"
+            raise ModelError(message, self.path) from None
         self.input_name = inputs[0].name
         self.output_name = outputs[0].name
         dim = outputs[0].shape[-1]
@@ -567,7 +636,8 @@ class ArcFaceRecognizer:
         except (ValueError, OSError) as err:
             raise ModelError(f"cannot read the ONNX graph ({err})", self.path) from None
         # converted mxnet models subtract and scale inside the graph (insightface's test)
-        normalises_inside = any(n.startswith(("Sub", "_minus")) for n in names) and any(n.startswith(("Mul", "_mul")) for n in names)
+        subtracts = any(n.startswith(("Sub", "_minus")) for n in names)
+        normalises_inside = subtracts and any(n.startswith(("Mul", "_mul")) for n in names)
         self.input_mean, self.input_std = (0.0, 1.0) if normalises_inside else (127.5, 127.5)
 
     def align(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
@@ -638,7 +708,9 @@ def _find_model(folder: Path, name: str) -> Path:
         candidate = folder / sub / name
         if candidate.is_file():
             return candidate
-    raise ModelError(f"face model {name} not found (looked in ., models/ and face_analysis/models/); run: hallo3 download", folder)
+    raise ModelError(
+        f"face model {name} not found (looked in ., models/ and face_analysis/models/); run: hallo3 download", folder
+    )
 
 
 def _check_rgb(image: np.ndarray) -> np.ndarray:
