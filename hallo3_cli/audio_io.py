@@ -106,8 +106,8 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
 
 
 def _rescaled_length(samples: int, from_rate: int, to_rate: int) -> int:
-    """round(samples * to_rate / from_rate), half up, in exact integer arithmetic."""
-    return (2 * samples * to_rate + from_rate) // (2 * from_rate)
+    """``round(samples * to_rate / from_rate)`` in exact arithmetic (Python's round: ties to even)."""
+    return round(Fraction(samples * to_rate, from_rate))
 
 
 def _fit_length(audio: np.ndarray, length: int) -> np.ndarray:
@@ -191,7 +191,8 @@ def _decode(path, *, mono: bool, sample_rate: int | None, keep: bool = True) -> 
             raise InputError("has no valid sample rate", path)
         if native_rate < MIN_SAMPLE_RATE:
             raise InputError(
-                f"has a sample rate of {native_rate} Hz; at least {MIN_SAMPLE_RATE} Hz is needed (wav2vec works on 16 kHz speech)",
+                f"has a sample rate of {native_rate} Hz; at least {MIN_SAMPLE_RATE} Hz is needed "
+                "(wav2vec works on 16 kHz speech)",
                 path,
             )
         skip, limit = _trim_plan(container, stream, native_rate)
