@@ -46,10 +46,18 @@ def _root(
     _state["debug"] = debug
 
 
-def log(message: str) -> None:
-    """Print a log line to stderr unless --quiet."""
-    if not _state["quiet"]:
-        print(message, file=sys.stderr, flush=True)
+def _setup(quiet: bool) -> None:
+    """Logs to stderr: warnings always, progress information unless --quiet."""
+    import logging
+
+    _state["quiet"] = quiet
+    logger = logging.getLogger("hallo3")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("hallo3: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def emit(result: str | Path) -> None:
@@ -87,7 +95,7 @@ def convert_cmd(
 
     Example: hallo3 convert pretrained_models/hallo3 ./hallo3-diffusers
     """
-    _state["quiet"] = quiet
+    _setup(quiet)
     from hallo3_cli.convert import convert_checkpoint
 
     overrides = {"audio_layers": audio_layers} if audio_layers != 12 else None
@@ -108,7 +116,7 @@ def embed_audio_cmd(
 
     Example: hallo3 embed-audio speech.wav -o speech.audio.safetensors
     """
-    _state["quiet"] = quiet
+    _setup(quiet)
     from hallo3_cli.audio import embed_audio_file
 
     out = embed_audio_file(
@@ -121,32 +129,87 @@ def embed_audio_cmd(
 def encode_ref_cmd(
     image: Path = typer.Argument(..., help="Portrait image (jpg, png, webp, ...)."),
     output: Path = typer.Option(..., "--output", "-o", help="Reference file to write (.safetensors)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Scene description (default: a generic talking-head prompt)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Scene description (default: the preset's generic talking-head prompt)."),
     model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Also write the framed image with face box and mask drawn (PNG)."),
     device: str = typer.Option("auto", "--device", help="torch device: auto, cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Portrait -> identity: face embedding and mask, VAE latents, prompt, reference features.
 
     Example: hallo3 encode-ref face.png -o face.ref.safetensors --preview framing.png
     """
-    raise NotImplementedYet("'hallo3 encode-ref' is not implemented yet")
+    _setup(quiet)
+    from hallo3_cli.pipeline import encode_reference
+
+    emit(encode_reference(image, output, model=model, prompt=prompt, preview=preview, device=device, dtype=dtype))
 
 
 @app.command("render")
 def render_cmd(
     face: Optional[Path] = typer.Argument(None, help="Portrait image (or use --ref)."),
     speech: Optional[Path] = typer.Argument(None, help="Speech recording (or use --audio)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output: .mp4 (video) or .safetensors (clips)."),
-    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output: .mp4 (with FACE SPEECH) or .safetensors clips (with --audio/--ref)."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="Audio features file from 'hallo3 embed-audio'."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference file from 'hallo3 encode-ref'."),
+    batch: Optional[Path] = typer.Option(None, "--batch", help="Jobs file: lines 'prompt@@image@@audio' (paths relative to the file)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Output folder for --batch."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: hallo3, or the preset of --audio/--ref."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Scene description (default: the preset's generic prompt)."),
+    seed: int = typer.Option(42, "--seed", help="Random seed; the same seed gives the same frames."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the preset's; 50 for hallo3)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale (default 3.5)."),
+    device: str = typer.Option("auto", "--device", help="torch device: auto, cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where stage files and finished clips are kept (default: .hallo3-cache next to the output)."),
+    separate_vocals: bool = typer.Option(False, "--separate-vocals", help="Isolate the voice with the release's MDX-Net model before embedding."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
-    """Render the talking video clip by clip (resumable).
+    """Render the talking video clip by clip (resumable: rerun the same command after an interruption).
 
-    Example: hallo3 render face.png speech.wav -o out.mp4
+    \b
+    Examples:
+      hallo3 render face.png speech.wav -o out.mp4
+      hallo3 render --audio speech.audio.safetensors --ref face.ref.safetensors -o clips.safetensors
+      hallo3 render --batch jobs.txt --out-dir videos/
     """
-    raise NotImplementedYet("'hallo3 render' is not implemented yet")
+    if steps is not None and not 1 <= steps <= 1000:
+        raise typer.BadParameter(f"must be between 1 and 1000, got {steps}", param_hint="--steps")
+    _setup(quiet)
+    from hallo3_cli import pipeline
+
+    common = dict(seed=seed, steps=steps, cfg=cfg, device=device, dtype=dtype)
+    if batch is not None:
+        if face or speech or audio or ref or output:
+            raise typer.BadParameter("--batch takes no FACE/SPEECH/--audio/--ref/-o; use --out-dir", param_hint="--batch")
+        if out_dir is None:
+            raise typer.BadParameter("--batch needs --out-dir", param_hint="--out-dir")
+        written, errors = pipeline.render_batch(
+            batch, out_dir, model=model or "hallo3", cache_dir=cache_dir, separate_vocals=separate_vocals, progress=not quiet, **common
+        )
+        for path in written:
+            emit(path)
+        for message in errors:
+            print(f"hallo3: error: {message}", file=sys.stderr)
+        if errors:
+            raise typer.Exit(1)
+        return
+    if output is None:
+        raise typer.BadParameter("missing -o/--output", param_hint="-o")
+    if audio is not None or ref is not None:
+        if face or speech or audio is None or ref is None:
+            raise typer.BadParameter("use either FACE SPEECH, or --audio and --ref together", param_hint="--audio/--ref")
+        emit(pipeline.render_clips(audio, ref, output, model=model, progress=not quiet, **common))
+        return
+    if face is None or speech is None:
+        raise typer.BadParameter("give FACE and SPEECH (or --audio and --ref, or --batch)", param_hint="FACE SPEECH")
+    emit(
+        pipeline.render_video(
+            face, speech, output, model=model or "hallo3", prompt=prompt, cache_dir=cache_dir,
+            separate_vocals=separate_vocals, progress=not quiet, **common,
+        )
+    )
 
 
 @app.command("stitch")
@@ -161,7 +224,10 @@ def stitch_cmd(
 
     Example: hallo3 stitch clips.safetensors --audio speech.wav -o out.mp4
     """
-    raise NotImplementedYet("'hallo3 stitch' is not implemented yet")
+    _setup(quiet)
+    from hallo3_cli.pipeline import stitch
+
+    emit(stitch(clips, output, audio=audio, device=device, progress=not quiet))
 
 
 # --------------------------------------------------------------------------------------------

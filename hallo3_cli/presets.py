@@ -156,10 +156,23 @@ def model_home() -> Path:
     return Path(hf_home).expanduser() / "hallo3-cli"
 
 
-@lru_cache(maxsize=None)
 def _all_presets() -> dict[str, dict[str, Any]]:
+    """The packaged presets, plus those of the TOML files listed in ``$HALLO3_PRESETS`` (``:``-separated;
+    a table there adds a preset or replaces a packaged one of the same name)."""
+    return _load_presets(os.environ.get("HALLO3_PRESETS", ""))
+
+
+@lru_cache(maxsize=8)
+def _load_presets(extra: str) -> dict[str, dict[str, Any]]:
     with open(MODELS_TOML, "rb") as f:
-        return tomllib.load(f)
+        presets = tomllib.load(f)
+    for name in filter(None, extra.split(os.pathsep)):
+        try:
+            with open(name, "rb") as f:
+                presets.update(tomllib.load(f))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise Hallo3Error(f"{name}: cannot read presets from $HALLO3_PRESETS ({err})") from None
+    return presets
 
 
 def preset_names() -> list[str]:

@@ -26,8 +26,8 @@ Formats
                       Metadata ``framing`` (``pad`` or ``crop``), ``source_width``, ``source_height``,
                       ``face_found``, ``prompt``.
 ``hallo3.clip``       one finished clip, written by ``render`` as soon as it exists (resume unit):
-                      ``latents`` (latent_frames, 16, h, w), ``motion`` (2, 3, H, W) the last two
-                      decoded frames in [-1, 1] that seed the next clip. Metadata ``index``, ``render_key``.
+                      ``latents`` (latent_frames, 16, h, w). Metadata ``index``, ``render_key``. The
+                      next clip's motion frames are recomputed by decoding it (decoding is deterministic).
 ``hallo3.clips``      a whole render: ``latents`` (clips, latent_frames, 16, h, w). Metadata
                       ``num_frames``, ``fps``, ``clip_length``, ``motion_frames``, ``framing``,
                       ``height``, ``width``.
@@ -122,12 +122,6 @@ def _check_reference(stage: Stage) -> str | None:
     return None
 
 
-def _check_clip(stage: Stage) -> str | None:
-    if stage["motion"].shape[1] != 3:
-        return "motion frames must have 3 channels"
-    return None
-
-
 def _check_clips(stage: Stage) -> str | None:
     latents = stage["latents"]
     if latents.shape[0] < 1:
@@ -165,10 +159,10 @@ REFERENCE = StageKind(
 )
 CLIP = StageKind(
     "hallo3.clip",
-    1,
-    (TensorSpec("latents", 4), TensorSpec("motion", 4)),
+    2,
+    (TensorSpec("latents", 4),),
     {"index": int, "render_key": str},
-    _check_clip,
+    None,
     "rendered clip",
 )
 CLIPS = StageKind(
@@ -218,6 +212,18 @@ def _decode(text: str, typ: type, key: str) -> Any:
         raise ValueError(f"metadata {key!r} is not a valid {typ.__name__}: {text[:40]!r}") from None
 
 
+def _check_type(key: str, value: Any, typ: type) -> None:
+    """Refuse metadata that would be written but not read back (e.g. ``fps=25.0``)."""
+    import operator
+
+    if typ is int:
+        if isinstance(value, bool):
+            raise TypeError(f"metadata {key!r} must be an int, got a bool")
+        operator.index(value)
+    elif not isinstance(value, typ):
+        raise TypeError(f"metadata {key!r} must be a {typ.__name__}, got {type(value).__name__}")
+
+
 def _meta_types(kind: StageKind) -> dict[str, type]:
     return {"model": str, "weights": str, "params": dict, "source_sha256": str, **kind.meta}
 
@@ -257,6 +263,8 @@ def save_stage(path: str | Path, kind: StageKind, tensors: dict, meta: dict) -> 
     missing = [key for key in types if key not in meta]
     if missing:
         raise ValueError(f"{kind.format}: metadata is missing {missing}")
+    for key, typ in types.items():
+        _check_type(key, meta[key], typ)
     tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     stage = Stage(kind, tensors, {key: meta[key] for key in types})
     _validate(stage)
@@ -286,11 +294,11 @@ def read_header(path: str | Path) -> dict[str, str]:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError, OSError):
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError):
         raise StageFileError("not a safetensors stage file (unreadable, truncated or corrupt header)", path) from None
     meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise StageFileError("corrupt safetensors metadata", path)
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise StageFileError("corrupt safetensors metadata (keys and values must be strings)", path)
     return meta
 
 
@@ -316,7 +324,7 @@ def load_stage(
     version = raw.get("format_version")
     if version != str(kind.version):
         raise StageFileError(
-            f"{kind.format} format version {version} is not supported (this hallo3-cli reads version {kind.version}); "
+            f"{kind.format} format version {version!r} is not supported (this hallo3-cli reads version {kind.version}); "
             "rerun the stage that wrote it",
             path,
         )
