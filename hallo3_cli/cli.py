@@ -72,15 +72,48 @@ def emit(result: str | Path) -> None:
 @app.command("download")
 def download_cmd(
     model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
-    dest: Optional[Path] = typer.Option(None, "--dest", help="Model folder (default: $HALLO3_HOME or the Hugging Face cache)."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Model home to install into (default: $HALLO3_HOME or the Hugging Face cache)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be fetched and the total size, fetch nothing."),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Import an existing official pretrained_models/ folder (no network)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
-    """Fetch and convert the weights listed in models.toml.
+    """Fetch and convert the weights listed in models.toml (resumable; a second run does nothing).
 
     Example: hallo3 download --dry-run
     """
-    raise NotImplementedYet("'hallo3 download' is not implemented yet")
+    _setup(quiet)
+    from hallo3_cli.download import download
+
+    report = download(model, dest=dest, dry_run=dry_run, from_dir=from_dir, progress=not quiet)
+    if dry_run:
+        print(report)
+        return
+    emit(report.home)
+    if report.missing:
+        raise typer.Exit(1)
+
+
+@app.command("doctor")
+def doctor_cmd(
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    device: str = typer.Option("auto", "--device", help="torch device to check: auto, cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Check torch, devices, installed weights, disk space, and whether the settings fit the device.
+
+    Example: hallo3 doctor --device cuda
+    """
+    _setup(False)
+    from hallo3_cli.doctor import doctor, format_doctor
+
+    report = doctor(model, device=device, dtype=dtype)
+    if json_output:
+        import json
+
+        print(json.dumps(report))
+    else:
+        print(format_doctor(report))
 
 
 @app.command("convert")
@@ -164,6 +197,7 @@ def render_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where stage files and finished clips are kept (default: .hallo3-cache next to the output)."),
     separate_vocals: bool = typer.Option(False, "--separate-vocals", help="Isolate the voice with the release's MDX-Net model before embedding."),
+    no_download: bool = typer.Option(False, "--no-download", help="Never fetch missing weights; fail with the download command instead."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Render the talking video clip by clip (resumable: rerun the same command after an interruption).
@@ -179,7 +213,7 @@ def render_cmd(
     _setup(quiet)
     from hallo3_cli import pipeline
 
-    common = dict(seed=seed, steps=steps, cfg=cfg, device=device, dtype=dtype)
+    common = dict(seed=seed, steps=steps, cfg=cfg, device=device, dtype=dtype, allow_download=not no_download)
     if batch is not None:
         if face or speech or audio or ref or output:
             raise typer.BadParameter("--batch takes no FACE/SPEECH/--audio/--ref/-o; use --out-dir", param_hint="--batch")

@@ -28,6 +28,19 @@ def _settings(preset, seed: int, steps: int | None, cfg: float | None) -> Render
     return RenderSettings(seed=seed, steps=preset.steps if steps is None else steps, cfg=preset.cfg if cfg is None else cfg)
 
 
+#: Components each stage needs (``models.toml`` folders), checked before anything is loaded.
+AUDIO_COMPONENTS = ("wav2vec",)
+REFERENCE_COMPONENTS = ("vae", "reference", "text_encoder", "tokenizer", "face_analysis")
+RENDER_COMPONENTS = ("transformer", "vae")
+
+
+def require_weights(preset, components, allow_download: bool = False, progress: bool = True) -> None:
+    """Fail (or, if allowed, download) before loading anything when weights are missing."""
+    from hallo3_cli.download import ensure_weights
+
+    ensure_weights(preset, components, allow_download=allow_download, progress=progress)
+
+
 def _warn_random(preset) -> None:
     if preset.is_random:
         log.warning("model preset %r has RANDOM weights: its output is noise (for tests and trials only)", preset.name)
@@ -53,6 +66,7 @@ def encode_reference(
     fsutil.check_output_path(output)
     fsutil.require_file(image)
     preset = get_preset(model)
+    require_weights(preset, REFERENCE_COMPONENTS)
     _warn_random(preset)
     encoder = ReferenceEncoder(Renderer(preset, device, dtype))
     return encoder.encode(image, output, prompt=prompt, preview=preview)
@@ -74,6 +88,7 @@ def render_clips(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
+    allow_download: bool = True,
     renderer: Renderer | None = None,
 ) -> Path:
     """Stage files → clips file (latents of every clip). Resumable: finished clips are kept in
@@ -82,8 +97,9 @@ def render_clips(
     audio_stage = stages.load_stage(audio, stages.AUDIO, model=model)
     reference_stage = stages.load_stage(reference, stages.REFERENCE, model=model or audio_stage.model)
     preset = get_preset(audio_stage.model)
-    _warn_random(preset)
     settings = _settings(preset, seed, steps, cfg)
+    require_weights(preset, RENDER_COMPONENTS, allow_download, progress)
+    _warn_random(preset)
     renderer = renderer or Renderer(preset, device, dtype)
     parts = output.with_name(output.name + ".parts")
     with job_lock(output.with_name(f".{output.name}.lock")):
@@ -132,6 +148,7 @@ def stitch(
     clip_stage = stages.load_stage(clips, stages.CLIPS)
     audio_info(audio)  # fail early, with the file named, on an unreadable recording
     preset = get_preset(clip_stage.model)
+    require_weights(preset, ("vae",))
     meta = clip_stage.meta
     dtype = clip_stage.params.get("dtype", "auto")
     renderer = renderer or Renderer(preset, device, dtype)
@@ -200,11 +217,14 @@ class VideoRenderer:
         cache_dir: str | Path | None = None,
         separate_vocals: bool = False,
         progress: bool = True,
+        allow_download: bool = True,
     ):
         from hallo3_cli.reference import ReferenceEncoder
 
         self.preset = get_preset(model)
         self.settings = _settings(self.preset, seed, steps, cfg)
+        needed = AUDIO_COMPONENTS + REFERENCE_COMPONENTS + RENDER_COMPONENTS + (("audio_separator",) if separate_vocals else ())
+        require_weights(self.preset, needed, allow_download, progress)
         self.renderer = Renderer(self.preset, device, dtype)
         self.references = ReferenceEncoder(self.renderer)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -286,6 +306,9 @@ def render_video(
     **options,
 ) -> Path:
     """Face + speech → mp4 in one call (see :class:`VideoRenderer` for the options)."""
+    fsutil.require_file(image)
+    fsutil.require_file(speech)
+    fsutil.check_output_path(output)  # fail on typos before fetching or loading any weights
     return VideoRenderer(model, **options).render(Job(Path(image), Path(speech), Path(output), prompt))
 
 
@@ -337,8 +360,8 @@ def render_batch(jobs_file: str | Path, out_dir: str | Path, *, model: str = "ha
             log.info("%s exists, skipping", job.output)
             written.append(job.output)
             continue
+        renderer = renderer or VideoRenderer(model, seed=seed, **options)  # missing weights stop the batch
         try:
-            renderer = renderer or VideoRenderer(model, seed=seed, **options)
             written.append(renderer.render(job))
         except Hallo3Error as err:
             errors.append(str(err))

@@ -212,9 +212,23 @@ def test_no_arguments_shows_help(tmp_path):
     assert "embed-audio" in result.stdout + result.stderr
 
 
-def test_download_is_not_implemented_yet(tmp_path):
-    result = run("download", "--dry-run", cwd=tmp_path)
-    assert_one_line_error(result, "not implemented yet", code=errors.NotImplementedYet.exit_code)
+def test_download_dry_run_and_missing_weights(tmp_path):
+    import os
+
+    env = {**os.environ, "HALLO3_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-m", "hallo3_cli", "download", "--dry-run"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "total" in result.stdout.lower() and "GB" in result.stdout
+    assert not (tmp_path / "home").exists()  # a dry run writes nothing
+    # Without weights and with --no-download, render names the exact command and loads nothing.
+    (tmp_path / "face.png").write_bytes(b"x")
+    (tmp_path / "speech.wav").write_bytes(b"x")
+    result = subprocess.run(
+        [sys.executable, "-m", "hallo3_cli", "render", "face.png", "speech.wav", "-o", str(tmp_path / "o.mp4"), "--no-download"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == errors.ModelError.exit_code
+    assert "hallo3 download --model hallo3" in result.stderr and "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,204 @@
+"""``hallo3 doctor``: what this machine has (Python, torch, devices and memory), which weights are
+installed and in what state, free disk space, and whether the chosen settings fit the device.
+
+    from hallo3_cli.doctor import doctor, format_doctor
+    print(format_doctor(doctor("hallo3")))
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+from hallo3_cli import __version__
+from hallo3_cli.download import (
+    _existing_parent,
+    component_state,
+    human_size,
+    pending_downloads,
+    sources,
+)
+from hallo3_cli.presets import get_preset
+
+#: Parameter counts of the release networks: the DiTs from the official checkpoint manifest
+#: (SPEC §1), T5-XXL encoder and VAE from their diffusers/transformers configurations.
+RELEASE_PARAMETERS = {
+    "transformer": 8_921_253_952,
+    "reference": 5_625_284_160,
+    "text_encoder": 4_762_310_656,
+    "vae": 215_583_907,
+}
+_BYTES_PER_PARAMETER = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def doctor(model: str = "hallo3", device: str = "auto", dtype: str = "auto") -> dict:
+    """A report (plain dict, JSON-serialisable) of the environment, the weights of ``model`` and
+    whether they fit ``device`` in ``dtype`` (``auto``: bfloat16 on CUDA, else float32)."""
+    preset = get_preset(model)
+    report: dict = {
+        "hallo3_cli": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        **_torch_info(),
+        "model": preset.name,
+        "random_weights": preset.is_random,
+        "home": str(preset.home),
+        "components": [],
+        "unfinished_downloads": {},
+        "disk": _disk(preset.home),
+    }
+    if not preset.is_random:
+        for source in sources(preset):
+            for folder in source.produces:
+                state = component_state(preset.home, folder, source)
+                report["components"].append(
+                    {
+                        "name": folder,
+                        "state": state.state,
+                        "size_on_disk": state.size_on_disk,
+                        "revision": state.revision,
+                        "optional": source.optional,
+                        "detail": state.detail,
+                        "path": str(state.path),
+                    }
+                )
+        report["unfinished_downloads"] = pending_downloads(preset.home)
+        needed = [c["name"] for c in report["components"] if c["state"] != "complete" and not c["optional"]]
+        report["next_step"] = f"hallo3 download --model {preset.name}" if needed else None
+    report["fit"] = _fit(preset, report, device, dtype)
+    return report
+
+
+def _torch_info() -> dict:
+    info: dict = {"torch": None, "cuda": None, "devices": [_cpu_device()]}
+    try:
+        import torch
+    except ImportError:
+        return info
+    info["torch"] = torch.__version__
+    info["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            free = None
+            try:
+                free, _ = torch.cuda.mem_get_info(index)
+            except RuntimeError:
+                pass
+            info["devices"].append(
+                {"device": f"cuda:{index}", "name": props.name, "memory": int(props.total_memory), "free": free}
+            )
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        cpu = info["devices"][0]
+        info["devices"].append(
+            {"device": "mps", "name": "Apple GPU (unified memory)", "memory": cpu["memory"], "free": cpu["free"]}
+        )
+    return info
+
+
+def _cpu_device() -> dict:
+    total = free = None
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+        free = os.sysconf("SC_AVPHYS_PAGES") * page
+    except (ValueError, OSError, AttributeError):
+        pass
+    name = platform.processor() or platform.machine()
+    return {"device": "cpu", "name": name, "memory": total, "free": free, "cores": os.cpu_count()}
+
+
+def _disk(home: Path) -> dict:
+    probe = _existing_parent(home)
+    usage = shutil.disk_usage(probe)
+    return {"path": str(probe), "free": usage.free, "total": usage.total}
+
+
+def _resolve(report: dict, device: str, dtype: str) -> tuple[str, str]:
+    names = [d["device"] for d in report["devices"]]
+    if device == "auto":
+        device = next((n for n in names if n.startswith("cuda")), "mps" if "mps" in names else "cpu")
+    elif device == "cuda":
+        device = "cuda:0"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+def _fit(preset, report: dict, device: str, dtype: str) -> dict:
+    """Does the render fit? Uses ``hallo3_cli.plan.plan`` when it exists; until then only what is
+    certain: whether the main DiT's weights alone fit (activations are not estimated: "unknown")."""
+    device, dtype = _resolve(report, device, dtype)
+    fit = {"device": device, "dtype": dtype, "verdict": "unknown", "needed": None, "available": None, "note": ""}
+    try:
+        from hallo3_cli import plan as plan_module
+    except ImportError:
+        plan_module = None
+    if plan_module is not None and hasattr(plan_module, "plan"):
+        try:
+            planned = plan_module.plan(preset, device=device, dtype=dtype)
+        except Exception as err:  # noqa: BLE001 - the doctor must still answer
+            fit["note"] = f"memory plan failed ({type(err).__name__}: {err}); "
+        else:
+            planned = dict(planned) if isinstance(planned, dict) else dict(vars(planned))
+            return {**fit, **planned, "source": "plan"}
+    if preset.is_random:
+        return {**fit, "verdict": "fits", "note": "tiny random weights: fits any device"}
+    entry = next((d for d in report["devices"] if d["device"] == device), None)
+    if entry is None:
+        return {**fit, "verdict": "unknown", "note": f"device {device} not found"}
+    available = entry.get("memory")
+    width = _BYTES_PER_PARAMETER.get(dtype)
+    if available is None or width is None:
+        return {**fit, "note": fit["note"] + "device memory or dtype unknown"}
+    main = RELEASE_PARAMETERS["transformer"] * width
+    resident = sum(RELEASE_PARAMETERS.values()) * width
+    fit.update(needed=main, available=available)
+    if available < main:
+        fit.update(verdict="no", note=fit["note"] + f"the main DiT weights alone take {human_size(main)} in {dtype}")
+    else:
+        fit["note"] = fit["note"] + (
+            f"main DiT weights {human_size(main)} (all networks {human_size(resident)}; reference and T5 run once per "
+            "video and can be offloaded); activation memory not estimated"
+        )
+    return fit
+
+
+def format_doctor(report: dict) -> str:
+    """The doctor report as a short, aligned text table."""
+    lines = [f"hallo3-cli {report['hallo3_cli']}  Python {report['python']}  {report['platform']}"]
+    cuda = f"CUDA {report['cuda']}" if report["cuda"] else "CUDA not available"
+    lines.append(f"torch {report['torch'] or 'not installed'}  ({cuda})")
+    lines.append("devices:")
+    for d in report["devices"]:
+        memory = human_size(d["memory"]) if d.get("memory") else "memory unknown"
+        free = f" ({human_size(d['free'])} free)" if d.get("free") else ""
+        lines.append(f"  {d['device']:<8} {d['name'] or '?'}  {memory}{free}")
+    lines.append(f"weights: {report['model']} in {report['home']}")
+    if report["random_weights"]:
+        lines.append("  random weights generated in memory (output is noise); nothing to install")
+    else:
+        rows = [("component", "state", "size", "revision")]
+        for c in report["components"]:
+            state = c["state"] + (" (optional)" if c["optional"] and c["state"] != "complete" else "")
+            size = human_size(c["size_on_disk"]) if c["size_on_disk"] else "-"
+            rows.append((c["name"], state, size, (c["revision"] or "-")[:8]))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        for name, size in report["unfinished_downloads"].items():
+            lines.append(f"  unfinished download: {name} {human_size(size)} (rerun 'hallo3 download' to resume)")
+    disk = report["disk"]
+    lines.append(f"disk: {human_size(disk['free'])} free of {human_size(disk['total'])} at {disk['path']}")
+    fit = report["fit"]
+    note = f" - {fit['note']}" if fit.get("note") else ""
+    lines.append(f"fit ({fit['device']}, {fit['dtype']}): {fit['verdict']}{note}")
+    if report.get("next_step"):
+        lines.append(f"next: run {report['next_step']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - handy before the CLI wiring lands
+    print(format_doctor(doctor(sys.argv[1] if len(sys.argv) > 1 else "hallo3")))
