@@ -7,7 +7,9 @@ stderr; errors are one line with a non-zero exit code (``--debug`` shows the tra
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -46,17 +48,26 @@ def _root(
     _state["debug"] = debug
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (test runners swap and close it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup(quiet: bool) -> None:
     """Logs to stderr: warnings always, progress information unless --quiet."""
-    import logging
-
     _state["quiet"] = quiet
     logger = logging.getLogger("hallo3")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("hallo3: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
-        logger.propagate = False
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
@@ -271,6 +282,7 @@ def stitch_cmd(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the Typer app and turn errors into one-line messages."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("HALLO3_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _terminated)  # run cleanups (no partial outputs) when killed politely
     try:
         code = app(args=argv, prog_name="hallo3", standalone_mode=False)
         if isinstance(code, int) and code != 0:
@@ -298,6 +310,11 @@ def main(argv: list[str] | None = None) -> None:
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"hallo3: error: {type(err).__name__}: {message} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _terminated(signum, frame):
+    print("hallo3: terminated", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -366,4 +366,20 @@ def render_batch(jobs_file: str | Path, out_dir: str | Path, *, model: str = "ha
         except Hallo3Error as err:
             errors.append(str(err))
             log.error("%s", err)
+    if world > 1:
+        _wait_for_other_ranks()
     return written, errors
+
+
+def _wait_for_other_ranks() -> None:
+    """Under torchrun a rank that exits non-zero gets its siblings killed: wait until all are done."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not os.environ.get("MASTER_ADDR"):
+        return
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+    dist.barrier()
+    dist.destroy_process_group()
