@@ -213,8 +213,8 @@ class Renderer:
     ) -> torch.Tensor:
         """Sample one clip's latents ``(1, frames, 16, h, w)`` (float32) with CFG on x0 (SPEC §6)."""
         model = self.transformer
-        audio_in = torch.cat([torch.zeros_like(audio), audio]).to(self.device, self.dtype)
-        audio_tokens = model.project_audio(audio_in)  # once per clip, outside the step loop
+        # Projected once per clip, outside the step loop; the unconditional half (zero audio) once per render.
+        audio_tokens = torch.cat([context["uncond_audio"], model.project_audio(audio.to(self.device, self.dtype))])
         cond = torch.cat([condition, condition])
         shape = (1, *condition.shape[1:2], 16, *condition.shape[3:])
         x = sampler.initial_noise(shape, generator)
@@ -239,12 +239,17 @@ class Renderer:
         """Per-render tensors on the device: CFG text pair, face tokens, reference bank."""
         text = reference["prompt_embeds"].to(self.device, self.dtype)[None]
         face = reference["face_embedding"].to(self.device, self.dtype)[None]
+        config = self.transformer.config
+        silence = torch.zeros(1, self.preset.clip_length, config.audio_window, config.audio_layers, config.audio_channels,
+                              device=self.device, dtype=self.dtype)
         with torch.no_grad():
             face_tokens = self.transformer.project_face(torch.cat([face, face]))
+            uncond_audio = self.transformer.project_audio(silence)  # uncond audio = zeros (SPEC §5.6)
         bank = reference["ref_bank"].to(self.device, self.dtype)
         return {
             "text": torch.cat([torch.zeros_like(text), text]),  # [uncond, cond]; uncond text is zeros (SPEC §6)
             "face": face_tokens,  # the face is NOT dropped for the unconditional half
+            "uncond_audio": uncond_audio,
             "bank": [entry[None] for entry in bank],
         }
 

@@ -202,3 +202,32 @@ def test_concurrent_processes_share_one_cache(inputs, tmp_path):
     assert len(list(cache.glob("*.ref.safetensors"))) == 1  # computed once, shared
     assert len(list(cache.glob("*.audio.safetensors"))) == 1
     assert not list(cache.glob("**/*.tmp*"))
+
+
+def test_bad_render_inputs_fail_cleanly(inputs, tmp_path, one_shot):
+    """Bad inputs: one-line errors naming the file, nothing written."""
+    from hallo3_cli.errors import InputError, StageFileError
+    from hallo3_cli.pipeline import render_clips, render_video
+
+    text = tmp_path / "face.png"
+    text.write_text("not an image\n")
+    with pytest.raises(InputError, match="face.png"):
+        render_video(text, inputs["one_clip"], tmp_path / "o.mp4", model=MODEL, cache_dir=tmp_path / "c", progress=False)
+    tiny = tmp_path / "tiny.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (90, 60, 40)).save(tiny)
+    with pytest.raises(InputError, match="tiny.png"):
+        render_video(tiny, inputs["one_clip"], tmp_path / "o.mp4", model=MODEL, cache_dir=tmp_path / "c", progress=False)
+    short = cut_wav(inputs["one_clip"], tmp_path / "short.wav", 0.02)  # shorter than one video frame
+    with pytest.raises(InputError, match="short.wav"):
+        render_video(inputs["face"], short, tmp_path / "o.mp4", model=MODEL, cache_dir=tmp_path / "c", progress=False)
+    assert not (tmp_path / "o.mp4").exists()
+
+    # Stage files made by another preset are refused before anything renders.
+    cache = one_shot[1]
+    audio = next(cache.glob("*.audio.safetensors"))
+    ref = next(cache.glob("*.ref.safetensors"))
+    with pytest.raises(StageFileError, match="tiny-random"):
+        render_clips(audio, ref, tmp_path / "clips.safetensors", model="tiny-random", progress=False)
+    assert not (tmp_path / "clips.safetensors").exists()
