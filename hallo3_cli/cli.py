@@ -34,6 +34,17 @@ _state = {"debug": False, "quiet": False}
 MODEL_HELP = "Model preset from models.toml: 'hallo3' (the release) or 'tiny-random' (offline test model, output is noise)."
 
 
+OFFLOAD_HELP = ("Memory mode: none (all on the device), model (each network on the device only while it runs), "
+                "group (one DiT block at a time), sequential (one layer at a time; slowest, least memory).")
+WEIGHTS_HELP = "DiT weight storage: auto (= --dtype), bf16, or fp8 (float8 storage, computed in --dtype; ~half the memory)."
+
+
+def _runtime(offload="none", weights_dtype="auto", vae_tiling=False, compile=False, cache=None):
+    from hallo3_cli.render import Runtime
+
+    return Runtime(offload=offload, weights_dtype=weights_dtype, vae_tiling=vae_tiling, compile=compile, cache=cache)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"hallo3-cli {__version__}")
@@ -178,6 +189,8 @@ def encode_ref_cmd(
     preview: Optional[Path] = typer.Option(None, "--preview", help="Also write the framed image with face box and mask drawn (PNG)."),
     device: str = typer.Option("auto", "--device", help="torch device: auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
+    offload: str = typer.Option("none", "--offload", help=OFFLOAD_HELP),
+    weights_dtype: str = typer.Option("auto", "--weights-dtype", help=WEIGHTS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Portrait -> identity: face embedding and mask, VAE latents, prompt, reference features.
@@ -187,7 +200,8 @@ def encode_ref_cmd(
     _setup(quiet)
     from hallo3_cli.pipeline import encode_reference
 
-    emit(encode_reference(image, output, model=model, prompt=prompt, preview=preview, device=device, dtype=dtype))
+    emit(encode_reference(image, output, model=model, prompt=prompt, preview=preview, device=device, dtype=dtype,
+                          runtime=_runtime(offload, weights_dtype)))
 
 
 @app.command("render")
@@ -209,6 +223,11 @@ def render_cmd(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where stage files and finished clips are kept (default: .hallo3-cache next to the output)."),
     separate_vocals: bool = typer.Option(False, "--separate-vocals", help="Isolate the voice with the release's MDX-Net model before embedding."),
     no_download: bool = typer.Option(False, "--no-download", help="Never fetch missing weights; fail with the download command instead."),
+    offload: str = typer.Option("none", "--offload", help=OFFLOAD_HELP),
+    weights_dtype: str = typer.Option("auto", "--weights-dtype", help=WEIGHTS_HELP),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tiled VAE encode/decode (less memory; tile seams differ slightly)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the repeated DiT block (slow first clip, faster after)."),
+    cache: Optional[float] = typer.Option(None, "--cache", help="First Block Cache threshold, e.g. 0.05: skip most blocks on steps whose first block barely changed (faster, approximate)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Render the talking video clip by clip (resumable: rerun the same command after an interruption).
@@ -224,7 +243,8 @@ def render_cmd(
     _setup(quiet)
     from hallo3_cli import pipeline
 
-    common = dict(seed=seed, steps=steps, cfg=cfg, device=device, dtype=dtype, allow_download=not no_download)
+    common = dict(seed=seed, steps=steps, cfg=cfg, device=device, dtype=dtype, allow_download=not no_download,
+                  runtime=_runtime(offload, weights_dtype, vae_tiling, compile, cache))
     if batch is not None:
         if face or speech or audio or ref or output:
             raise typer.BadParameter("--batch takes no FACE/SPEECH/--audio/--ref/-o; use --out-dir", param_hint="--batch")
@@ -263,6 +283,7 @@ def stitch_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="Video to write (.mp4)."),
     audio: Path = typer.Option(..., "--audio", help="The original speech recording to mux."),
     device: str = typer.Option("auto", "--device", help="torch device for the VAE decoder."),
+    offload: str = typer.Option("none", "--offload", help=OFFLOAD_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Clips + speech -> mp4 (H.264 + AAC, 25 fps).
@@ -272,7 +293,8 @@ def stitch_cmd(
     _setup(quiet)
     from hallo3_cli.pipeline import stitch
 
-    emit(stitch(clips, output, audio=audio, device=device, progress=not quiet))
+    runtime = None if offload == "none" else _runtime(offload)
+    emit(stitch(clips, output, audio=audio, device=device, progress=not quiet, runtime=runtime))
 
 
 # --------------------------------------------------------------------------------------------

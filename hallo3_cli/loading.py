@@ -145,7 +145,7 @@ def _tiny_tokenizer(vocab_size: int):
 
 
 @torch.no_grad()
-def encode_prompt(tokenizer, encoder, prompt: str, max_length: int = 226) -> torch.Tensor:
+def encode_prompt(tokenizer, encoder, prompt: str, max_length: int = 226, device="cpu") -> torch.Tensor:
     """T5 prompt embedding ``(max_length, d_model)``: padded to ``max_length``, no attention mask
     (the official conditioner and diffusers' CogVideoX pipeline both let padding tokens through)."""
     import zlib
@@ -156,5 +156,4 @@ def encode_prompt(tokenizer, encoder, prompt: str, max_length: int = 226) -> tor
     ids = tokenizer(
         prompt, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True, return_tensors="pt"
     ).input_ids
-    device = next(encoder.parameters()).device
     return encoder(ids.to(device))[0][0]

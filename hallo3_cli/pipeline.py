@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -19,7 +20,7 @@ import torch
 from hallo3_cli import fsutil, stages
 from hallo3_cli.errors import Hallo3Error, InputError, StageFileError
 from hallo3_cli.presets import get_preset
-from hallo3_cli.render import Renderer, RenderSettings, job_lock
+from hallo3_cli.render import Renderer, RenderSettings, Runtime, job_lock, render_params
 
 log = logging.getLogger("hallo3")
 
@@ -59,6 +60,7 @@ def encode_reference(
     preview: str | Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    runtime: Runtime | None = None,
 ) -> Path:
     """Portrait → reference stage file (face embedding and box, VAE latent, prompt, reference bank)."""
     from hallo3_cli.reference import ReferenceEncoder
@@ -68,7 +70,7 @@ def encode_reference(
     preset = get_preset(model)
     require_weights(preset, REFERENCE_COMPONENTS)
     _warn_random(preset)
-    encoder = ReferenceEncoder(Renderer(preset, device, dtype))
+    encoder = ReferenceEncoder(Renderer(preset, device, dtype, runtime))
     return encoder.encode(image, output, prompt=prompt, preview=preview)
 
 
@@ -89,6 +91,7 @@ def render_clips(
     dtype: str = "auto",
     progress: bool = True,
     allow_download: bool = True,
+    runtime: Runtime | None = None,
     renderer: Renderer | None = None,
 ) -> Path:
     """Stage files → clips file (latents of every clip). Resumable: finished clips are kept in
@@ -100,7 +103,7 @@ def render_clips(
     settings = _settings(preset, seed, steps, cfg)
     require_weights(preset, RENDER_COMPONENTS, allow_download, progress)
     _warn_random(preset)
-    renderer = renderer or Renderer(preset, device, dtype)
+    renderer = renderer or Renderer(preset, device, dtype, runtime)
     parts = output.with_name(output.name + ".parts")
     with job_lock(output.with_name(f".{output.name}.lock")):
         latents = [clip.latents for clip in renderer.clips(audio_stage, reference_stage, settings, parts, decode_resumed=False, progress=progress)]
@@ -111,7 +114,7 @@ def render_clips(
             {
                 "model": preset.name,
                 "weights": renderer.weights,
-                "params": {**settings.__dict__, "dtype": str(renderer.dtype).removeprefix("torch.")},
+                "params": render_params(settings, renderer.dtype, renderer.runtime),
                 "source_sha256": stages.source_digest(audio_stage.meta["source_sha256"], reference_stage.meta["source_sha256"]),
                 "num_frames": audio_stage.meta["num_frames"],
                 "fps": preset.fps,
@@ -137,6 +140,7 @@ def stitch(
     audio: str | Path,
     device: str = "auto",
     progress: bool = True,
+    runtime: Runtime | None = None,
     renderer: Renderer | None = None,
 ) -> Path:
     """Clips file + the original speech → mp4 (H.264 + AAC, 25 fps), streaming clip by clip."""
@@ -151,7 +155,9 @@ def stitch(
     require_weights(preset, ("vae",))
     meta = clip_stage.meta
     dtype = clip_stage.params.get("dtype", "auto")
-    renderer = renderer or Renderer(preset, device, dtype)
+    tiling = bool(clip_stage.params.get("vae_tiling", False))  # decode as the render did: tiling changes the frames
+    runtime = Runtime(vae_tiling=tiling) if runtime is None else dataclasses.replace(runtime, vae_tiling=tiling)
+    renderer = renderer or Renderer(preset, device, dtype, runtime)
     if (meta["height"], meta["width"]) != (preset.height, preset.width):
         raise StageFileError(f"holds {meta['width']}×{meta['height']} clips, the preset renders {preset.width}×{preset.height}", clips)
     crop = crop_box_for_output(meta["framing"], meta["height"], meta["width"])
@@ -218,6 +224,7 @@ class VideoRenderer:
         separate_vocals: bool = False,
         progress: bool = True,
         allow_download: bool = True,
+        runtime: Runtime | None = None,
     ):
         from hallo3_cli.reference import ReferenceEncoder
 
@@ -225,7 +232,7 @@ class VideoRenderer:
         self.settings = _settings(self.preset, seed, steps, cfg)
         needed = AUDIO_COMPONENTS + REFERENCE_COMPONENTS + RENDER_COMPONENTS + (("audio_separator",) if separate_vocals else ())
         require_weights(self.preset, needed, allow_download, progress)
-        self.renderer = Renderer(self.preset, device, dtype)
+        self.renderer = Renderer(self.preset, device, dtype, runtime)
         self.references = ReferenceEncoder(self.renderer)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.separate_vocals = separate_vocals
@@ -255,7 +262,7 @@ class VideoRenderer:
         prompt = self.preset.default_prompt if prompt is None else prompt
         digest = fsutil.sha256_file(image)
         dtype = str(self.renderer.dtype).removeprefix("torch.")
-        name = f"{_short_hash(digest, prompt, dtype)}.{self.preset.name}.ref.safetensors"
+        name = f"{_short_hash(digest, prompt, dtype, self.renderer.runtime.weights_dtype)}.{self.preset.name}.ref.safetensors"
         path = cache / name
         with job_lock(cache / f".{name}.lock"):
             stage = _cached_stage(path, stages.REFERENCE, self.preset)
@@ -270,7 +277,6 @@ class VideoRenderer:
         """Render one job into ``job.output`` (an mp4)."""
         from hallo3_cli.audio_io import audio_info
         from hallo3_cli.image_io import crop_box_for_output
-        from hallo3_cli.render import render_key
         from hallo3_cli.video_io import VideoWriter
 
         output = fsutil.check_output_path(job.output)
@@ -282,7 +288,7 @@ class VideoRenderer:
         audio = self.audio_stage(job.speech, cache)
         reference = self.reference_stage(job.image, job.prompt, cache)
         preset, settings = self.preset, self.settings
-        key = render_key(audio, reference, settings, self.renderer.weights, self.renderer.dtype)
+        key = self.renderer.key(audio, reference, settings)
         parts = cache / f"{key}.parts"
         crop = crop_box_for_output(reference.meta["framing"], preset.height, preset.width)
         with job_lock(cache / f".{key}.lock"):

@@ -48,7 +48,8 @@ class ReferenceEncoder:
         if self._text is None:
             from hallo3_cli.loading import load_text_encoder
 
-            self._text = load_text_encoder(self.preset, self.renderer.device, self.renderer.dtype)
+            tokenizer, encoder = load_text_encoder(self.preset, self.renderer.load_device, self.renderer.dtype)
+            self._text = tokenizer, self.renderer.place(encoder)
         return self._text
 
     @property
@@ -56,14 +57,20 @@ class ReferenceEncoder:
         if self._reference is None:
             from hallo3_cli.loading import load_reference
 
-            self._reference = load_reference(self.preset, self.renderer.device, self.renderer.dtype)
+            self._reference = self.renderer.place(load_reference(self.preset, self.renderer.load_device, self.renderer.dtype))
         return self._reference
 
     def release(self) -> None:
-        """Free T5 and the reference DiT (needed once per portrait)."""
-        self._text = self._reference = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        """Free T5 and the reference DiT (each is needed once per portrait)."""
+        self.release_text_encoder()
+        if self._reference is not None:
+            self.renderer.forget(self._reference)
+            self._reference = None
+
+    def release_text_encoder(self) -> None:
+        if self._text is not None:
+            self.renderer.forget(self._text[1])
+            self._text = None
 
     @property
     def weights(self) -> str:
@@ -106,10 +113,14 @@ class ReferenceEncoder:
         ref_latent = posterior.sample(generator=generator) * preset.vae_scale  # (1, 16, 1, h, w)
         ref_latent = ref_latent.permute(0, 2, 1, 3, 4)  # (1, 1, 16, h, w)
 
+        self.renderer.done_with(vae)
+
         tokenizer, text_encoder = self.text_encoder
-        prompt_embeds = encode_prompt(tokenizer, text_encoder, prompt, preset.text_length).to(dtype)
+        prompt_embeds = encode_prompt(tokenizer, text_encoder, prompt, preset.text_length, device).to(dtype)
+        self.release_text_encoder()  # T5-XXL is not needed again: free it before the reference DiT loads
         uncond = torch.zeros(1, *prompt_embeds.shape, device=device, dtype=dtype)  # the ref pass is unconditional (SPEC §3)
         bank = torch.stack([entry[0] for entry in self.reference_net(hidden_states=ref_latent, encoder_hidden_states=uncond)])
+        self.renderer.done_with(self._reference)
 
         box = frame_box(tuple(float(v) for v in face.box), width, height, preset.height, preset.width)
         box = torch.tensor([int(np.floor(box[0])), int(np.floor(box[1])), int(np.ceil(box[2])), int(np.ceil(box[3]))], dtype=torch.int32)
@@ -128,7 +139,7 @@ class ReferenceEncoder:
                 "model": preset.name,
                 "weights": self.weights,
                 "params": {"height": preset.height, "width": preset.width, "reference_seed": REFERENCE_SEED,
-                           "dtype": str(dtype).removeprefix("torch.")},
+                           "dtype": str(dtype).removeprefix("torch."), "weights_dtype": self.renderer.runtime.weights_dtype},
                 "source_sha256": fsutil.sha256_file(image_path),
                 "framing": framing,
                 "source_width": width,

@@ -42,6 +42,44 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+OFFLOAD_MODES = ("none", "model", "group", "sequential")
+WEIGHTS_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How the networks use memory and compute; none of it changes what is computed beyond fp rounding.
+
+    ``offload``: ``none`` (all loaded networks on the device), ``model`` (each network moves to the
+    device only while it runs; accelerate hooks), ``group`` (diffusers group offloading, one block at a
+    time), ``sequential`` (accelerate, one leaf module at a time). ``weights_dtype``: storage of the
+    DiT weights (``fp8`` = float8_e4m3fn via diffusers layerwise casting, computed in the compute dtype).
+    ``vae_tiling``: tiled VAE encode/decode. ``compile``: ``torch.compile`` of the repeated DiT block.
+    ``cache``: First Block Cache threshold (skips the remaining blocks of a step when the first block's
+    residual changed less than this); None = off.
+    """
+
+    offload: str = "none"
+    weights_dtype: str = "auto"
+    vae_tiling: bool = False
+    compile: bool = False
+    cache: float | None = None
+
+    def affects_frames(self) -> dict:
+        """The options that change the clips beyond fp rounding (part of a render's identity)."""
+        return {"weights_dtype": self.weights_dtype, "vae_tiling": self.vae_tiling, "cache": self.cache}
+
+    def __post_init__(self):
+        if self.offload not in OFFLOAD_MODES:
+            raise Hallo3Error(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {self.offload!r}")
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise Hallo3Error(f"--weights-dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {self.weights_dtype!r}")
+        if self.cache is not None and not 0 < self.cache < 1:
+            raise Hallo3Error(f"--cache threshold must be between 0 and 1, got {self.cache}")
+        if self.compile and self.offload in ("group", "sequential"):
+            raise Hallo3Error("--compile works with --offload none or model, not with group or sequential offloading")
+
+
 @dataclass(frozen=True)
 class RenderSettings:
     """What a render depends on besides the stage files."""
@@ -94,7 +132,10 @@ def clip_audio(features: torch.Tensor, index: int, clip_length: int, motion_fram
     return audio
 
 
-def render_key(audio: stages.Stage, reference: stages.Stage, settings: RenderSettings, weights: str, dtype: torch.dtype) -> str:
+def render_key(
+    audio: stages.Stage, reference: stages.Stage, settings: RenderSettings, weights: str, dtype: torch.dtype,
+    runtime: Runtime | None = None,
+) -> str:
     """Identifies a render: same key ⇔ same clips. Used to validate persisted clips on resume."""
     payload = {
         "audio": audio.meta["source_sha256"], "audio_params": audio.params, "audio_weights": audio.weights,
@@ -102,6 +143,7 @@ def render_key(audio: stages.Stage, reference: stages.Stage, settings: RenderSet
         "reference_weights": reference.weights, "prompt": reference.meta["prompt"],
         "seed": settings.seed, "steps": settings.steps, "cfg": settings.cfg,
         "model": audio.model, "weights": weights, "dtype": str(dtype), "clip_format": stages.CLIP.version,
+        "runtime": (runtime or Runtime()).affects_frames(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -147,21 +189,79 @@ class Clip:
 
 
 class Renderer:
-    """Holds the networks a render needs (loaded once; reused across a batch)."""
+    """Holds the networks a render needs (loaded once; reused across a batch) and places them in memory."""
 
-    def __init__(self, preset: Preset, device: str = "auto", dtype: str | torch.dtype = "auto"):
+    def __init__(self, preset: Preset, device: str = "auto", dtype: str | torch.dtype = "auto", runtime: Runtime | None = None):
         self.preset = preset
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.runtime = runtime or Runtime()
         self._transformer = None
         self._vae = None
+        self._offload_hooks: dict[int, object] = {}
+
+    @property
+    def load_device(self) -> str:
+        """Where weights are loaded: straight to the device unless an offload mode keeps them on the host."""
+        return self.device if self.runtime.offload == "none" else "cpu"
+
+    def place(self, model: torch.nn.Module, *, blocks: bool = True) -> torch.nn.Module:
+        """Apply the runtime's weight storage and offloading to a freshly loaded network.
+
+        ``blocks``: the network has transformer blocks (DiTs, T5) that group offloading and layerwise
+        casting act on; the VAE and wav2vec stay whole on the device in group mode.
+        """
+        runtime = self.runtime
+        storage = WEIGHTS_DTYPES[runtime.weights_dtype]
+        if blocks and storage is not None and storage != self.dtype and hasattr(model, "enable_layerwise_casting"):
+            model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=self.dtype)
+        if runtime.offload == "none" or (runtime.offload == "group" and not blocks):
+            return model.to(self.device)
+        if runtime.offload == "model":
+            from accelerate import cpu_offload_with_hook
+
+            model, hook = cpu_offload_with_hook(model, self.device)
+            self._offload_hooks[id(model)] = hook
+            return model
+        if runtime.offload == "group":
+            from diffusers.hooks import apply_group_offloading
+
+            apply_group_offloading(
+                model, onload_device=torch.device(self.device), offload_device=torch.device("cpu"),
+                offload_type="block_level", num_blocks_per_group=1, use_stream=self.device.startswith("cuda"),
+            )
+            return model
+        from accelerate import cpu_offload
+
+        return cpu_offload(model, execution_device=self.device)
+
+    def done_with(self, model: torch.nn.Module | None) -> None:
+        """In ``model`` offload mode, move a network back to the host after its phase."""
+        hook = self._offload_hooks.get(id(model)) if model is not None else None
+        if hook is not None:
+            hook.offload()
+
+    def forget(self, model: torch.nn.Module | None) -> None:
+        """Drop a network for good (T5, reference DiT) and return its device memory."""
+        if model is not None:
+            self.done_with(model)
+            self._offload_hooks.pop(id(model), None)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     @property
     def transformer(self):
         if self._transformer is None:
             from hallo3_cli.loading import load_transformer
 
-            self._transformer = load_transformer(self.preset, self.device, self.dtype)
+            model = self.place(load_transformer(self.preset, self.load_device, self.dtype))
+            if self.runtime.cache is not None:
+                from diffusers.hooks import FirstBlockCacheConfig
+
+                model.enable_cache(FirstBlockCacheConfig(threshold=self.runtime.cache))
+            if self.runtime.compile:
+                model.compile_repeated_blocks(fullgraph=False, dynamic=False)
+            self._transformer = model
         return self._transformer
 
     @property
@@ -169,12 +269,19 @@ class Renderer:
         if self._vae is None:
             from hallo3_cli.loading import load_vae
 
-            self._vae = load_vae(self.preset, self.device, self.dtype)
+            vae = load_vae(self.preset, self.load_device, self.dtype)
+            if self.runtime.vae_tiling:
+                vae.enable_tiling()
+            self._vae = self.place(vae, blocks=False)
         return self._vae
 
     @property
     def weights(self) -> str:
         return self.preset.fingerprint("transformer", "vae")
+
+    def key(self, audio: stages.Stage, reference: stages.Stage, settings: RenderSettings) -> str:
+        """The identity of a render with this renderer (see :func:`render_key`)."""
+        return render_key(audio, reference, settings, self.weights, self.dtype, self.runtime)
 
     # -- pieces ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -185,6 +292,7 @@ class Renderer:
         frames = torch.cat([image[None], motion * keep]).to(self.device, self.dtype)  # (3, 3, H, W)
         posterior = self.vae.encode(frames.permute(1, 0, 2, 3)[None]).latent_dist
         latent = posterior.sample(generator=generator) * self.preset.vae_scale  # (1, 16, 1, h, w)
+        self.done_with(self.vae)
         latent = latent.permute(0, 2, 1, 3, 4)
         latent_frames = (self.preset.clip_length - 1) // 4 + 1
         pad = torch.zeros(1, latent_frames - 1, *latent.shape[2:], device=latent.device, dtype=latent.dtype)
@@ -199,6 +307,7 @@ class Renderer:
         """
         z = (latents.to(self.device, self.dtype) / self.preset.vae_scale).permute(0, 2, 1, 3, 4)
         video = self.vae.decode(z).sample[0].permute(1, 0, 2, 3).float()
+        self.done_with(self.vae)
         return ((video + 1) / 2).clamp(0, 1) * 2 - 1
 
     @torch.no_grad()
@@ -221,19 +330,29 @@ class Renderer:
 
         def denoise(x_t: torch.Tensor, t: float, alpha: torch.Tensor) -> torch.Tensor:
             pair = torch.cat([x_t, x_t])
-            v = model(
-                hidden_states=torch.cat([pair.to(self.device, self.dtype), cond], dim=2),
-                encoder_hidden_states=context["text"],
-                timestep=torch.tensor([t, t], device=self.device),
-                audio_tokens=audio_tokens,
-                face_tokens=context["face"],
-                ref_states=context["bank"],
-                return_dict=False,
-            )[0].float().cpu()
+            with self._cache_context(model):
+                v = model(
+                    hidden_states=torch.cat([pair.to(self.device, self.dtype), cond], dim=2),
+                    encoder_hidden_states=context["text"],
+                    timestep=torch.tensor([t, t], device=self.device),
+                    audio_tokens=audio_tokens,
+                    face_tokens=context["face"],
+                    ref_states=context["bank"],
+                    return_dict=False,
+                )[0].float().cpu()
             x0 = sampler.v_to_x0(pair, v, alpha)
             return sampler.cfg(x0[:1], x0[1:], settings.cfg)
 
-        return sampler.sample(denoise, x, sampler.schedule(settings.steps), noise=generator, callback=callback)
+        if self.runtime.cache is not None:
+            model._reset_stateful_cache()  # every clip starts from pure noise: no carry-over between clips
+        latents = sampler.sample(denoise, x, sampler.schedule(settings.steps), noise=generator, callback=callback)
+        self.done_with(model)
+        return latents
+
+    def _cache_context(self, model):
+        if self.runtime.cache is None:
+            return contextlib.nullcontext()
+        return model.cache_context("cfg")  # one state: the CFG halves run as one batch
 
     def context(self, reference: stages.Stage) -> dict:
         """Per-render tensors on the device: CFG text pair, face tokens, reference bank."""
@@ -286,7 +405,7 @@ class Renderer:
         """
         self.check_stages(audio, reference)
         preset = self.preset
-        key = render_key(audio, reference, settings, self.weights, self.dtype)
+        key = self.key(audio, reference, settings)
         features = audio["features"]
         total = num_clips(audio.meta["num_frames"], preset.clip_length, preset.motion_frames)
         parts_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +439,7 @@ class Renderer:
                     stages.CLIP,
                     {"latents": latents},
                     {
-                        "model": preset.name, "weights": self.weights, "params": _params(settings, self.dtype),
+                        "model": preset.name, "weights": self.weights, "params": render_params(settings, self.dtype, self.runtime),
                         "source_sha256": key, "index": index, "render_key": key,
                     },
                 )
@@ -330,8 +449,9 @@ class Renderer:
             bar.close()
 
 
-def _params(settings: RenderSettings, dtype: torch.dtype) -> dict:
-    return {"seed": settings.seed, "steps": settings.steps, "cfg": settings.cfg, "dtype": str(dtype).removeprefix("torch.")}
+def render_params(settings: RenderSettings, dtype: torch.dtype, runtime: Runtime | None = None) -> dict:
+    return {"seed": settings.seed, "steps": settings.steps, "cfg": settings.cfg, "dtype": str(dtype).removeprefix("torch."),
+            **(runtime or Runtime()).affects_frames()}
 
 
 def _part_name(index: int) -> str:

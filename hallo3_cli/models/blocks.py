@@ -177,3 +177,16 @@ class Hallo3Block(CogVideoXBlock):
             norm_k=self.attn1.norm_k,
         )
         return out.reshape(batch, tokens, dim)
+
+
+def _register_block_metadata() -> None:
+    """Tell diffusers' block hooks (First Block Cache) where hidden states sit in our block's output."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    TransformerBlockRegistry.register(
+        model_class=Hallo3Block,
+        metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
+    )
+
+
+_register_block_metadata()

@@ -18,6 +18,7 @@ class Hallo3DiTMixin:
     """What the main DiT and the reference network share on top of ``CogVideoXTransformer3DModel``."""
 
     _no_split_modules = ["Hallo3Block", "Hallo3PatchEmbed"]
+    _repeated_blocks = ["Hallo3Block"]  # for compile_repeated_blocks()
     _supports_gradient_checkpointing = False
 
     def _build_common(self, *, num_layers: int, face_cross_attention_dim=None, audio_cross_attention_dim=None):
@@ -66,7 +67,8 @@ class Hallo3DiTMixin:
     def _embed(self, hidden_states, encoder_hidden_states):
         tokens = self.patch_embed(encoder_hidden_states, hidden_states)
         text_length = encoder_hidden_states.shape[1]
-        return tokens[:, text_length:], tokens[:, :text_length]
+        # contiguous: every block then sees the same strides (no torch.compile recompilation)
+        return tokens[:, text_length:].contiguous(), tokens[:, :text_length].contiguous()
 
 
 class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
@@ -150,11 +152,11 @@ class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
 
     def project_audio(self, audio_embeds: torch.Tensor) -> torch.Tensor:
         """(B, frames, window, layers, channels) → (B, latent_frames, tokens, dim)."""
-        return self.audio_proj(audio_embeds.to(self.audio_proj.proj1.weight.dtype))
+        return self.audio_proj(audio_embeds)
 
     def project_face(self, face_embeds: torch.Tensor) -> torch.Tensor:
         """(B, 512) → (B, tokens, dim)."""
-        return self.face_proj(face_embeds.to(self.face_proj.proj.weight.dtype))
+        return self.face_proj(face_embeds)
 
     def forward(
         self,
@@ -195,7 +197,8 @@ class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
         face_context = face_tokens.to(dtype).repeat_interleave(frames, dim=0)
 
         for block, ref in zip(self.transformer_blocks, ref_states):
-            hidden, text, _ = block(
+            # (a First Block Cache hook may return just (hidden, text) for skipped blocks)
+            hidden, text = block(
                 hidden_states=hidden,
                 encoder_hidden_states=text,
                 temb=temb,
@@ -205,7 +208,7 @@ class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
                 face_tokens=face_context,
                 audio_tokens=audio_context,
                 query_rotary_emb=query_rope,
-            )
+            )[:2]
 
         # final_layernorm, then the final layer's own norm_final (SPEC §2, "double final norm")
         hidden = self.proj_out(self.norm_out(self.norm_final(hidden), temb=temb))
