@@ -149,16 +149,20 @@ def render_key(
 
 
 class Progress:
-    """Clip and step progress on stderr (tqdm), or nothing when disabled."""
+    """Clip and step progress on stderr: tqdm bars on a terminal, one line per clip (with ETA) in logs."""
 
     def __init__(self, enabled: bool, clips: int, steps: int, done: int = 0):
-        self.enabled = enabled
+        self.enabled, self.clips, self.done, self.started = enabled, clips, done, time.perf_counter()
+        self.fresh = 0
         self.clip_bar = self.step_bar = None
-        if enabled:
+        self.interactive = enabled and sys.stderr.isatty()
+        if self.interactive:
             from tqdm import tqdm
 
             self.clip_bar = tqdm(total=clips, initial=done, desc="clips", unit="clip", file=sys.stderr, position=0)
             self.step_bar = tqdm(total=steps, desc="steps", unit="step", file=sys.stderr, position=1, leave=False)
+        elif enabled and done:
+            print(f"hallo3: resuming after {done}/{clips} finished clips", file=sys.stderr, flush=True)
 
     def start_clip(self, index: int) -> None:
         if self.step_bar is not None:
@@ -170,8 +174,14 @@ class Progress:
             self.step_bar.update()
 
     def finish_clip(self) -> None:
+        self.done += 1
+        self.fresh += 1
         if self.clip_bar is not None:
             self.clip_bar.update()
+        elif self.enabled:
+            spent = time.perf_counter() - self.started
+            eta = spent / self.fresh * (self.clips - self.done)
+            print(f"hallo3: clip {self.done}/{self.clips} done ({spent:.0f} s so far, ETA {eta:.0f} s)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         for bar in (self.step_bar, self.clip_bar):
