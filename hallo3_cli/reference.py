@@ -49,7 +49,7 @@ class ReferenceEncoder:
             from hallo3_cli.loading import load_text_encoder
 
             tokenizer, encoder = load_text_encoder(self.preset, self.renderer.load_device, self.renderer.dtype)
-            self._text = tokenizer, self.renderer.place(encoder)
+            self._text = tokenizer, self.renderer.place(encoder, block_modules=["encoder"])  # T5 blocks: encoder.block
         return self._text
 
     @property

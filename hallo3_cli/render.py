@@ -215,11 +215,12 @@ class Renderer:
         """Where weights are loaded: straight to the device unless an offload mode keeps them on the host."""
         return self.device if self.runtime.offload == "none" else "cpu"
 
-    def place(self, model: torch.nn.Module, *, blocks: bool = True) -> torch.nn.Module:
+    def place(self, model: torch.nn.Module, *, blocks: bool = True, block_modules: list[str] | None = None) -> torch.nn.Module:
         """Apply the runtime's weight storage and offloading to a freshly loaded network.
 
         ``blocks``: the network has transformer blocks (DiTs, T5) that group offloading and layerwise
-        casting act on; the VAE and wav2vec stay whole on the device in group mode.
+        casting act on; the VAE and wav2vec stay whole on the device in group mode. ``block_modules``:
+        submodules whose own block lists group offloading should use (T5 keeps its in ``encoder``).
         """
         runtime = self.runtime
         storage = WEIGHTS_DTYPES[runtime.weights_dtype]
@@ -239,6 +240,7 @@ class Renderer:
             apply_group_offloading(
                 model, onload_device=torch.device(self.device), offload_device=torch.device("cpu"),
                 offload_type="block_level", num_blocks_per_group=1, use_stream=self.device.startswith("cuda"),
+                block_modules=block_modules,
             )
             return model
         from accelerate import cpu_offload
