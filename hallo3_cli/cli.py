@@ -34,12 +34,12 @@ _state = {"debug": False, "quiet": False}
 MODEL_HELP = "Model preset from models.toml: 'hallo3' (the release) or 'tiny-random' (offline test model, output is noise)."
 
 
-OFFLOAD_HELP = ("Memory mode: none (all on the device), model (each network on the device only while it runs), "
-                "group (one DiT block at a time), sequential (one layer at a time; slowest, least memory).")
+OFFLOAD_HELP = ("Memory mode: auto (model on CUDA, else none), none (all on the device), model (each network on the "
+                "device only while it runs), group (one DiT block at a time), sequential (one layer at a time; slowest, least memory).")
 WEIGHTS_HELP = "DiT weight storage: auto (= --dtype), bf16, or fp8 (float8 storage, computed in --dtype; ~half the memory)."
 
 
-def _runtime(offload="none", weights_dtype="auto", vae_tiling=False, compile=False, cache=None):
+def _runtime(offload="auto", weights_dtype="auto", vae_tiling=False, compile=False, cache=None):
     from hallo3_cli.render import Runtime
 
     return Runtime(offload=offload, weights_dtype=weights_dtype, vae_tiling=vae_tiling, compile=compile, cache=cache)
@@ -158,6 +158,30 @@ def convert_cmd(
     emit(dest)
 
 
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    offload: str = typer.Option("auto", "--offload", help=OFFLOAD_HELP),
+    weights_dtype: str = typer.Option("auto", "--weights-dtype", help=WEIGHTS_HELP),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tiled VAE encode/decode."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the preset's)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Frame height (default: the preset's, 480)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Frame width (default: the preset's, 720)."),
+    device_kind: str = typer.Option("cuda", "--device-kind", help="cuda (bf16) or cpu (float32, device = host memory)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (peak_device_bytes, peak_host_bytes, flops_per_clip, ...)."),
+) -> None:
+    """Predict peak device and host memory and FLOPs per clip, from the real model traced without memory.
+
+    Example: hallo3 plan --offload group --vae-tiling --json
+    """
+    _setup(False)
+    from hallo3_cli.plan import format_plan, plan
+
+    result = plan(model, offload=offload, weights_dtype=weights_dtype, vae_tiling=vae_tiling, height=height,
+                  width=width, steps=steps, device_kind=device_kind)
+    print(result.to_json() if json_output else format_plan(result))
+
+
 @app.command("embed-audio")
 def embed_audio_cmd(
     speech: Path = typer.Argument(..., help="Speech recording (wav, mp3, m4a, flac, ogg)."),
@@ -189,7 +213,7 @@ def encode_ref_cmd(
     preview: Optional[Path] = typer.Option(None, "--preview", help="Also write the framed image with face box and mask drawn (PNG)."),
     device: str = typer.Option("auto", "--device", help="torch device: auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
-    offload: str = typer.Option("none", "--offload", help=OFFLOAD_HELP),
+    offload: str = typer.Option("auto", "--offload", help=OFFLOAD_HELP),
     weights_dtype: str = typer.Option("auto", "--weights-dtype", help=WEIGHTS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
@@ -223,7 +247,7 @@ def render_cmd(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where stage files and finished clips are kept (default: .hallo3-cache next to the output)."),
     separate_vocals: bool = typer.Option(False, "--separate-vocals", help="Isolate the voice with the release's MDX-Net model before embedding."),
     no_download: bool = typer.Option(False, "--no-download", help="Never fetch missing weights; fail with the download command instead."),
-    offload: str = typer.Option("none", "--offload", help=OFFLOAD_HELP),
+    offload: str = typer.Option("auto", "--offload", help=OFFLOAD_HELP),
     weights_dtype: str = typer.Option("auto", "--weights-dtype", help=WEIGHTS_HELP),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tiled VAE encode/decode (less memory; tile seams differ slightly)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the repeated DiT block (slow first clip, faster after)."),
@@ -283,7 +307,7 @@ def stitch_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="Video to write (.mp4)."),
     audio: Path = typer.Option(..., "--audio", help="The original speech recording to mux."),
     device: str = typer.Option("auto", "--device", help="torch device for the VAE decoder."),
-    offload: str = typer.Option("none", "--offload", help=OFFLOAD_HELP),
+    offload: str = typer.Option("auto", "--offload", help=OFFLOAD_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Clips + speech -> mp4 (H.264 + AAC, 25 fps).
@@ -293,7 +317,7 @@ def stitch_cmd(
     _setup(quiet)
     from hallo3_cli.pipeline import stitch
 
-    runtime = None if offload == "none" else _runtime(offload)
+    runtime = None if offload == "auto" else _runtime(offload)
     emit(stitch(clips, output, audio=audio, device=device, progress=not quiet, runtime=runtime))
 
 

@@ -128,43 +128,71 @@ def _resolve(report: dict, device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
+#: Device memory kept free for what the plan does not count (CUDA context, cuDNN workspaces, fragmentation).
+DEVICE_RESERVE = 1 << 30
+#: Settings tried, in order, when the default does not fit: (offload, weights dtype, VAE tiling).
+_FALLBACKS = (
+    ("none", "bf16", True),
+    ("model", "bf16", False),
+    ("model", "bf16", True),
+    ("group", "bf16", True),
+    ("group", "fp8", True),
+    ("sequential", "bf16", True),
+    ("sequential", "fp8", True),
+)
+
+
 def _fit(preset, report: dict, device: str, dtype: str) -> dict:
-    """Does the render fit? Uses ``hallo3_cli.plan.plan`` when it exists; until then only what is
-    certain: whether the main DiT's weights alone fit (activations are not estimated: "unknown")."""
+    """Does a render fit ``device``? Compares :func:`hallo3_cli.plan.plan`'s predicted peak (device
+    memory on CUDA, RAM otherwise) with the device's memory and suggests memory settings that fit.
+    Falls back to the main DiT's weights alone if the plan cannot be computed."""
     device, dtype = _resolve(report, device, dtype)
-    fit = {"device": device, "dtype": dtype, "verdict": "unknown", "needed": None, "available": None, "note": ""}
-    try:
-        from hallo3_cli import plan as plan_module
-    except ImportError:
-        plan_module = None
-    if plan_module is not None and hasattr(plan_module, "plan"):
-        try:
-            planned = plan_module.plan(preset, device=device, dtype=dtype)
-        except Exception as err:  # noqa: BLE001 - the doctor must still answer
-            fit["note"] = f"memory plan failed ({type(err).__name__}: {err}); "
-        else:
-            planned = dict(planned) if isinstance(planned, dict) else dict(vars(planned))
-            return {**fit, **planned, "source": "plan"}
-    if preset.is_random:
-        return {**fit, "verdict": "fits", "note": "tiny random weights: fits any device"}
     entry = next((d for d in report["devices"] if d["device"] == device), None)
-    if entry is None:
-        return {**fit, "verdict": "unknown", "note": f"device {device} not found"}
-    available = entry.get("memory")
-    width = _BYTES_PER_PARAMETER.get(dtype)
-    if available is None or width is None:
-        return {**fit, "note": fit["note"] + "device memory or dtype unknown"}
-    main = RELEASE_PARAMETERS["transformer"] * width
-    resident = sum(RELEASE_PARAMETERS.values()) * width
-    fit.update(needed=main, available=available)
-    if available < main:
-        fit.update(verdict="no", note=fit["note"] + f"the main DiT weights alone take {human_size(main)} in {dtype}")
-    else:
-        fit["note"] = fit["note"] + (
-            f"main DiT weights {human_size(main)} (all networks {human_size(resident)}; reference and T5 run once per "
-            "video and can be offloaded); activation memory not estimated"
-        )
+    available = entry.get("memory") if entry else None
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    fit = {"device": device, "dtype": dtype, "verdict": "unknown", "needed": None, "available": available, "note": ""}
+    try:
+        from hallo3_cli.plan import plan
+
+        planned = plan(preset, device_kind=kind, dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - the doctor must still answer
+        return _fit_from_weights(preset, fit, dtype, f"memory plan failed ({type(err).__name__}: {err}); ")
+    needed = planned.peak_device_bytes if kind == "cuda" else planned.peak_host_bytes
+    peak = planned.peak_device_step
+    fit.update(needed=needed, source="plan", peak_step=peak, flops_per_clip=planned.flops_per_clip,
+               peak_host=planned.peak_host_bytes)
+    if available is None:
+        fit["note"] = f"needs {human_size(needed)} (peak at {peak}); device memory unknown"
+        return fit
+    reserve = DEVICE_RESERVE if kind == "cuda" else 0
+    if needed + reserve <= available:
+        fit.update(verdict="fits", note=f"needs {human_size(needed)} of {human_size(available)} (peak at {peak})")
+        return fit
+    fit["verdict"] = "tight" if needed <= available else "no"
+    fit["note"] = f"needs {human_size(needed)} of {human_size(available)} (peak at {peak})"
+    if kind == "cuda":
+        for offload, weights, tiling in _FALLBACKS:
+            option = plan(preset, device_kind=kind, dtype=dtype, offload=offload, weights_dtype=weights, vae_tiling=tiling)
+            if option.peak_device_bytes + reserve <= available:
+                flags = f"--offload {offload}" + (f" --weights-dtype {weights}" if weights != "bf16" else "")
+                flags += " --vae-tiling" if tiling else ""
+                fit["suggestion"] = flags
+                fit["note"] += f"; {flags} needs {human_size(option.peak_device_bytes)}"
+                break
     return fit
+
+
+def _fit_from_weights(preset, fit: dict, dtype: str, note: str) -> dict:
+    if preset.is_random:
+        return {**fit, "verdict": "fits", "note": note + "tiny random weights: fits any device"}
+    available, width = fit["available"], _BYTES_PER_PARAMETER.get(dtype)
+    if available is None or width is None:
+        return {**fit, "note": note + "device memory or dtype unknown"}
+    main = RELEASE_PARAMETERS["transformer"] * width
+    fit = {**fit, "needed": main, "source": "weights"}
+    if available < main:
+        return {**fit, "verdict": "no", "note": note + f"the main DiT weights alone take {human_size(main)} in {dtype}"}
+    return {**fit, "note": note + f"main DiT weights {human_size(main)}; activation memory not estimated"}
 
 
 def format_doctor(report: dict) -> str:

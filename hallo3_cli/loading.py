@@ -20,6 +20,11 @@ def _random(module: torch.nn.Module, preset: Preset, component: str) -> torch.nn
     return module.eval().requires_grad_(False)
 
 
+def _device_map(device) -> dict:
+    """Load release weights straight onto an accelerator (no full copy in host RAM first)."""
+    return {"device_map": str(device)} if str(device).startswith("cuda") else {}
+
+
 def _finish(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
     if any(p.dtype != dtype for p in module.parameters()):
         module = module.to(dtype=dtype)
@@ -59,7 +64,7 @@ def load_transformer(preset: Preset, device="cpu", dtype=torch.float32):
     if preset.is_random:
         model = _random(Hallo3Transformer3DModel(**transformer_config(preset, main=True)), preset, "transformer")
     else:
-        model = Hallo3Transformer3DModel.from_pretrained(preset.require("transformer"), torch_dtype=dtype)
+        model = Hallo3Transformer3DModel.from_pretrained(preset.require("transformer"), torch_dtype=dtype, **_device_map(device))
     return _finish(model, device, dtype)
 
 
@@ -70,7 +75,7 @@ def load_reference(preset: Preset, device="cpu", dtype=torch.float32):
     if preset.is_random:
         model = _random(Hallo3ReferenceNet(**transformer_config(preset, main=False)), preset, "reference")
     else:
-        model = Hallo3ReferenceNet.from_pretrained(preset.require("reference"), torch_dtype=dtype)
+        model = Hallo3ReferenceNet.from_pretrained(preset.require("reference"), torch_dtype=dtype, **_device_map(device))
     return _finish(model, device, dtype)
 
 
@@ -94,7 +99,7 @@ def load_vae(preset: Preset, device="cpu", dtype=torch.float32):
         )
         model = _random(model, preset, "vae")
     else:
-        model = AutoencoderKLCogVideoX.from_pretrained(preset.require("vae"), torch_dtype=dtype)
+        model = AutoencoderKLCogVideoX.from_pretrained(preset.require("vae"), torch_dtype=dtype, **_device_map(device))
     return _finish(model, device, dtype)
 
 
@@ -121,7 +126,7 @@ def load_text_encoder(preset: Preset, device="cpu", dtype=torch.float32):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(preset.require("tokenizer"))
-        encoder = T5EncoderModel.from_pretrained(preset.require("text_encoder"), torch_dtype=dtype)
+        encoder = T5EncoderModel.from_pretrained(preset.require("text_encoder"), torch_dtype=dtype, **_device_map(device))
     return tokenizer, _finish(encoder, device, dtype)
 
 

@@ -532,7 +532,7 @@ def test_doctor_reports_states_disk_and_fit(hub, home):
     assert report["unfinished_downloads"] == {"vae": 1000}
     assert report["disk"]["free"] > 0 and report["torch"] == torch.__version__
     fit = report["fit"]
-    assert fit["needed"] == 8_921_253_952 * 2 and fit["verdict"] in ("no", "unknown")
+    assert fit["source"] == "plan" and fit["needed"] > 8_921_253_952 * 2 and fit["verdict"] in ("no", "unknown")
     assert (fit["verdict"] == "no") == (fit["available"] < fit["needed"])
     text = format_doctor(report)
     assert "wav2vec" in text and "partial" in text and "hallo3 download --model hallo3" in text

@@ -51,14 +51,15 @@ class Hallo3SelfAttnProcessor:
             key[:, :, text_length:] = apply_rotary_emb(key[:, :, text_length:], image_rotary_emb)
 
         if ref_states is not None:
+            # A bank shared by the batch (the CFG halves) is projected once, then broadcast.
             ref_states = ref_states.to(tokens.dtype)
-            if ref_states.shape[0] != tokens.shape[0]:
-                ref_states = ref_states.expand(tokens.shape[0], -1, -1)
             ref_key = _heads(attn, attn.to_k(ref_states))
             if attn.norm_k is not None:
                 ref_key = attn.norm_k(ref_key)
-            key = torch.cat([key, ref_key], dim=2)
-            value = torch.cat([value, _heads(attn, attn.to_v(ref_states))], dim=2)
+            ref_value = _heads(attn, attn.to_v(ref_states))
+            batch = tokens.shape[0]
+            key = torch.cat([key, ref_key.expand(batch, -1, -1, -1)], dim=2)
+            value = torch.cat([value, ref_value.expand(batch, -1, -1, -1)], dim=2)
 
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).flatten(2)

@@ -151,18 +151,22 @@ class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
         self.face_proj = FaceProjModel(face_embed_dim, face_cross_attention_dim, face_tokens)
 
     def project_audio(self, audio_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, frames, window, layers, channels) → (B, latent_frames, tokens, dim)."""
-        return self.audio_proj(audio_embeds)
+        """(B, frames, window, layers, channels) → (B, latent_frames, tokens, dim).
+
+        Goes through the module call (not ``self.audio_proj`` directly) so that offloading hooks
+        bring the weights to the device first.
+        """
+        return self(audio_embeds=audio_embeds, return_dict=False)[0]
 
     def project_face(self, face_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, 512) → (B, tokens, dim)."""
-        return self.face_proj(face_embeds)
+        """(B, 512) → (B, tokens, dim) (through the module call, like :meth:`project_audio`)."""
+        return self(face_embeds=face_embeds, return_dict=False)[1]
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        timestep: torch.Tensor | float,
+        hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        timestep: torch.Tensor | float | None = None,
         audio_embeds: torch.Tensor | None = None,
         face_embeds: torch.Tensor | None = None,
         ref_states: list[torch.Tensor] | None = None,
@@ -171,17 +175,22 @@ class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> tuple[torch.Tensor] | Transformer2DModelOutput:
+        if hidden_states is None:  # projections only: (audio_tokens, face_tokens), see project_audio()
+            return (
+                self.audio_proj(audio_embeds) if audio_embeds is not None else None,
+                self.face_proj(face_embeds) if face_embeds is not None else None,
+            )
         batch, frames, _, height, width = hidden_states.shape
         if ref_states is None or len(ref_states) != len(self.transformer_blocks):
             raise ValueError(f"ref_states must hold one tensor per layer ({len(self.transformer_blocks)})")
         if audio_tokens is None:
             if audio_embeds is None:
                 raise ValueError("pass audio_embeds or audio_tokens")
-            audio_tokens = self.project_audio(audio_embeds)
+            audio_tokens = self.audio_proj(audio_embeds)
         if face_tokens is None:
             if face_embeds is None:
                 raise ValueError("pass face_embeds or face_tokens")
-            face_tokens = self.project_face(face_embeds)
+            face_tokens = self.face_proj(face_embeds)
         if audio_tokens.shape[1] != frames:
             raise ValueError(f"audio gives {audio_tokens.shape[1]} latent frames, the latent has {frames}")
 
