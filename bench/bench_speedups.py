@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from hallo3_cli import render
 from hallo3_cli.audio import embed_audio_file
 from hallo3_cli.pipeline import encode_reference
 from hallo3_cli.presets import get_preset

@@ -90,7 +90,7 @@ def main() -> None:
     plain_s = timed(run_plain, args.repeats)
     ours_s = timed(run_ours, args.repeats)
     analytic = flops(args.width, args.layers, video_tokens, 226, (h // 2) * (w // 2), 32, 4)
-    print(f"| width | layers | tokens (text+video) | ref keys | plain diffusers s | Hallo3 s | measured ratio | FLOP ratio (inherent) | threads |")
+    print("| width | layers | tokens (text+video) | ref keys | plain diffusers s | Hallo3 s | measured ratio | FLOP ratio (inherent) | threads |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.width} | {args.layers} | {226 + video_tokens} | {(h // 2) * (w // 2)} | {plain_s:.2f} | {ours_s:.2f} "
           f"| {ours_s / plain_s:.3f} | {analytic['ratio']:.3f} | {torch.get_num_threads()} |")

@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from hallo3_cli import __version__
-from hallo3_cli.errors import Hallo3Error, NotImplementedYet
+from hallo3_cli.errors import Hallo3Error
 
 app = typer.Typer(
     name="hallo3",

@@ -35,9 +35,3 @@ class ModelError(Hallo3Error):
     """Model weights are missing, incomplete or inconsistent."""
 
     exit_code = 5
-
-
-class NotImplementedYet(Hallo3Error):
-    """A command whose implementation has not landed yet."""
-
-    exit_code = 6

@@ -752,14 +752,13 @@ class _RenderSteps:
     def _context(self):
         """What ``Renderer.context`` keeps on the device for the whole clip loop, and the previous
         clip's decoded frames (still referenced while the next clip renders)."""
-        model = self.nets["transformer"]
-        config = model.config
+        config = self.nets["transformer"].config
         text = torch.zeros(2, self.arch["text_length"], config.text_embed_dim, dtype=self.dtype)
         face = torch.zeros(2, config.face_tokens, config.face_cross_attention_dim, dtype=self.dtype)
         audio = (self.latent_frames, config.audio_context_tokens, config.audio_cross_attention_dim)
         uncond_audio = torch.zeros(1, *audio, dtype=self.dtype)
         bank_entry = (1, self.h * self.w // config.patch_size**2, config.num_attention_heads * config.attention_head_dim)
-        bank = [torch.zeros(bank_entry, dtype=self.dtype) for _ in model.transformer_blocks]
+        bank = [torch.zeros(bank_entry, dtype=self.dtype) for _ in self.nets["transformer"].transformer_blocks]
         frames = torch.zeros(self.arch["clip_length"], 3, self.height, self.width)
         return {"text": text, "face": face, "uncond_audio": uncond_audio, "bank": bank, "frames": frames}
 
@@ -786,7 +785,6 @@ class _RenderSteps:
     def denoise(self):
         context = self._context()
         model = self.nets["transformer"]
-        config = model.config
         condition = torch.zeros(1, self.latent_frames, 16, self.h, self.w, dtype=self.dtype)
         tokens = torch.zeros(2, *context["uncond_audio"].shape[1:], dtype=self.dtype)  # projected once per clip
         cond = torch.cat([condition, condition])

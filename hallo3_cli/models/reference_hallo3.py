@@ -42,24 +42,6 @@ class Hallo3ReferenceNet(Hallo3DiTMixin, CogVideoXTransformer3DModel):
         max_text_seq_length: int = 226,
         norm_eps: float = 1e-5,
     ):
-        CogVideoXTransformer3DModel.__init__.__wrapped__(
-            self,
-            num_attention_heads=num_attention_heads,
-            attention_head_dim=attention_head_dim,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            time_embed_dim=time_embed_dim,
-            text_embed_dim=text_embed_dim,
-            num_layers=0,
-            sample_width=sample_width,
-            sample_height=sample_height,
-            sample_frames=sample_frames,
-            patch_size=patch_size,
-            temporal_compression_ratio=temporal_compression_ratio,
-            max_text_seq_length=max_text_seq_length,
-            norm_eps=norm_eps,
-            use_rotary_positional_embeddings=True,
-        )
         self._build_common(num_layers=num_layers)
 
     def forward(

@@ -14,6 +14,14 @@ from hallo3_cli.models.blocks import Hallo3Block, Hallo3PatchEmbed, video_rotary
 from hallo3_cli.models.projections import AudioProjModel, FaceProjModel
 
 
+#: Config entries handed to ``CogVideoXTransformer3DModel``'s constructor.
+_PARENT_ARGUMENTS = (
+    "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "time_embed_dim", "text_embed_dim",
+    "sample_width", "sample_height", "sample_frames", "patch_size", "temporal_compression_ratio",
+    "max_text_seq_length", "norm_eps",
+)
+
+
 class Hallo3DiTMixin:
     """What the main DiT and the reference network share on top of ``CogVideoXTransformer3DModel``."""
 
@@ -22,7 +30,15 @@ class Hallo3DiTMixin:
     _supports_gradient_checkpointing = False
 
     def _build_common(self, *, num_layers: int, face_cross_attention_dim=None, audio_cross_attention_dim=None):
+        """Build both DiTs from the registered config: the parent's undecorated constructor makes the time
+        embedding, final norms and projection; blocks and patch embedding are ours."""
         config = self.config
+        CogVideoXTransformer3DModel.__init__.__wrapped__(
+            self,
+            **{name: config[name] for name in _PARENT_ARGUMENTS},
+            num_layers=0,
+            use_rotary_positional_embeddings=True,
+        )
         inner_dim = config.num_attention_heads * config.attention_head_dim
         self.patch_embed = Hallo3PatchEmbed(
             patch_size=config.patch_size,
@@ -115,26 +131,6 @@ class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
         face_tokens: int = 4,
         face_cross_attention_dim: int = 1024,
     ):
-        # The parent's undecorated constructor builds time embedding, final norms and projection;
-        # blocks and patch embedding are ours (built by _build_common).
-        CogVideoXTransformer3DModel.__init__.__wrapped__(
-            self,
-            num_attention_heads=num_attention_heads,
-            attention_head_dim=attention_head_dim,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            time_embed_dim=time_embed_dim,
-            text_embed_dim=text_embed_dim,
-            num_layers=0,
-            sample_width=sample_width,
-            sample_height=sample_height,
-            sample_frames=sample_frames,
-            patch_size=patch_size,
-            temporal_compression_ratio=temporal_compression_ratio,
-            max_text_seq_length=max_text_seq_length,
-            norm_eps=norm_eps,
-            use_rotary_positional_embeddings=True,
-        )
         self._build_common(
             num_layers=num_layers,
             face_cross_attention_dim=face_cross_attention_dim,
