@@ -236,7 +236,7 @@ def render_cmd(
     audio: Optional[Path] = typer.Option(None, "--audio", help="Audio features file from 'hallo3 embed-audio'."),
     ref: Optional[Path] = typer.Option(None, "--ref", help="Reference file from 'hallo3 encode-ref'."),
     batch: Optional[Path] = typer.Option(None, "--batch", help="Jobs file: lines 'prompt@@image@@audio' (paths relative to the file)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Output folder for --batch."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Output folder for --batch (created if missing)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: hallo3, or the preset of --audio/--ref."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Scene description (default: the preset's generic prompt)."),
     seed: int = typer.Option(42, "--seed", help="Random seed; the same seed gives the same frames."),

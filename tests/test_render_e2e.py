@@ -165,8 +165,7 @@ def test_batch_under_torchrun_shards_jobs_and_reports_failures(inputs, tmp_path)
     (jobs.parent / "a.wav").write_bytes(inputs["one_clip"].read_bytes())
     (jobs.parent / "b.wav").write_bytes(inputs["one_clip_b"].read_bytes())
     jobs.write_text("A talk@@face.png@@a.wav\nA talk@@face.png@@b.wav\nA talk@@missing.jpg@@a.wav\n")
-    out_dir = tmp_path / "videos"
-    out_dir.mkdir()
+    out_dir = tmp_path / "renders" / "videos"  # created by the batch (both ranks race to make it)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         ["torchrun", "--standalone", "--nproc-per-node", "2", "--no-python", sys.executable, "-m", "hallo3_cli",
@@ -231,3 +230,19 @@ def test_bad_render_inputs_fail_cleanly(inputs, tmp_path, one_shot):
     with pytest.raises(StageFileError, match="tiny-random"):
         render_clips(audio, ref, tmp_path / "clips.safetensors", model="tiny-random", progress=False)
     assert not (tmp_path / "clips.safetensors").exists()
+
+
+def test_batch_output_folder_that_cannot_be_made(tmp_path):
+    """--out-dir is created when missing; one that cannot be made fails before any model loads."""
+    from hallo3_cli.errors import OutputError
+    from hallo3_cli.pipeline import render_batch
+
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("")
+    assert render_batch(jobs, tmp_path / "new" / "videos", model=MODEL) == ([], [])
+    assert (tmp_path / "new" / "videos").is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError) as err:
+        render_batch(jobs, blocker / "videos", model=MODEL)
+    assert str(blocker / "videos") in str(err.value) and "\n" not in str(err.value)
