@@ -626,8 +626,11 @@ _REPLAY = (
 
 @functools.lru_cache(maxsize=16)
 def _traces(architecture_key: str, dtype: torch.dtype, height: int, width: int, vae_tiling: bool,
-            device_kind: str, names: tuple[str, ...] | None = None) -> dict[str, Trace]:
-    """Trace the steps of a render (all, or ``names``) at ``height``×``width`` on fake tensors."""
+            device_kind: str, names: tuple[str, ...] | None = None, folded_cross_attention: bool = True) -> dict[str, Trace]:
+    """Trace the steps of a render (all, or ``names``) at ``height``×``width`` on fake tensors.
+
+    ``folded_cross_attention=False`` traces the SDPA path that the face/audio cross-attentions take
+    when their weights are not plain device tensors at call time (see :func:`_folds_cross_attention`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     arch = json.loads(architecture_key)
@@ -639,6 +642,12 @@ def _traces(architecture_key: str, dtype: torch.dtype, height: int, width: int, 
         nets = {n: _build_on(n, arch[n], _network_dtype(n, dtype)) for n in _NETWORKS if n in needed}
     if vae_tiling and "vae" in nets:
         nets["vae"].enable_tiling()
+    if not folded_cross_attention:
+        from hallo3_cli.models.attention_processor import Hallo3CrossAttnProcessor
+
+        for block in nets["transformer"].transformer_blocks:
+            block.attn_face.set_processor(Hallo3CrossAttnProcessor())
+            block.attn_audio.set_processor(Hallo3CrossAttnProcessor())
     steps = _RenderSteps(nets, arch, dtype, height, width, granularity)
     sdpa = _FlashAttention() if device_kind == "cuda" else contextlib.nullcontext()
     traces = {}
@@ -974,7 +983,8 @@ def plan(
         raise Hallo3Error(f"--steps must be at least 1, got {steps}")
 
     weights = _all_weights(arch, compute, _STORAGE[weights_dtype])
-    traces = _traces(arch.key(), compute, height, width, vae_tiling, device_kind)
+    folded = _folds_cross_attention(offload if device_kind == "cuda" else "none", _STORAGE[weights_dtype], compute)
+    traces = _traces(arch.key(), compute, height, width, vae_tiling, device_kind, folded_cross_attention=folded)
     mode = _Mode(offload if device_kind == "cuda" else "none", weights, device_kind)
 
     rows = _rows(mode, weights, traces, steps, device_kind)
@@ -992,6 +1002,13 @@ def plan(
         weights_bytes={n: w.total for n, w in weights.items()},
         breakdown=tuple(rows), notes=_notes(offload, device_kind),
     )
+
+
+def _folds_cross_attention(offload: str, storage: torch.dtype | None, compute: torch.dtype) -> bool:
+    """Whether the face/audio cross-attentions fold their output projection into the values
+    (``Hallo3FoldedCrossAttnProcessor``): not when the weights reach the device only inside each
+    Linear's own call (sequential offloading) or are stored in another dtype (fp8 layerwise casting)."""
+    return offload != "sequential" and (storage is None or storage == compute)
 
 
 def _preset(model: str | Preset) -> Preset:

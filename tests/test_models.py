@@ -123,3 +123,48 @@ def test_production_manifest_maps_completely(official_dir):
     assert main_params == expected
     ref_unused = manifest["parameters"]["ref_model.diffusion_model.transformer.position_embeddings.weight"]["shape"]
     assert totals["Hallo3ReferenceNet"][1] == manifest["totals"]["ref_model.diffusion_model"]["num_params"] - ref_unused[0] * ref_unused[1]
+
+
+def _cross_attention_case(dtype: torch.dtype, context_tokens: int):
+    from hallo3_cli.models.blocks import Hallo3Block
+
+    torch.manual_seed(0)
+    block = Hallo3Block(128, 2, 64, 32, face_cross_attention_dim=96, audio_cross_attention_dim=80).eval()
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)  # nothing at its neutral init value
+    block.to(dtype)
+    x = torch.randn(6, 50, 128, dtype=dtype)
+    context = torch.randn(6, context_tokens, 80, dtype=dtype)
+    rope = (torch.randn(50, 64, dtype=dtype), torch.randn(50, 64, dtype=dtype))
+    kwargs = dict(query_rotary_emb=rope, norm_q=block.attn1.norm_q, norm_k=block.attn1.norm_k)
+    return block.attn_audio, x, context, kwargs
+
+
+@pytest.mark.parametrize("context_tokens", [1, 5, 31])
+def test_folded_cross_attention_is_the_same_maths(context_tokens):
+    """Output projection folded into the values (heads·K < dim) == SDPA then to_out, to float64 rounding."""
+    from hallo3_cli.models.attention_processor import Hallo3CrossAttnProcessor, Hallo3FoldedCrossAttnProcessor
+
+    attn, x, context, kwargs = _cross_attention_case(torch.float64, context_tokens)
+    with torch.no_grad():
+        sdpa = Hallo3CrossAttnProcessor()(attn, x, context, **kwargs)
+        folded = Hallo3FoldedCrossAttnProcessor()(attn, x, context, **kwargs)
+    assert folded.shape == sdpa.shape == x.shape
+    assert (folded - sdpa).abs().max() <= 1e-12 * sdpa.abs().max()
+
+
+def test_folded_cross_attention_falls_back_when_it_cannot_fold(monkeypatch):
+    """Long contexts, and weights not usable as plain tensors (offloaded, fp8-stored), take the SDPA path."""
+    from hallo3_cli.models import attention_processor as processors
+
+    calls = []
+    monkeypatch.setattr(processors.Hallo3CrossAttnProcessor, "__call__", lambda self, *args: calls.append(args) or "sdpa")
+    folded = processors.Hallo3FoldedCrossAttnProcessor()
+    attn, x, context, kwargs = _cross_attention_case(torch.float32, 64)  # heads·K = 128 = dim: no gain
+    assert folded(attn, x, context, **kwargs) == "sdpa"
+    attn, x, context, kwargs = _cross_attention_case(torch.float32, 5)
+    attn.to_out[0].to(torch.float64)  # stored in another dtype than the compute dtype (as with fp8 storage)
+    assert folded(attn, x, context, **kwargs) == "sdpa"
+    attn.to_out[0].to("meta")  # not on the compute device (as under sequential offloading)
+    assert folded(attn, x, context, **kwargs) == "sdpa"
+    assert len(calls) == 3

@@ -100,3 +100,58 @@ class Hallo3CrossAttnProcessor:
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).flatten(2)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+class Hallo3FoldedCrossAttnProcessor(Hallo3CrossAttnProcessor):
+    """:class:`Hallo3CrossAttnProcessor` with the output projection folded into the values.
+
+    Each query row's result is a softmax mix of the K context rows, so
+    ``to_out(Σ_k p_k·v_k) = Σ_k p_k·(v_k·W_out) + bias``. Projecting the K value rows of every head
+    costs O(K·d²) per latent frame instead of O(N·d²) for its N video tokens; with Hallo3's short
+    contexts (4 face, 32 audio tokens) this drops most of the cost of the two cross-attention output
+    projections. Same maths, other summation order. The scores are a (batch, heads, N, K) tensor:
+    linear in N. Used when ``heads·K < dim`` and the output weight is a plain tensor on the compute
+    device in the compute dtype; otherwise (offload hooks that load weights inside the module call,
+    fp8 storage, long contexts) it takes the SDPA path of the parent class.
+    """
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        query_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        norm_q: torch.nn.Module | None = None,
+        norm_k: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        out_proj = attn.to_out[0]
+        weight = out_proj.weight
+        foldable = (
+            attention_mask is None
+            and attn.heads * encoder_hidden_states.shape[1] < weight.shape[1]
+            and weight.device == hidden_states.device
+            and weight.dtype == hidden_states.dtype
+        )
+        if not foldable:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb, norm_q, norm_k)
+        query = _heads(attn, attn.to_q(hidden_states))  # (B, heads, N, d)
+        key = _heads(attn, attn.to_k(encoder_hidden_states))  # (B, heads, K, d)
+        value = attn.to_v(encoder_hidden_states).unflatten(-1, (attn.heads, -1))  # (B, K, heads, d)
+        if norm_q is not None:
+            query = norm_q(query)
+        if norm_k is not None:
+            key = norm_k(key)
+        if query_rotary_emb is not None:
+            query = apply_rotary_emb(query, query_rotary_emb)
+        scores = torch.matmul(query, key.transpose(-1, -2)) * (query.shape[-1] ** -0.5)
+        probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)  # (B, heads, N, K)
+        folded = torch.einsum("bkhd,ohd->bhko", value, weight.unflatten(1, (attn.heads, -1)))  # (B, heads, K, out)
+        batch, heads, tokens, context = probs.shape
+        probs = probs.transpose(1, 2).reshape(batch, tokens, heads * context)
+        folded = folded.reshape(batch, heads * context, -1)
+        if out_proj.bias is None:
+            out = torch.bmm(probs, folded)
+        else:
+            out = torch.baddbmm(out_proj.bias, probs, folded)
+        return attn.to_out[1](out)

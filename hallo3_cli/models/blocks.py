@@ -11,7 +11,7 @@ from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBloc
 from diffusers.utils.torch_utils import maybe_allow_in_graph
 from torch import nn
 
-from hallo3_cli.models.attention_processor import Hallo3CrossAttnProcessor, Hallo3SelfAttnProcessor
+from hallo3_cli.models.attention_processor import Hallo3FoldedCrossAttnProcessor, Hallo3SelfAttnProcessor
 
 
 class Hallo3PatchEmbed(CogVideoXPatchEmbed):
@@ -106,7 +106,7 @@ class Hallo3Block(CogVideoXBlock):
             dim_head=head_dim,
             bias=True,
             out_bias=True,
-            processor=Hallo3CrossAttnProcessor(),
+            processor=Hallo3FoldedCrossAttnProcessor(),
         )
 
     def forward(
