@@ -88,6 +88,21 @@ class Hallo3CrossAttnProcessor:
     ) -> torch.Tensor:
         if attention_mask is not None:
             raise ValueError("Hallo3CrossAttnProcessor does not support attention masks")
+        query, key, value = self.project(attn, hidden_states, encoder_hidden_states, query_rotary_emb, norm_q, norm_k)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    @staticmethod
+    def project(
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        query_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+        norm_q: torch.nn.Module | None,
+        norm_k: torch.nn.Module | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query (qk-LayerNorm, RoPE), key (qk-LayerNorm) and value, each (B, heads, tokens, d)."""
         query = _heads(attn, attn.to_q(hidden_states))
         key = _heads(attn, attn.to_k(encoder_hidden_states))
         value = _heads(attn, attn.to_v(encoder_hidden_states))
@@ -97,9 +112,7 @@ class Hallo3CrossAttnProcessor:
             key = norm_k(key)
         if query_rotary_emb is not None:
             query = apply_rotary_emb(query, query_rotary_emb)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2)
-        return attn.to_out[1](attn.to_out[0](out))
+        return query, key, value
 
 
 class Hallo3FoldedCrossAttnProcessor(Hallo3CrossAttnProcessor):
@@ -135,18 +148,10 @@ class Hallo3FoldedCrossAttnProcessor(Hallo3CrossAttnProcessor):
         )
         if not foldable:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb, norm_q, norm_k)
-        query = _heads(attn, attn.to_q(hidden_states))  # (B, heads, N, d)
-        key = _heads(attn, attn.to_k(encoder_hidden_states))  # (B, heads, K, d)
-        value = attn.to_v(encoder_hidden_states).unflatten(-1, (attn.heads, -1))  # (B, K, heads, d)
-        if norm_q is not None:
-            query = norm_q(query)
-        if norm_k is not None:
-            key = norm_k(key)
-        if query_rotary_emb is not None:
-            query = apply_rotary_emb(query, query_rotary_emb)
+        query, key, value = self.project(attn, hidden_states, encoder_hidden_states, query_rotary_emb, norm_q, norm_k)
         scores = torch.matmul(query, key.transpose(-1, -2)) * (query.shape[-1] ** -0.5)
         probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)  # (B, heads, N, K)
-        folded = torch.einsum("bkhd,ohd->bhko", value, weight.unflatten(1, (attn.heads, -1)))  # (B, heads, K, out)
+        folded = torch.einsum("bhkd,ohd->bhko", value, weight.unflatten(1, (attn.heads, -1)))  # (B, heads, K, out)
         batch, heads, tokens, context = probs.shape
         probs = probs.transpose(1, 2).reshape(batch, tokens, heads * context)
         folded = folded.reshape(batch, heads * context, -1)
