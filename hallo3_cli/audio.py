@@ -169,7 +169,7 @@ def compute_features(
         layers = encoder.config.num_hidden_layers
         features = torch.empty(n_padded, layers, hidden.shape[-1], dtype=torch.float32)
         for start, stop, keep_start, keep_stop in spans:
-            states = _encode_span(encoder.encoder, hidden[:, start:stop])
+            states = encode_span(encoder.encoder, hidden[:, start:stop])
             for layer, state in enumerate(states):
                 features[keep_start:keep_stop, layer] = state[0, keep_start - start : keep_stop - start].float().cpu()
             bar.update(1)
@@ -368,7 +368,7 @@ def _first_layer_stats(conv, x, eps: float):
     return mean.float().to(x.device), torch.rsqrt(var + eps).float().to(x.device)
 
 
-def _encode_span(encoder, hidden):
+def encode_span(encoder, hidden):
     """All layer outputs (``hidden_states[1:]``) of a post-norm wav2vec2 encoder on ``hidden`` (1, T, C)."""
     hidden = hidden + encoder.pos_conv_embed(hidden)
     hidden = encoder.layer_norm(hidden)

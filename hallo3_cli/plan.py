@@ -52,6 +52,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hallo3_cli.audio import encode_span
 from hallo3_cli.errors import Hallo3Error
 from hallo3_cli.presets import Preset, get_preset
 from hallo3_cli.render import OFFLOAD_MODES, default_offload
@@ -725,15 +726,7 @@ class _RenderSteps:
         conv = torch.nn.functional.interpolate(conv.T[None], size=frames, mode="linear", align_corners=True)[0].T
         hidden, _ = model.feature_projection(conv[None])
         del conv
-        encoder = model.encoder
-        hidden = hidden + encoder.pos_conv_embed(hidden)
-        hidden = encoder.layer_norm(hidden)
-        states = []
-        for layer in encoder.layers:
-            out = layer(hidden, attention_mask=None)
-            hidden = out[0] if isinstance(out, tuple) else out
-            states.append(hidden)
-        return self._bytes(x), states
+        return self._bytes(x), encode_span(model.encoder, hidden)
 
     # encode-ref ----------------------------------------------------------------------------
     def reference_latent(self):
