@@ -39,6 +39,18 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+def ensure_output_folder(folder: str | Path) -> Path:
+    """Create ``folder`` (and its parents) if missing; fail early if files cannot be created in it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write files here ({err.strerror or err})", folder) from None
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.

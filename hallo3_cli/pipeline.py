@@ -12,14 +12,13 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from hallo3_cli import fsutil, stages
-from hallo3_cli.errors import Hallo3Error, InputError, OutputError, StageFileError
+from hallo3_cli.errors import Hallo3Error, InputError, StageFileError
 from hallo3_cli.presets import get_preset
 from hallo3_cli.render import Renderer, RenderSettings, Runtime, job_lock, render_params
 
@@ -352,16 +351,7 @@ def shard(items: list, rank: int, world_size: int) -> list:
 def render_batch(jobs_file: str | Path, out_dir: str | Path, *, model: str = "hallo3", seed: int = 42, **options) -> tuple[list[Path], list[str]]:
     """Render every job of a jobs file (skipping finished outputs). Under ``torchrun`` the jobs are
     shared by rank (``RANK``/``WORLD_SIZE``). Returns (written outputs, error messages)."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create output folder: {err.strerror or err}", out_dir) from None
-    try:
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as err:
-        raise OutputError(f"output folder is not writable: {err.strerror or err}", out_dir) from None
+    out_dir = fsutil.ensure_output_folder(out_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     jobs = shard(read_jobs(jobs_file, out_dir, seed), rank, world)
     written, errors = [], []
