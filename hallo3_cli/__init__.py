@@ -2,18 +2,28 @@
 
 The public Python API is small and lazily imported so that ``hallo3 --help`` stays fast:
 
-    from hallo3_cli import render_video, embed_audio_file, encode_reference, render_clips, stitch
+    from hallo3_cli import Hallo3Pipeline
+    pipe = Hallo3Pipeline.from_pretrained("tiny-random")
+    out = pipe(image="face.jpg", audio="speech.wav", seed=7)
+
+and the commands' work, with stage files and caching: ``from hallo3_cli import render_video, embed_audio, ...``
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "embed_audio_file": "hallo3_cli.audio",
-    "encode_reference": "hallo3_cli.pipeline",
-    "render_clips": "hallo3_cli.pipeline",
-    "render_video": "hallo3_cli.pipeline",
-    "stitch": "hallo3_cli.pipeline",
-    "VideoRenderer": "hallo3_cli.pipeline",
+    "Hallo3Pipeline": "hallo3_cli.pipeline_hallo3",
+    "Hallo3PipelineOutput": "hallo3_cli.pipeline_hallo3",
+    "Hallo3DPMSolverSDEScheduler": "hallo3_cli.scheduling_hallo3",
+    "Hallo3Transformer3DModel": "hallo3_cli.models",
+    "Hallo3ReferenceNet": "hallo3_cli.models",
+    "Runtime": "hallo3_cli.runtime",
+    "embed_audio": "hallo3_cli.jobs",
+    "encode_reference": "hallo3_cli.jobs",
+    "render_clips": "hallo3_cli.jobs",
+    "render_video": "hallo3_cli.jobs",
+    "stitch": "hallo3_cli.jobs",
+    "VideoRenderer": "hallo3_cli.jobs",
     "load_audio": "hallo3_cli.audio_io",
     "load_image": "hallo3_cli.image_io",
 }

@@ -36,17 +36,12 @@ minutes of speech peak at 1.6 GB of process RSS with the base-sized model (0.8 G
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from hallo3_cli import fsutil, stages
-from hallo3_cli.audio_io import SAMPLE_RATE, load_audio, resample
-from hallo3_cli.errors import ModelError
-from hallo3_cli.presets import Preset, fill_random_, get_preset, resolve_device
+from hallo3_cli.audio_io import SAMPLE_RATE
 
 WINDOW_SECONDS = 30.0
 """Longest span the encoder attends over; longer inputs are windowed (see the module docstring)."""
@@ -57,56 +52,6 @@ CONV_CHUNK_FRAMES = 500
 CONV_WHOLE_MAX_FRAMES = 1500
 """Up to this many conv frames (30 s) the feature extractor runs in one call (the official path)."""
 NORM_EPS = 1e-7  # Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
-
-
-def load_audio_encoder(preset: Preset | str, device: str = "cpu"):
-    """The preset's wav2vec2 encoder (eval mode, float32, on ``device``) and its feature-extractor settings.
-
-    Returns ``(Wav2Vec2Model, {"sampling_rate": int, "do_normalize": bool})``. Random presets build
-    the architecture from ``[<preset>.wav2vec]`` in models.toml and fill it with seeded weights.
-    """
-    import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
-
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    settings = {"sampling_rate": SAMPLE_RATE, "do_normalize": True}
-    if preset.is_random:
-        model = Wav2Vec2Model(Wav2Vec2Config(**preset.config("wav2vec")))
-        fill_random_(model, preset.seed)
-    else:
-        folder = preset.require("wav2vec")
-        model = _load_pretrained(folder)
-        config_file = folder / "preprocessor_config.json"
-        if config_file.exists():
-            try:
-                extractor = json.loads(config_file.read_text())
-            except (OSError, ValueError) as err:
-                raise ModelError(f"unreadable preprocessor config ({err})", config_file) from None
-            settings["sampling_rate"] = int(extractor.get("sampling_rate", SAMPLE_RATE))
-            settings["do_normalize"] = bool(extractor.get("do_normalize", True))
-        if settings["sampling_rate"] != SAMPLE_RATE:
-            rate = settings["sampling_rate"]
-            raise ModelError(f"the wav2vec model expects {rate} Hz audio; hallo3 uses {SAMPLE_RATE} Hz", folder)
-    if model.config.do_stable_layer_norm:
-        raise ModelError("pre-norm (stable layer norm) wav2vec2 variants are not supported; Hallo3 uses wav2vec2-base")
-    model = model.to(device=device, dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    return model, settings
-
-
-def _load_pretrained(folder: Path):
-    from transformers import Wav2Vec2Model
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the 960h checkpoint is a CTC model: its lm_head is unused here
-    try:
-        return Wav2Vec2Model.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load the wav2vec weights ({reason}); run: hallo3 download", folder) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def num_video_frames(num_samples: int, fps: int = 25, sample_rate: int = SAMPLE_RATE) -> int:
@@ -213,67 +158,6 @@ def window_features(features, start: int, stop: int, window: int = 5):
     device = features.device
     index = torch.arange(start, stop, device=device)[:, None] + torch.arange(-half, half + 1, device=device)[None, :]
     return features[index.clamp_(0, total - 1)]
-
-
-def embed_audio_file(
-    speech: str | Path,
-    output: str | Path,
-    model: str | Preset = "hallo3",
-    separate_vocals: bool = False,
-    device: str = "auto",
-    progress: bool = True,
-) -> Path:
-    """Decode ``speech``, optionally isolate the voice, compute features and write an audio stage file."""
-    from hallo3_cli import vocals
-
-    output = fsutil.check_output_path(output)
-    speech = fsutil.require_file(speech)
-    preset = get_preset(model) if isinstance(model, str) else model
-    components = ["wav2vec"]
-    separator_path = None
-    if separate_vocals:
-        separator_path = vocals.find_separator_model(preset)
-        components.append("audio_separator")
-    if not preset.is_random:
-        preset.require("wav2vec")
-    device = resolve_device(device)
-
-    if separator_path is not None:
-        mix = load_audio(speech, vocals.SEPARATOR_SAMPLE_RATE, mono=False)
-        voice = vocals.separate_vocals(mix, separator_path, progress=progress)
-        waveform = resample(voice.mean(axis=0), vocals.SEPARATOR_SAMPLE_RATE, SAMPLE_RATE)
-    else:
-        waveform = load_audio(speech, SAMPLE_RATE)
-
-    encoder, settings = load_audio_encoder(preset, device)
-    params = {
-        "fps": preset.fps,
-        "clip_length": preset.clip_length,
-        "sample_rate": SAMPLE_RATE,
-        "normalize": settings["do_normalize"],
-        "separate_vocals": bool(separate_vocals),
-        "window_seconds": WINDOW_SECONDS,
-        "context_seconds": CONTEXT_SECONDS,
-    }
-    features, n = compute_features(
-        waveform,
-        encoder,
-        fps=preset.fps,
-        clip_length=preset.clip_length,
-        normalize=settings["do_normalize"],
-        progress=progress,
-    )
-    meta = {
-        "model": preset.name,
-        "weights": preset.fingerprint(*components),
-        "params": params,
-        "source_sha256": fsutil.sha256_file(speech),
-        "fps": preset.fps,
-        "num_frames": n,
-        "clip_length": preset.clip_length,
-        "sample_rate": SAMPLE_RATE,
-    }
-    return stages.save_stage(output, stages.AUDIO, {"features": features.float().contiguous()}, meta)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,8 +29,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_state = {"debug": False, "quiet": False}
-
 MODEL_HELP = "Model preset from models.toml: 'hallo3' (the release) or 'tiny-random' (offline test model, output is noise)."
 
 
@@ -39,10 +37,11 @@ OFFLOAD_HELP = ("Memory mode: auto (model on CUDA, else none), none (all on the 
 WEIGHTS_HELP = "DiT weight storage: auto (= --dtype), bf16, or fp8 (float8 storage, computed in --dtype; ~half the memory)."
 
 
-def _runtime(offload="auto", weights_dtype="auto", vae_tiling=False, compile=False, cache=None):
-    from hallo3_cli.render import Runtime
+def _runtime(device="auto", dtype="auto", offload="auto", weights_dtype="auto", vae_tiling=False, compile=False, cache=None):
+    from hallo3_cli.runtime import Runtime
 
-    return Runtime(offload=offload, weights_dtype=weights_dtype, vae_tiling=vae_tiling, compile=compile, cache=cache)
+    return Runtime(device=device, dtype=dtype, offload=offload, weights_dtype=weights_dtype, vae_tiling=vae_tiling,
+                   compile=compile, cache=cache)
 
 
 def _version(value: bool) -> None:
@@ -56,7 +55,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", envvar="HALLO3_DEBUG", help="Show full tracebacks on errors."),
 ) -> None:
-    _state["debug"] = debug
+    """(``--debug`` is read by :func:`main` before the command runs.)"""
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -73,7 +72,6 @@ class _StderrHandler(logging.StreamHandler):
 
 def _setup(quiet: bool) -> None:
     """Logs to stderr: warnings always, progress information unless --quiet."""
-    _state["quiet"] = quiet
     logger = logging.getLogger("hallo3")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler()
@@ -196,12 +194,9 @@ def embed_audio_cmd(
     Example: hallo3 embed-audio speech.wav -o speech.audio.safetensors
     """
     _setup(quiet)
-    from hallo3_cli.audio import embed_audio_file
+    from hallo3_cli.jobs import embed_audio
 
-    out = embed_audio_file(
-        speech, output, model=model, separate_vocals=separate_vocals, device=device, progress=not quiet
-    )
-    emit(out)
+    emit(embed_audio(speech, output, model=model, separate_vocals=separate_vocals, device=device, progress=not quiet))
 
 
 @app.command("encode-ref")
@@ -222,10 +217,10 @@ def encode_ref_cmd(
     Example: hallo3 encode-ref face.png -o face.ref.safetensors --preview framing.png
     """
     _setup(quiet)
-    from hallo3_cli.pipeline import encode_reference
+    from hallo3_cli.jobs import encode_reference
 
-    emit(encode_reference(image, output, model=model, prompt=prompt, preview=preview, device=device, dtype=dtype,
-                          runtime=_runtime(offload, weights_dtype)))
+    emit(encode_reference(image, output, model=model, prompt=prompt, preview=preview,
+                          runtime=_runtime(device, dtype, offload, weights_dtype)))
 
 
 @app.command("render")
@@ -265,16 +260,16 @@ def render_cmd(
     if steps is not None and not 1 <= steps <= 1000:
         raise typer.BadParameter(f"must be between 1 and 1000, got {steps}", param_hint="--steps")
     _setup(quiet)
-    from hallo3_cli import pipeline
+    from hallo3_cli import jobs
 
-    common = dict(seed=seed, steps=steps, cfg=cfg, device=device, dtype=dtype, allow_download=not no_download,
-                  runtime=_runtime(offload, weights_dtype, vae_tiling, compile, cache))
+    common = dict(seed=seed, steps=steps, cfg=cfg, allow_download=not no_download,
+                  runtime=_runtime(device, dtype, offload, weights_dtype, vae_tiling, compile, cache))
     if batch is not None:
         if face or speech or audio or ref or output:
             raise typer.BadParameter("--batch takes no FACE/SPEECH/--audio/--ref/-o; use --out-dir", param_hint="--batch")
         if out_dir is None:
             raise typer.BadParameter("--batch needs --out-dir", param_hint="--out-dir")
-        written, errors = pipeline.render_batch(
+        written, errors = jobs.render_batch(
             batch, out_dir, model=model or "hallo3", cache_dir=cache_dir, separate_vocals=separate_vocals, progress=not quiet, **common
         )
         for path in written:
@@ -289,12 +284,12 @@ def render_cmd(
     if audio is not None or ref is not None:
         if face or speech or audio is None or ref is None:
             raise typer.BadParameter("use either FACE SPEECH, or --audio and --ref together", param_hint="--audio/--ref")
-        emit(pipeline.render_clips(audio, ref, output, model=model, progress=not quiet, **common))
+        emit(jobs.render_clips(audio, ref, output, model=model, progress=not quiet, **common))
         return
     if face is None or speech is None:
         raise typer.BadParameter("give FACE and SPEECH (or --audio and --ref, or --batch)", param_hint="FACE SPEECH")
     emit(
-        pipeline.render_video(
+        jobs.render_video(
             face, speech, output, model=model or "hallo3", prompt=prompt, cache_dir=cache_dir,
             separate_vocals=separate_vocals, progress=not quiet, **common,
         )
@@ -315,10 +310,9 @@ def stitch_cmd(
     Example: hallo3 stitch clips.safetensors --audio speech.wav -o out.mp4
     """
     _setup(quiet)
-    from hallo3_cli.pipeline import stitch
+    from hallo3_cli.jobs import stitch
 
-    runtime = None if offload == "auto" else _runtime(offload)
-    emit(stitch(clips, output, audio=audio, device=device, progress=not quiet, runtime=runtime))
+    emit(stitch(clips, output, audio=audio, progress=not quiet, runtime=_runtime(device, offload=offload)))
 
 
 # --------------------------------------------------------------------------------------------

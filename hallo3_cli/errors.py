@@ -35,3 +35,13 @@ class ModelError(Hallo3Error):
     """Model weights are missing, incomplete or inconsistent."""
 
     exit_code = 5
+
+
+class UsageError(Hallo3Error):
+    """An invalid option value or combination (the CLI's usage errors)."""
+
+    exit_code = 2
+
+
+class NonFiniteError(Hallo3Error):
+    """A computation produced NaN or infinite values (nothing is written from them)."""

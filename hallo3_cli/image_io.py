@@ -254,3 +254,20 @@ def _resize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
     if tuple(pixels.shape[1:]) == size:
         return pixels  # torchvision returns the input untouched when the size already matches
     return F.interpolate(pixels[None], size=size, mode=mode, align_corners=False, antialias=True)[0]
+
+
+def write_preview(path: str | Path, framed: torch.Tensor, inside: torch.Tensor, box: list[int]) -> Path:
+    """The framed image with the face box drawn and the area outside the face mask dimmed (PNG)."""
+    from PIL import Image, ImageDraw
+
+    image = ((framed.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    inside = inside.numpy()
+    image = np.where(inside[..., None], image, (image * 0.45).astype(np.uint8))
+    picture = Image.fromarray(image)
+    draw = ImageDraw.Draw(picture)
+    draw.rectangle([box[0], box[1], max(box[0], box[2] - 1), max(box[1], box[3] - 1)], outline=(0, 255, 0), width=2)
+    from hallo3_cli import fsutil
+
+    with fsutil.atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+    return Path(path)

@@ -87,6 +87,12 @@ class Preset:
     def description(self) -> str:
         return str(self.table.get("description", ""))
 
+    def pipeline_config(self) -> dict[str, Any]:
+        """The ``Hallo3Pipeline`` configuration of this preset (geometry and the release's defaults)."""
+        return {"height": self.height, "width": self.width, "clip_length": self.clip_length,
+                "motion_frames": self.motion_frames, "fps": self.fps, "text_length": self.text_length,
+                "default_steps": self.steps, "default_guidance_scale": self.cfg, "default_prompt": self.default_prompt}
+
     def config(self, component: str) -> dict[str, Any]:
         """Architecture overrides of a random preset's component (empty for the release)."""
         return dict(self.table.get(component, {}))
@@ -211,20 +217,3 @@ def fill_random_(module, seed: int, std: float = 0.02) -> None:
             if leaf[-1] == "weight" and tensor.ndim == 1 and "norm" in name.lower():
                 values += 1.0
             tensor.copy_(values.to(tensor.dtype))
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` → cuda if available, then mps, else cpu; anything else is validated by torch."""
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise Hallo3Error(f"device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
-    return device

@@ -186,6 +186,43 @@ def _log_snr(alpha: torch.Tensor) -> torch.Tensor:
     return ((alpha_cumprod / (1 - alpha_cumprod)) ** 0.5).log()
 
 
+def dpm_solver_step(
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    old_x0: torch.Tensor | None,
+    i: int,
+    schedule: Schedule,
+    draw: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """One SDE-DPM-Solver++(2M) update from step ``i`` to ``i + 1`` (``i < num_steps - 1``), float32.
+
+    ``x0`` is the (guided) denoiser output at step ``i``, ``old_x0`` the previous step's (None at step 0:
+    first order). ``draw(like)`` returns one standard-normal tensor shaped like ``x``: step 0 draws one,
+    later steps two, the first discarded (see :func:`noise_draws`).
+    """
+    alphas = schedule.alphas
+    # Float32 (1,)-shaped scalars as in the official code. Step 0 has alpha = 0: log 0 = -inf gives
+    # h = inf, so the x multiplier is exactly 0 and the step 1 second-order term vanishes (SPEC §6).
+    a, a_next = alphas[i].reshape(1), alphas[i + 1].reshape(1)
+    lam, lam_next = _log_snr(a), _log_snr(a_next)
+    h = lam_next - lam
+    shape = [1] * x.ndim
+    mult_x = (((1 - a_next**2) / (1 - a**2)) ** 0.5 * (-h).exp()).to(x.device).reshape(shape)
+    mult_x0 = ((-2 * h).expm1() * a_next).to(x.device).reshape(shape)
+    mult_noise = ((1 - a_next**2) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5).to(x.device).reshape(shape)
+
+    if old_x0 is None:
+        return mult_x * x - mult_x0 * x0 + mult_noise * draw(x)
+    r = (lam - _log_snr(alphas[i - 1].reshape(1))) / h
+    mult_cur = (1 + 1 / (2 * r)).to(x.device).reshape(shape)
+    mult_old = (1 / (2 * r)).to(x.device).reshape(shape)
+    # The official code also builds a first-order candidate and throws it away; its noise
+    # draw is kept so that a generator stream matches the official draw order (SPEC §6).
+    draw(x)
+    x0_2m = mult_cur * x0 - mult_old * old_x0
+    return mult_x * x - mult_x0 * x0_2m + mult_noise * draw(x)
+
+
 def sample(
     denoise: Denoise,
     x: torch.Tensor,
@@ -206,33 +243,11 @@ def sample(
     if n < 1:
         raise ValueError("the schedule has no steps")
     draw = _noise_fn(noise)
-    alphas = schedule.alphas
     x = x.to(torch.float32)
     old_x0 = None
     for i in range(n - 1):
         x0 = denoise(x, float(schedule.timesteps[i]), schedule.denoiser_alphas[i]).to(torch.float32)
-
-        # Float32 (1,)-shaped scalars as in the official code. Step 0 has alpha = 0: log 0 = -inf gives
-        # h = inf, so the x multiplier is exactly 0 and the step 1 second-order term vanishes (SPEC §6).
-        a, a_next = alphas[i].reshape(1), alphas[i + 1].reshape(1)
-        lam, lam_next = _log_snr(a), _log_snr(a_next)
-        h = lam_next - lam
-        shape = [1] * x.ndim
-        mult_x = (((1 - a_next**2) / (1 - a**2)) ** 0.5 * (-h).exp()).to(x.device).reshape(shape)
-        mult_x0 = ((-2 * h).expm1() * a_next).to(x.device).reshape(shape)
-        mult_noise = ((1 - a_next**2) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5).to(x.device).reshape(shape)
-
-        if old_x0 is None:
-            x = mult_x * x - mult_x0 * x0 + mult_noise * _checked(draw, x)
-        else:
-            r = (lam - _log_snr(alphas[i - 1].reshape(1))) / h
-            mult_cur = (1 + 1 / (2 * r)).to(x.device).reshape(shape)
-            mult_old = (1 / (2 * r)).to(x.device).reshape(shape)
-            # The official code also builds a first-order candidate and throws it away; its noise
-            # draw is kept so that a generator stream matches the official draw order (SPEC §6).
-            _checked(draw, x)
-            x0_2m = mult_cur * x0 - mult_old * old_x0
-            x = mult_x * x - mult_x0 * x0_2m + mult_noise * _checked(draw, x)
+        x = dpm_solver_step(x, x0, old_x0, i, schedule, lambda like: _checked(draw, like))
         old_x0 = x0
         if callback is not None:
             callback(i, n)

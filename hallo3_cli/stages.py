@@ -159,7 +159,7 @@ REFERENCE = StageKind(
 )
 CLIP = StageKind(
     "hallo3.clip",
-    2,
+    3,  # 3: CFG on v instead of x0 (same maths, other rounding): clips of version 2 are never mixed in
     (TensorSpec("latents", 4),),
     {"index": int, "render_key": str},
     None,

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from hallo3_cli import audio, stages, vocals
+from hallo3_cli.jobs import embed_audio
+from hallo3_cli.loading import load_audio_encoder, load_feature_extractor
 from hallo3_cli.errors import InputError, ModelError, OutputError
 from hallo3_cli.presets import get_preset
 
@@ -52,8 +54,7 @@ def tiny_official(official_dir):
 
 @pytest.fixture(scope="module")
 def tiny_random():
-    encoder, settings_ = audio.load_audio_encoder("tiny-random", "cpu")
-    return encoder
+    return load_audio_encoder(get_preset("tiny-random"), "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +200,10 @@ def test_windowed_attention_stays_close_to_whole_file(tiny_random):
 
 
 def test_tiny_random_encoder_is_seeded_and_sized():
-    first, settings_ = audio.load_audio_encoder("tiny-random")
-    second, _ = audio.load_audio_encoder(get_preset("tiny-random"))
-    assert settings_ == {"sampling_rate": 16000, "do_normalize": True}
+    first = load_audio_encoder(get_preset("tiny-random"))
+    second = load_audio_encoder(get_preset("tiny-random"))
+    extractor = load_feature_extractor(get_preset("tiny-random"))
+    assert extractor.sampling_rate == 16000 and extractor.do_normalize
     assert first.config.hidden_size == 32 and first.config.num_hidden_layers == 2
     assert not first.training
     for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
@@ -212,30 +214,30 @@ def test_release_encoder_loads_from_the_model_home(tmp_path, monkeypatch, tiny_r
     monkeypatch.setenv("HALLO3_HOME", str(tmp_path))
     preset = get_preset("hallo3")
     with pytest.raises(ModelError, match="hallo3 download"):
-        audio.load_audio_encoder(preset)
+        load_audio_encoder(preset)
     folder = preset.component_dir("wav2vec")
     tiny_random.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({"sampling_rate": 16000, "do_normalize": True}))
     (folder / ".complete").touch()
-    model, settings_ = audio.load_audio_encoder(preset)
-    assert settings_["do_normalize"] is True
+    model = load_audio_encoder(preset)
+    assert load_feature_extractor(preset).do_normalize is True
     speech = speechlike(2.0)
     torch.testing.assert_close(
         audio.compute_features(speech, model)[0], audio.compute_features(speech, tiny_random)[0], atol=0, rtol=0
     )
     (folder / "preprocessor_config.json").write_text(json.dumps({"sampling_rate": 8000}))
     with pytest.raises(ModelError, match="8000 Hz"):
-        audio.load_audio_encoder(preset)
+        load_feature_extractor(preset)
 
 
 # ---------------------------------------------------------------------------------------------
 # the stage
 
 
-def test_embed_audio_file_writes_a_valid_stage(tmp_path, tiny_random):
+def test_embed_audio_writes_a_valid_stage(tmp_path, tiny_random):
     speech = tmp_path / "speech.wav"
     write_wav(speech, speechlike(3.0))
-    out = audio.embed_audio_file(speech, tmp_path / "speech.audio.safetensors", model="tiny-random", device="cpu", progress=False)
+    out = embed_audio(speech, tmp_path / "speech.audio.safetensors", model="tiny-random", device="cpu", progress=False)
     stage = stages.load_stage(out, stages.AUDIO, model="tiny-random")
     assert stage.meta["num_frames"] == 75 and stage.meta["fps"] == 25 and stage.meta["clip_length"] == 49
     assert stage.meta["sample_rate"] == 16000
@@ -250,14 +252,14 @@ def test_embed_audio_file_writes_a_valid_stage(tmp_path, tiny_random):
     assert torch.equal(stage["features"], expected)
 
 
-def test_embed_audio_file_checks_the_output_before_any_work(tmp_path):
+def test_embed_audio_checks_the_output_before_any_work(tmp_path):
     bad_speech = tmp_path / "bad.wav"
     bad_speech.write_text("not audio")
     with pytest.raises(OutputError):
-        audio.embed_audio_file(bad_speech, tmp_path / "no" / "x.safetensors", model="tiny-random", progress=False)
+        embed_audio(bad_speech, tmp_path / "no" / "x.safetensors", model="tiny-random", progress=False)
     out = tmp_path / "x.safetensors"
     with pytest.raises(InputError, match="not a readable audio file"):
-        audio.embed_audio_file(bad_speech, out, model="tiny-random", device="cpu", progress=False)
+        embed_audio(bad_speech, out, model="tiny-random", device="cpu", progress=False)
     assert list(tmp_path.iterdir()) == [bad_speech]  # no partial output
 
 
@@ -265,7 +267,7 @@ def test_separate_vocals_needs_release_weights(tmp_path, monkeypatch):
     speech = tmp_path / "speech.wav"
     write_wav(speech, speechlike(1.0))
     with pytest.raises(ModelError, match="hallo3"):
-        audio.embed_audio_file(speech, tmp_path / "o.safetensors", model="tiny-random", separate_vocals=True, progress=False)
+        embed_audio(speech, tmp_path / "o.safetensors", model="tiny-random", separate_vocals=True, progress=False)
     monkeypatch.setenv("HALLO3_HOME", str(tmp_path / "home"))
     with pytest.raises(ModelError, match="hallo3 download"):
         vocals.find_separator_model(get_preset("hallo3"))

@@ -266,8 +266,7 @@ def test_unknown_component_and_random_presets():
 def test_fetch_installs_loadable_components_and_a_second_run_does_nothing(hub, home, tiny_dits, monkeypatch):
     from transformers import T5EncoderModel
 
-    from hallo3_cli.audio import load_audio_encoder
-    from hallo3_cli.loading import load_reference, load_transformer, load_vae
+    from hallo3_cli.loading import load_audio_encoder, load_feature_extractor, load_reference, load_transformer, load_vae
 
     preset = get_preset(RELEASE)
     preset_dir = home / RELEASE
@@ -296,8 +295,8 @@ def test_fetch_installs_loadable_components_and_a_second_run_does_nothing(hub, h
         assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
     assert list(load_vae(preset).config.block_out_channels) == [8] * 4
     assert T5EncoderModel.from_pretrained(preset.require("text_encoder")).config.d_model == 16
-    encoder, settings = load_audio_encoder(preset)
-    assert encoder.config.hidden_size == 32 and settings["sampling_rate"] == 16000
+    encoder = load_audio_encoder(preset)
+    assert encoder.config.hidden_size == 32 and load_feature_extractor(preset).sampling_rate == 16000
     assert (preset.require("face_analysis") / "glintr100.onnx").is_file()
 
     fetched = list(hub.downloaded)
@@ -468,7 +467,7 @@ def official(tmp_path_factory, tiny_dits):
 
 
 def test_import_official_folder_without_network(official, home, tiny_dits, monkeypatch):
-    from hallo3_cli.loading import encode_prompt, load_reference, load_text_encoder, load_transformer
+    from hallo3_cli.loading import load_reference, load_text_encoder, load_tokenizer, load_transformer
 
     def no_network(*args, **kwargs):
         raise AssertionError("--from must not touch the network")
@@ -492,8 +491,8 @@ def test_import_official_folder_without_network(official, home, tiny_dits, monke
     for ours, loaded in zip(tiny_dits, (load_transformer(preset), load_reference(preset))):
         state = loaded.state_dict()
         assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
-    tokenizer, encoder = load_text_encoder(preset)
-    assert encode_prompt(tokenizer, encoder, "a person talking", max_length=8).shape == (8, 16)
+    tokenizer, encoder = load_tokenizer(preset), load_text_encoder(preset)
+    assert encoder(tokenizer("a person talking", return_tensors="pt").input_ids)[0].shape[-1] == 16
     assert sorted(p.name for p in preset.require("tokenizer").iterdir() if not p.name.startswith(".")) == sorted(
         p.name for p in (official / "t5-v1_1-xxl").iterdir() if p.name.startswith(("tokenizer", "special"))
     )

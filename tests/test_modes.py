@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hallo3_cli.errors import Hallo3Error
-from hallo3_cli.render import Runtime
+from hallo3_cli.runtime import Runtime
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +21,7 @@ FP8_TOLERANCE = 0.02  # × max|latent|; documented in the README (measured ~0.00
 
 @pytest.fixture(scope="module")
 def stage_files(media_dir, tmp_path_factory):
-    from hallo3_cli.audio import embed_audio_file
-    from hallo3_cli.pipeline import encode_reference
+    from hallo3_cli.jobs import embed_audio, encode_reference
 
     old = os.environ.get("HALLO3_PRESETS")
     os.environ["HALLO3_PRESETS"] = str(PRESETS)
@@ -32,7 +31,7 @@ def stage_files(media_dir, tmp_path_factory):
     with wave.open(str(root / "speech.wav"), "wb") as dst:
         dst.setparams(params)
         dst.writeframes(frames)
-    audio = embed_audio_file(root / "speech.wav", root / "a.safetensors", model=MODEL, progress=False)
+    audio = embed_audio(root / "speech.wav", root / "a.safetensors", model=MODEL, progress=False)
     ref = encode_reference(media_dir / "face_0001.jpg", root / "r.safetensors", model=MODEL)
     yield audio, ref, root
     if old is None:
@@ -42,7 +41,7 @@ def stage_files(media_dir, tmp_path_factory):
 
 
 def render_latents(stage_files, runtime: Runtime, name: str, steps: int | None = None) -> torch.Tensor:
-    from hallo3_cli.pipeline import render_clips
+    from hallo3_cli.jobs import render_clips
     from safetensors.torch import load_file
 
     audio, ref, root = stage_files

@@ -9,7 +9,10 @@ import torch
 
 from hallo3_cli import stages
 from hallo3_cli.errors import Hallo3Error
-from hallo3_cli.render import RenderSettings, _finished_parts, clip_audio, clip_generator, num_clips, render_key
+from hallo3_cli.jobs import RenderSettings, _finished_parts, render_key
+from hallo3_cli.pipeline_hallo3 import clip_audio, clip_generator, num_clips
+from hallo3_cli.presets import get_preset
+from hallo3_cli.runtime import Runtime
 
 
 def official_clip_audio(windowed: torch.Tensor, clips: int, clip_length=49, motion=2) -> list[torch.Tensor]:
@@ -52,11 +55,17 @@ def test_clip_generators_are_independent_and_reproducible():
     assert not torch.equal(draws[0], torch.randn(4, generator=clip_generator(8, 0)))
 
 
-def test_settings_are_validated():
-    with pytest.raises(Hallo3Error, match="at least 1"):
-        RenderSettings(steps=0)
-    with pytest.raises(Hallo3Error):
-        RenderSettings(steps=1001)
+def test_settings_are_validated_by_the_pipeline():
+    from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
+
+    check = Hallo3Pipeline.check_inputs
+    pipe = object.__new__(Hallo3Pipeline)  # check_inputs reads nothing but its arguments and the class
+    for steps, scale in ((0, 3.5), (1001, 3.5), (2.5, 3.5), (4, float("nan")), (4, float("inf")), (4, 1e9), (4, "x")):
+        with pytest.raises(Hallo3Error) as info:
+            check(pipe, steps, scale)
+        assert info.value.exit_code == 2
+    check(pipe, 1, 3.5)
+    check(pipe, 1000, -1.0)
 
 
 def _stage(kind, tensors, **meta):
@@ -65,17 +74,27 @@ def _stage(kind, tensors, **meta):
 
 
 def test_render_key_follows_everything_that_changes_the_frames():
+    preset, other = get_preset("tiny-random"), get_preset("tiny-random")
     audio = _stage(stages.AUDIO, {}, fps=25, num_frames=10, clip_length=49, sample_rate=16000)
     ref = _stage(stages.REFERENCE, {}, prompt="p", framing="pad", source_width=1, source_height=1, face_found=False)
-    base = render_key(audio, ref, RenderSettings(seed=1, steps=4), "w", torch.float32)
-    assert base == render_key(audio, ref, RenderSettings(seed=1, steps=4), "w", torch.float32)
-    assert base != render_key(audio, ref, RenderSettings(seed=2, steps=4), "w", torch.float32)
-    assert base != render_key(audio, ref, RenderSettings(seed=1, steps=5), "w", torch.float32)
-    assert base != render_key(audio, ref, RenderSettings(seed=1, steps=4, cfg=2.0), "w", torch.float32)
-    assert base != render_key(audio, ref, RenderSettings(seed=1, steps=4), "other", torch.float32)
-    assert base != render_key(audio, ref, RenderSettings(seed=1, steps=4), "w", torch.bfloat16)
+    fp32, bf16 = Runtime(device="cpu", dtype="float32"), Runtime(device="cpu", dtype="bfloat16")
+
+    def key(settings, runtime=fp32):
+        return render_key(audio, ref, settings, preset, runtime)
+
+    base = key(RenderSettings(seed=1, steps=4))
+    assert base == render_key(audio, ref, RenderSettings(seed=1, steps=4), other, fp32)
+    assert base == key(RenderSettings(seed=1, steps=4), Runtime(device="cpu", dtype="float32", offload="model"))
+    assert base != key(RenderSettings(seed=2, steps=4))
+    assert base != key(RenderSettings(seed=1, steps=5))
+    assert base != key(RenderSettings(seed=1, steps=4, cfg=2.0))
+    assert base != key(RenderSettings(seed=1, steps=4), bf16)
+    assert base != key(RenderSettings(seed=1, steps=4), Runtime(device="cpu", dtype="float32", vae_tiling=True))
+    audio.meta["weights"] = "other"
+    assert base != key(RenderSettings(seed=1, steps=4))
+    audio.meta["weights"] = "w"
     ref.meta["prompt"] = "q"
-    assert base != render_key(audio, ref, RenderSettings(seed=1, steps=4), "w", torch.float32)
+    assert base != key(RenderSettings(seed=1, steps=4))
 
 
 def test_resume_takes_only_the_leading_run_of_valid_parts(tmp_path):

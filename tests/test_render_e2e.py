@@ -70,7 +70,7 @@ def inputs(media_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_shot(inputs, tmp_path_factory):
-    from hallo3_cli.pipeline import render_video
+    from hallo3_cli.jobs import render_video
 
     root = tmp_path_factory.mktemp("one_shot")
     out = render_video(inputs["square_face"], inputs["two_clips"], root / "out.mp4", model=MODEL, seed=3,
@@ -121,10 +121,10 @@ def test_stage_path_gives_identical_frames(one_shot, inputs, tmp_path):
 
 
 def test_interrupted_render_resumes_identically(one_shot, inputs, tmp_path, monkeypatch):
-    from hallo3_cli import render
-    from hallo3_cli.pipeline import render_video
+    from hallo3_cli.jobs import render_video
+    from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
 
-    original = render.Renderer.denoise_clip
+    original = Hallo3Pipeline.denoise
     calls = []
 
     def interrupted(self, *args, **kwargs):
@@ -133,26 +133,26 @@ def test_interrupted_render_resumes_identically(one_shot, inputs, tmp_path, monk
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(render.Renderer, "denoise_clip", interrupted)
+    monkeypatch.setattr(Hallo3Pipeline, "denoise", interrupted)
     out = tmp_path / "out.mp4"
     with pytest.raises(KeyboardInterrupt):
         render_video(inputs["square_face"], inputs["two_clips"], out, model=MODEL, seed=3, cache_dir=tmp_path / "c", progress=False)
     assert not out.exists() and not list(tmp_path.glob(".out.mp4*"))  # nothing partial
     assert len(list((tmp_path / "c").glob("*.parts/clip_*.safetensors"))) == 1
 
-    monkeypatch.setattr(render.Renderer, "denoise_clip", original)
+    monkeypatch.setattr(Hallo3Pipeline, "denoise", original)
     render_video(inputs["square_face"], inputs["two_clips"], out, model=MODEL, seed=3, cache_dir=tmp_path / "c", progress=False)
     assert np.array_equal(read_video(out)[0], read_video(one_shot[0])[0])
 
 
 def test_same_render_again_only_decodes(one_shot, inputs, tmp_path, monkeypatch):
-    from hallo3_cli import render
-    from hallo3_cli.pipeline import render_video
+    from hallo3_cli.jobs import render_video
+    from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a cached render must not denoise again")
 
-    monkeypatch.setattr(render.Renderer, "denoise_clip", forbidden)
+    monkeypatch.setattr(Hallo3Pipeline, "denoise", forbidden)
     out = render_video(inputs["square_face"], inputs["two_clips"], tmp_path / "again.mp4", model=MODEL, seed=3,
                        cache_dir=one_shot[1], progress=False)
     assert np.array_equal(read_video(out)[0], read_video(one_shot[0])[0])
@@ -168,7 +168,7 @@ def test_batch_under_torchrun_shards_jobs_and_reports_failures(inputs, tmp_path)
     out_dir = tmp_path / "renders" / "videos"  # created by the batch (both ranks race to make it)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        ["torchrun", "--standalone", "--nproc-per-node", "2", "--no-python", sys.executable, "-m", "hallo3_cli",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python", sys.executable, "-m", "hallo3_cli",
          "render", "--batch", str(jobs), "--out-dir", str(out_dir), "--model", MODEL, "-q"],
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )
@@ -206,7 +206,7 @@ def test_concurrent_processes_share_one_cache(inputs, tmp_path):
 def test_bad_render_inputs_fail_cleanly(inputs, tmp_path, one_shot):
     """Bad inputs: one-line errors naming the file, nothing written."""
     from hallo3_cli.errors import InputError, StageFileError
-    from hallo3_cli.pipeline import render_clips, render_video
+    from hallo3_cli.jobs import render_clips, render_video
 
     text = tmp_path / "face.png"
     text.write_text("not an image\n")
@@ -235,7 +235,7 @@ def test_bad_render_inputs_fail_cleanly(inputs, tmp_path, one_shot):
 def test_batch_output_folder_that_cannot_be_made(tmp_path):
     """--out-dir is created when missing; one that cannot be made fails before any model loads."""
     from hallo3_cli.errors import OutputError
-    from hallo3_cli.pipeline import render_batch
+    from hallo3_cli.jobs import render_batch
 
     jobs = tmp_path / "jobs.txt"
     jobs.write_text("")

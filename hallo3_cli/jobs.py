@@ -1,0 +1,550 @@
+"""The commands' work on top of ``Hallo3Pipeline``: stage files, caching, resume, batches and sharding.
+
+Each public function is one command (``embed-audio``, ``encode-ref``, ``render`` in its three forms,
+``stitch``); the CLI only parses arguments and calls them::
+
+    from hallo3_cli.jobs import render_video
+    render_video("face.png", "speech.wav", "out.mp4", model="tiny-random")
+
+The pipelines built here load lazily (each network on first use; T5 and the reference network freed as
+soon as their outputs exist) and place every network as the :class:`~hallo3_cli.runtime.Runtime` says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hallo3_cli import fsutil, stages
+from hallo3_cli.errors import Hallo3Error, InputError, StageFileError
+from hallo3_cli.presets import Preset, get_preset
+from hallo3_cli.runtime import Runtime
+
+log = logging.getLogger("hallo3")
+
+#: The ``models.toml`` components each stage needs: checked (or fetched) before anything loads, and
+#: fingerprinted into the stage files it writes.
+STAGE_COMPONENTS = {
+    "embed-audio": ("wav2vec",),
+    "encode-ref": ("vae", "reference", "text_encoder", "tokenizer", "face_analysis"),
+    "render": ("transformer", "vae"),
+    "stitch": ("vae",),
+}
+#: Components of a random preset that are not generated networks (nothing to fingerprint).
+_NOT_GENERATED = ("tokenizer", "face_analysis")
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What a render depends on besides the stage files and the runtime."""
+
+    seed: int = 42
+    steps: int = 50
+    cfg: float = 3.5
+
+    @classmethod
+    def for_preset(cls, preset: Preset, seed: int = 42, steps: int | None = None, cfg: float | None = None) -> RenderSettings:
+        return cls(seed=seed, steps=preset.steps if steps is None else steps, cfg=preset.cfg if cfg is None else cfg)
+
+    def params(self, runtime: Runtime) -> dict:
+        """The stage-file ``params`` of a render with these settings."""
+        return {"seed": self.seed, "steps": self.steps, "cfg": self.cfg, "dtype": runtime.dtype, **runtime.affects_frames()}
+
+
+def fingerprint(preset: Preset, stage: str, extra: tuple[str, ...] = ()) -> str:
+    """The weights fingerprint written into (and checked against) a stage's files."""
+    components = STAGE_COMPONENTS[stage] + extra
+    if preset.is_random:
+        components = tuple(c for c in components if c not in _NOT_GENERATED)
+    return preset.fingerprint(*components)
+
+
+def require_weights(preset: Preset, stages_: tuple[str, ...], allow_download: bool = False, progress: bool = True,
+                    extra: tuple[str, ...] = ()) -> None:
+    """Fail (or, if allowed, download) before loading anything when a stage's weights are missing."""
+    from hallo3_cli.download import ensure_weights
+
+    needed = tuple(c for stage in stages_ for c in STAGE_COMPONENTS[stage]) + extra
+    ensure_weights(preset, needed, allow_download=allow_download, progress=progress)
+
+
+def _warn_random(preset: Preset) -> None:
+    if preset.is_random:
+        log.warning("model preset %r has RANDOM weights: its output is noise (for tests and trials only)", preset.name)
+
+
+def _pipeline(preset: Preset, runtime: Runtime | None, *, allow_download: bool = False, progress: bool = True):
+    from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
+
+    pipe = Hallo3Pipeline.from_preset(preset, runtime, lazy=True, allow_download=allow_download, progress=progress)
+    pipe.set_progress_bar_config(disable=True)  # jobs show their own clip/step progress
+    return pipe
+
+
+@contextlib.contextmanager
+def job_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (several processes on one cache folder wait in turn); the lock file is
+    removed when the job ends (filelock's soft cleanup: harmless if a killed process leaves one behind)."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), thread_local=False)
+    with lock:
+        yield
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# stage files <-> pipeline objects
+
+
+def audio_from_stage(stage: stages.Stage):
+    from hallo3_cli.pipeline_hallo3 import Hallo3Audio
+
+    return Hallo3Audio(stage["features"], stage.meta["num_frames"])
+
+
+def reference_from_stage(stage: stages.Stage):
+    from hallo3_cli.pipeline_hallo3 import Hallo3Reference
+
+    meta = stage.meta
+    return Hallo3Reference(
+        **{name: stage[name] for name in Hallo3Reference.TENSORS}, framing=meta["framing"],
+        source_width=meta["source_width"], source_height=meta["source_height"], face_found=meta["face_found"],
+        prompt=meta["prompt"],
+    )
+
+
+def check_stages(preset: Preset, audio: stages.Stage, reference: stages.Stage) -> None:
+    """The stage files of one render belong to ``preset`` and to each other."""
+    for stage in (audio, reference):
+        if stage.model != preset.name:
+            raise StageFileError(f"was made with model preset {stage.model!r}, not {preset.name!r}", stage.path)
+    if audio.meta["clip_length"] != preset.clip_length or audio.meta["fps"] != preset.fps:
+        raise StageFileError("was made for another clip length or frame rate", audio.path)
+    if tuple(reference["image"].shape[1:]) != (preset.height, preset.width):
+        raise StageFileError(
+            f"holds a {reference['image'].shape[2]}×{reference['image'].shape[1]} frame, "
+            f"the {preset.name} model renders {preset.width}×{preset.height}",
+            reference.path,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# embed-audio
+
+
+def embed_audio(speech: str | Path, output: str | Path, *, model: str | Preset = "hallo3", separate_vocals: bool = False,
+                device: str = "auto", progress: bool = True, pipe=None) -> Path:
+    """Decode ``speech``, optionally isolate the voice, compute the features and write an audio stage file."""
+    from hallo3_cli import vocals
+    from hallo3_cli.audio import CONTEXT_SECONDS, WINDOW_SECONDS
+    from hallo3_cli.audio_io import SAMPLE_RATE, load_audio, resample
+
+    output = fsutil.check_output_path(output)
+    speech = fsutil.require_file(speech)
+    preset = get_preset(model) if isinstance(model, str) else model
+    extra = ("audio_separator",) if separate_vocals else ()
+    separator_path = vocals.find_separator_model(preset) if separate_vocals else None
+    require_weights(preset, ("embed-audio",))
+    pipe = pipe or _pipeline(preset, Runtime(device=device))
+    if separator_path is not None:
+        mix = load_audio(speech, vocals.SEPARATOR_SAMPLE_RATE, mono=False)
+        voice = vocals.separate_vocals(mix, separator_path, progress=progress)
+        source = resample(voice.mean(axis=0), vocals.SEPARATOR_SAMPLE_RATE, SAMPLE_RATE)
+    else:
+        source = speech
+    features = pipe.encode_audio(source, progress=progress)
+    params = {
+        "fps": preset.fps, "clip_length": preset.clip_length, "sample_rate": SAMPLE_RATE,
+        "normalize": bool(pipe.component("feature_extractor").do_normalize), "separate_vocals": bool(separate_vocals),
+        "window_seconds": WINDOW_SECONDS, "context_seconds": CONTEXT_SECONDS,
+    }
+    meta = {
+        "model": preset.name, "weights": fingerprint(preset, "embed-audio", extra), "params": params,
+        "source_sha256": fsutil.sha256_file(speech), "fps": preset.fps, "num_frames": features.num_frames,
+        "clip_length": preset.clip_length, "sample_rate": SAMPLE_RATE,
+    }
+    return stages.save_stage(output, stages.AUDIO, {"features": features.features}, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# encode-ref
+
+
+def encode_reference(image: str | Path, output: str | Path, *, model: str | Preset = "hallo3", prompt: str | None = None,
+                     preview: str | Path | None = None, runtime: Runtime | None = None, pipe=None) -> Path:
+    """Portrait → reference stage file (face embedding and box, VAE latent, prompt, reference bank)."""
+    from hallo3_cli.image_io import write_preview
+
+    output = fsutil.check_output_path(output)
+    if preview is not None:
+        fsutil.check_output_path(preview)
+    image = fsutil.require_file(image)
+    preset = get_preset(model) if isinstance(model, str) else model
+    require_weights(preset, ("encode-ref",))
+    _warn_random(preset)
+    pipe = pipe or _pipeline(preset, runtime)
+    reference = pipe.encode_reference(image, prompt)
+    path = write_reference(reference, output, preset, pipe.placement.runtime, fsutil.sha256_file(image))
+    if preview is not None:
+        write_preview(preview, reference.image, reference.mask, reference.face_box.tolist())
+    return path
+
+
+def write_reference(reference, output: Path, preset: Preset, runtime: Runtime, source_sha256: str) -> Path:
+    params = {"height": preset.height, "width": preset.width, "reference_seed": 0, "dtype": runtime.dtype,
+              "weights_dtype": runtime.weights_dtype}
+    return stages.save_stage(
+        output,
+        stages.REFERENCE,
+        {name: getattr(reference, name) for name in reference.TENSORS},
+        {
+            "model": preset.name, "weights": fingerprint(preset, "encode-ref"), "params": params,
+            "source_sha256": source_sha256, "framing": reference.framing, "source_width": reference.source_width,
+            "source_height": reference.source_height, "face_found": reference.face_found, "prompt": reference.prompt,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# render: the resumable clip loop
+
+
+def render_key(audio: stages.Stage, reference: stages.Stage, settings: RenderSettings, preset: Preset, runtime: Runtime) -> str:
+    """Identifies a render: same key ⇔ same clips. Used to validate persisted clips on resume."""
+    payload = {
+        "audio": audio.meta["source_sha256"], "audio_params": audio.params, "audio_weights": audio.weights,
+        "reference": reference.meta["source_sha256"], "reference_params": reference.params,
+        "reference_weights": reference.weights, "prompt": reference.meta["prompt"],
+        "seed": settings.seed, "steps": settings.steps, "cfg": settings.cfg,
+        "model": audio.model, "weights": fingerprint(preset, "render"), "dtype": str(runtime.torch_dtype),
+        "clip_format": stages.CLIP.version, "runtime": runtime.affects_frames(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _part_name(index: int) -> str:
+    return f"clip_{index:05d}.safetensors"
+
+
+def _finished_parts(parts_dir: Path, key: str, total: int) -> list[stages.Stage]:
+    """The leading run of valid persisted clips of this render (a corrupt or foreign part ends it)."""
+    parts = []
+    for index in range(total):
+        path = parts_dir / _part_name(index)
+        if not path.exists():
+            break
+        try:
+            part = stages.load_stage(path, stages.CLIP)
+        except StageFileError:
+            break
+        if part.meta["render_key"] != key or part.meta["index"] != index:
+            break
+        parts.append(part)
+    return parts
+
+
+def render_parts(pipe, preset: Preset, audio: stages.Stage, reference: stages.Stage, settings: RenderSettings,
+                 parts_dir: Path, *, decode_resumed: bool, progress: bool = True, on_clip=None):
+    """Yield every clip in order (``Hallo3Clip``), rendering with ``pipe`` those not yet persisted in
+    ``parts_dir``; each fresh clip is persisted there as soon as it exists (the resume unit)."""
+    from hallo3_cli.pipeline_hallo3 import num_clips
+    from hallo3_cli.progress import Progress
+
+    check_stages(preset, audio, reference)
+    runtime = pipe.placement.runtime
+    key = render_key(audio, reference, settings, preset, runtime)
+    total = num_clips(audio.meta["num_frames"], preset.clip_length, preset.motion_frames)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    resumed = _finished_parts(parts_dir, key, total)
+    bar = Progress(progress, total, settings.steps, done=len(resumed))
+    meta = {"model": preset.name, "weights": fingerprint(preset, "render"), "params": settings.params(runtime),
+            "source_sha256": key, "render_key": key}
+    try:
+        clips = pipe.generate_clips(
+            audio_from_stage(audio), reference_from_stage(reference), seed=settings.seed,
+            num_inference_steps=settings.steps, guidance_scale=settings.cfg,
+            finished=[part["latents"] for part in resumed], decode_finished=decode_resumed,
+            callback_on_step_end=bar.step, callback_on_clip_start=bar.start_clip, progress=False,
+        )
+        for clip in clips:
+            if clip.index >= len(resumed):
+                stages.save_stage(parts_dir / _part_name(clip.index), stages.CLIP, {"latents": clip.latents},
+                                  {**meta, "index": clip.index})
+                bar.finish_clip()
+            yield clip
+    finally:
+        bar.close()
+
+
+def render_clips(audio: str | Path, reference: str | Path, output: str | Path, *, model: str | None = None,
+                 seed: int = 42, steps: int | None = None, cfg: float | None = None, runtime: Runtime | None = None,
+                 progress: bool = True, allow_download: bool = True, pipe=None) -> Path:
+    """Stage files → clips file (latents of every clip). Resumable: finished clips are kept in
+    ``<output>.parts/`` until the clips file is written."""
+    output = fsutil.check_output_path(output)
+    audio_stage = stages.load_stage(audio, stages.AUDIO, model=model)
+    reference_stage = stages.load_stage(reference, stages.REFERENCE, model=model or audio_stage.model)
+    preset = get_preset(audio_stage.model)
+    settings = RenderSettings.for_preset(preset, seed, steps, cfg)
+    require_weights(preset, ("render",), allow_download, progress)
+    _warn_random(preset)
+    pipe = pipe or _pipeline(preset, runtime, allow_download=allow_download, progress=progress)
+    parts = output.with_name(output.name + ".parts")
+    with job_lock(output.with_name(f".{output.name}.lock")):
+        latents = [clip.latents for clip in render_parts(pipe, preset, audio_stage, reference_stage, settings, parts,
+                                                         decode_resumed=False, progress=progress)]
+        stages.save_stage(
+            output,
+            stages.CLIPS,
+            {"latents": torch.stack(latents)},
+            {
+                "model": preset.name, "weights": fingerprint(preset, "render"),
+                "params": settings.params(pipe.placement.runtime),
+                "source_sha256": stages.source_digest(audio_stage.meta["source_sha256"], reference_stage.meta["source_sha256"]),
+                "num_frames": audio_stage.meta["num_frames"], "fps": preset.fps, "clip_length": preset.clip_length,
+                "motion_frames": preset.motion_frames, "framing": reference_stage.meta["framing"],
+                "height": preset.height, "width": preset.width,
+            },
+        )
+        shutil.rmtree(parts, ignore_errors=True)
+    return output
+
+
+# ---------------------------------------------------------------------------------------------
+# stitch
+
+
+def stitch(clips: str | Path, output: str | Path, *, audio: str | Path, runtime: Runtime | None = None,
+           progress: bool = True, pipe=None) -> Path:
+    """Clips file + the original speech → mp4 (H.264 + AAC, 25 fps), streaming clip by clip."""
+    from hallo3_cli.audio_io import audio_info
+    from hallo3_cli.image_io import crop_box_for_output
+    from hallo3_cli.progress import bar
+    from hallo3_cli.video_io import VideoWriter
+
+    output = fsutil.check_output_path(output)
+    clip_stage = stages.load_stage(clips, stages.CLIPS)
+    audio_info(audio)  # fail early, with the file named, on an unreadable recording
+    preset = get_preset(clip_stage.model)
+    require_weights(preset, ("stitch",))
+    meta = clip_stage.meta
+    if (meta["height"], meta["width"]) != (preset.height, preset.width):
+        raise StageFileError(f"holds {meta['width']}×{meta['height']} clips, the preset renders {preset.width}×{preset.height}", clips)
+    # decode as the render did: its dtype, and its tiling (tiling changes the frames)
+    runtime = runtime or Runtime()
+    runtime = dataclasses.replace(runtime, dtype=clip_stage.params.get("dtype", runtime.dtype),
+                                  vae_tiling=bool(clip_stage.params.get("vae_tiling", False)))
+    pipe = pipe or _pipeline(preset, runtime)
+    crop = crop_box_for_output(meta["framing"], meta["height"], meta["width"])
+    latents = clip_stage["latents"]
+    progress_bar = bar(progress, len(latents), "decode")
+    with VideoWriter(output, meta["width"], meta["height"], fps=meta["fps"], audio=audio, crop=crop) as writer:
+        remaining = meta["num_frames"]
+        for clip in latents:
+            frames = pipe.decode_latents(clip[None])[meta["motion_frames"]:]
+            writer.write(frames[:remaining])
+            remaining -= min(remaining, len(frames))
+            progress_bar.update()
+    progress_bar.close()
+    return output
+
+
+# ---------------------------------------------------------------------------------------------
+# one-shot render: face + speech → mp4, stage files cached
+
+
+def _short_hash(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _cached_stage(path: Path, kind, preset) -> stages.Stage | None:
+    """A valid cached stage file, or None (a stale or corrupt one is simply rebuilt)."""
+    if not path.exists():
+        return None
+    try:
+        return stages.load_stage(path, kind, model=preset.name)
+    except (StageFileError, InputError):
+        return None
+
+
+@dataclass
+class Job:
+    """One render job: a portrait, a speech recording, a prompt and where the video goes."""
+
+    image: Path
+    speech: Path
+    output: Path
+    prompt: str | None = None
+
+
+class VideoRenderer:
+    """Face + speech → mp4, with stage files cached in ``cache_dir``; one pipeline for many jobs."""
+
+    def __init__(self, model: str = "hallo3", *, seed: int = 42, steps: int | None = None, cfg: float | None = None,
+                 cache_dir: str | Path | None = None, separate_vocals: bool = False, progress: bool = True,
+                 allow_download: bool = True, runtime: Runtime | None = None):
+        self.preset = get_preset(model)
+        self.settings = RenderSettings.for_preset(self.preset, seed, steps, cfg)
+        extra = ("audio_separator",) if separate_vocals else ()
+        require_weights(self.preset, ("embed-audio", "encode-ref", "render"), allow_download, progress, extra)
+        self.pipe = _pipeline(self.preset, runtime, allow_download=allow_download, progress=progress)
+        self.runtime = self.pipe.placement.runtime
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.separate_vocals = separate_vocals
+        self.progress = progress
+        _warn_random(self.preset)
+
+    def cache_for(self, output: Path) -> Path:
+        return self.cache_dir if self.cache_dir is not None else output.parent / ".hallo3-cache"
+
+    def audio_stage(self, speech: Path, cache: Path) -> stages.Stage:
+        digest = fsutil.sha256_file(speech)
+        name = f"{_short_hash(digest, str(self.separate_vocals))}.{self.preset.name}.audio.safetensors"
+        path = cache / name
+        with job_lock(cache / f".{name}.lock"):
+            stage = _cached_stage(path, stages.AUDIO, self.preset)
+            if stage is None or stage.meta["source_sha256"] != digest:
+                log.info("embedding %s", speech)
+                embed_audio(speech, path, model=self.preset, separate_vocals=self.separate_vocals,
+                            progress=self.progress, pipe=self.pipe)
+                self.pipe.release("audio_encoder")
+                stage = stages.load_stage(path, stages.AUDIO, model=self.preset.name)
+        return stage
+
+    def reference_stage(self, image: Path, prompt: str | None, cache: Path) -> stages.Stage:
+        prompt = self.preset.default_prompt if prompt is None else prompt
+        digest = fsutil.sha256_file(image)
+        name = f"{_short_hash(digest, prompt, self.runtime.dtype, self.runtime.weights_dtype)}.{self.preset.name}.ref.safetensors"
+        path = cache / name
+        with job_lock(cache / f".{name}.lock"):
+            stage = _cached_stage(path, stages.REFERENCE, self.preset)
+            if stage is None or stage.meta["source_sha256"] != digest or stage.meta["prompt"] != prompt:
+                log.info("encoding %s", image)
+                encode_reference(image, path, model=self.preset, prompt=prompt, pipe=self.pipe)
+                stage = stages.load_stage(path, stages.REFERENCE, model=self.preset.name)
+        return stage
+
+    def render(self, job: Job, on_clip=None) -> Path:
+        """Render one job into ``job.output`` (an mp4). ``on_clip(clip)`` sees each clip as it is written."""
+        from hallo3_cli.audio_io import audio_info
+        from hallo3_cli.image_io import crop_box_for_output
+        from hallo3_cli.video_io import VideoWriter
+
+        output = fsutil.check_output_path(job.output)
+        fsutil.require_file(job.image)
+        fsutil.require_file(job.speech)
+        audio_info(job.speech)
+        cache = self.cache_for(output)
+        cache.mkdir(parents=True, exist_ok=True)
+        audio = self.audio_stage(job.speech, cache)
+        reference = self.reference_stage(job.image, job.prompt, cache)
+        preset, settings = self.preset, self.settings
+        key = render_key(audio, reference, settings, preset, self.runtime)
+        parts = cache / f"{key}.parts"
+        crop = crop_box_for_output(reference.meta["framing"], preset.height, preset.width)
+        with job_lock(cache / f".{key}.lock"):
+            with VideoWriter(output, preset.width, preset.height, fps=preset.fps, audio=job.speech, crop=crop) as writer:
+                remaining = audio.meta["num_frames"]
+                for clip in render_parts(self.pipe, preset, audio, reference, settings, parts, decode_resumed=True,
+                                         progress=self.progress):
+                    frames = clip.frames[preset.motion_frames:][:remaining]
+                    writer.write(frames)
+                    remaining -= len(frames)
+                    if on_clip is not None:
+                        on_clip(clip)
+        # The finished clips stay in the cache: the same render again only decodes them.
+        return output
+
+
+def render_video(image: str | Path, speech: str | Path, output: str | Path, *, model: str = "hallo3",
+                 prompt: str | None = None, **options) -> Path:
+    """Face + speech → mp4 in one call (see :class:`VideoRenderer` for the options)."""
+    fsutil.require_file(image)
+    fsutil.require_file(speech)
+    fsutil.check_output_path(output)  # fail on typos before fetching or loading any weights
+    return VideoRenderer(model, **options).render(Job(Path(image), Path(speech), Path(output), prompt))
+
+
+# ---------------------------------------------------------------------------------------------
+# batch
+
+
+def read_jobs(jobs_file: str | Path, out_dir: str | Path, seed: int) -> list[Job | Hallo3Error]:
+    """Parse ``prompt@@image@@audio`` lines (the official input format). Relative paths resolve against
+    the jobs file's folder. A malformed line becomes an error entry (reported, the others still run)."""
+    jobs_file = fsutil.require_file(jobs_file)
+    base = jobs_file.parent
+    out_dir = Path(out_dir)
+    jobs: list[Job | Hallo3Error] = []
+    for number, line in enumerate(jobs_file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split("@@")
+        if len(fields) != 3:
+            jobs.append(InputError(f"line {number}: expected 'prompt@@image@@audio'", jobs_file))
+            continue
+        prompt, image, speech = (field.strip() for field in fields)
+        image_path, speech_path = base / image, base / speech
+        name = f"{image_path.stem}-{speech_path.stem}-seed_{seed}.mp4"
+        jobs.append(Job(image_path, speech_path, out_dir / name, prompt or None))
+    return jobs
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """This process's share of ``items`` (round-robin by rank)."""
+    return items[rank::world_size]
+
+
+def render_batch(jobs_file: str | Path, out_dir: str | Path, *, model: str = "hallo3", seed: int = 42,
+                 **options) -> tuple[list[Path], list[str]]:
+    """Render every job of a jobs file (skipping finished outputs). Under ``torchrun`` the jobs are
+    shared by rank (``RANK``/``WORLD_SIZE``). Returns (written outputs, error messages)."""
+    out_dir = fsutil.ensure_output_folder(out_dir)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    jobs = shard(read_jobs(jobs_file, out_dir, seed), rank, world)
+    written, errors = [], []
+    renderer = None
+    for job in jobs:
+        if isinstance(job, Hallo3Error):
+            errors.append(str(job))
+            continue
+        if job.output.exists():
+            log.info("%s exists, skipping", job.output)
+            written.append(job.output)
+            continue
+        renderer = renderer or VideoRenderer(model, seed=seed, **options)  # missing weights stop the batch
+        try:
+            written.append(renderer.render(job))
+        except Hallo3Error as err:
+            errors.append(str(err))
+            log.error("%s", err)
+    if world > 1:
+        _wait_for_other_ranks()
+    return written, errors
+
+
+def _wait_for_other_ranks() -> None:
+    """Under torchrun a rank that exits non-zero gets its siblings killed: wait until all are done."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not os.environ.get("MASTER_ADDR"):
+        return
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+    dist.barrier()
+    dist.destroy_process_group()

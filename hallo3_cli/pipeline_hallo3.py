@@ -1,0 +1,730 @@
+"""``Hallo3Pipeline``: one portrait + one speech recording → a talking video of any length (diffusers).
+
+    import torch
+    from hallo3_cli import Hallo3Pipeline
+
+    pipe = Hallo3Pipeline.from_pretrained("tiny-random")           # a preset of models.toml, or a folder
+    out = pipe(image="face.jpg", audio="speech.wav", seed=7, output_type="np")
+    out.frames    # uint8 (num_frames, H, W, 3), trimmed to the speech, square portraits back to square
+    out.latents   # (num_clips, 13, 16, h, w)
+
+The named steps are the stages of the CLI (``hallo3 embed-audio``, ``encode-ref``, ``render``,
+``stitch``), which run them through :mod:`hallo3_cli.jobs`: :meth:`~Hallo3Pipeline.encode_audio`,
+:meth:`~Hallo3Pipeline.encode_reference` (face analysis, VAE latent, :meth:`~Hallo3Pipeline.encode_prompt`,
+the reference network's bank), :meth:`~Hallo3Pipeline.prepare_context`, then per clip
+:meth:`~Hallo3Pipeline.prepare_condition` → :meth:`~Hallo3Pipeline.denoise` (every step one
+:meth:`~Hallo3Pipeline.guided_velocity` call, the CFG batch) → :meth:`~Hallo3Pipeline.decode_latents`,
+chained by :meth:`~Hallo3Pipeline.generate_clips` (SPEC §7) and ``__call__``.
+
+Randomness (SPEC §7, "Randomness"): each clip draws everything (motion-frame pixel mask, VAE posterior
+sample, initial noise, sampler noise) from its own CPU generator seeded from ``(seed, clip index)``, in
+the official order. A clip depends only on the inputs, the settings and the previous clip's motion frames,
+so a render can resume from persisted clips with identical frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from hallo3_cli import sampler
+from hallo3_cli.errors import Hallo3Error, NonFiniteError, UsageError
+
+log = logging.getLogger("hallo3")
+
+MASK_RATE = 0.1  # share of motion-frame pixels zeroed (SPEC §7.3)
+REFERENCE_SEED = 0  # the VAE posterior sample of the reference latent (the official code samples too)
+AUDIO_WINDOW = 5  # frames of audio context per video frame (SPEC §5.5)
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+
+
+# ---------------------------------------------------------------------------------------------
+# the video loop's pieces (SPEC §7)
+
+
+def clip_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator of clip ``index`` (same stream on every device)."""
+    digest = hashlib.sha256(f"hallo3:{seed}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def num_clips(num_frames: int, clip_length: int, motion_frames: int) -> int:
+    """Clips needed to cover ``num_frames`` video frames (SPEC §7.2).
+
+    The official code renders ``ceil(padded / 47)`` clips and trims the video afterwards; clips past
+    the unpadded length only produce frames that are cut, so they are not rendered.
+    """
+    return math.ceil(num_frames / (clip_length - motion_frames))
+
+
+def clip_audio(features: torch.Tensor, index: int, clip_length: int, motion_frames: int, window: int = AUDIO_WINDOW) -> torch.Tensor:
+    """Windowed audio of clip ``index``: ``(clip_length, window, layers, channels)`` (SPEC §7.4).
+
+    A 2-frame prefix (zeros for clip 0, else the two frames before the clip's new frames), the
+    clip's new frames, then the last frame repeated up to ``clip_length``.
+    """
+    from hallo3_cli.audio import window_features
+
+    new = clip_length - motion_frames
+    start = index * new
+    stop = min(start + new, features.shape[0])
+    body = window_features(features, start, stop, window)
+    if index == 0:
+        prefix = torch.zeros_like(body[:1]).expand(motion_frames, *body.shape[1:])
+    else:
+        prefix = window_features(features, start - motion_frames, start, window)
+    audio = torch.cat([prefix, body])
+    if audio.shape[0] < clip_length:
+        audio = torch.cat([audio, audio[-1:].expand(clip_length - audio.shape[0], *audio.shape[1:])])
+    return audio
+
+
+# ---------------------------------------------------------------------------------------------
+# what the stages produce
+
+
+@dataclass
+class Hallo3Audio:
+    """Speech features: ``features`` (frames padded to whole clips, layers, channels) float32 CPU, not
+    windowed; ``num_frames`` video frames of the speech itself."""
+
+    features: torch.Tensor
+    num_frames: int
+
+
+@dataclass
+class Hallo3Reference:
+    """The identity of one portrait (= the tensors and metadata of a reference stage file).
+
+    ``image`` (3, H, W) framed, in [-1, 1]; ``ref_latent`` (16, h, w) VAE latent of the face-masked image
+    ×scale; ``face_embedding`` (512,); ``face_box`` (4,) int32 in the framed image; ``prompt_embeds``
+    (text tokens, width); ``ref_bank`` (layers, tokens, width); ``framing`` ``pad`` (square source) or ``crop``.
+    """
+
+    image: torch.Tensor
+    ref_latent: torch.Tensor
+    face_embedding: torch.Tensor
+    face_box: torch.Tensor
+    prompt_embeds: torch.Tensor
+    ref_bank: torch.Tensor
+    framing: str
+    source_width: int
+    source_height: int
+    face_found: bool
+    prompt: str
+    mask: torch.Tensor | None = None  # (H, W) bool, inside the face mask (for previews)
+
+    TENSORS = ("image", "ref_latent", "face_embedding", "face_box", "prompt_embeds", "ref_bank")
+
+
+@dataclass
+class Hallo3Clip:
+    """A finished clip: its latents ``(latent_frames, 16, h, w)`` and (when decoded) its frames in
+    [-1, 1] ``(clip_length, 3, H, W)``."""
+
+    index: int
+    num_clips: int
+    latents: torch.Tensor
+    frames: torch.Tensor | None
+
+
+@dataclass
+class Hallo3PipelineOutput(BaseOutput):
+    """``frames``: the video (``np``: uint8 (num_frames, H, W, 3); ``pil``: list of images; ``pt``: float
+    (num_frames, 3, H, W) in [0, 1]; ``latent``: None), trimmed to the speech and cropped back to a square
+    for square portraits. ``latents``: every clip's latents ``(num_clips, latent_frames, 16, h, w)``."""
+
+    frames: Any
+    latents: torch.Tensor
+    fps: int
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Hallo3Pipeline(DiffusionPipeline):
+    r"""Hallo3 (CVPR 2025) audio-driven portrait animation on diffusers' CogVideoX.
+
+    Components: ``transformer`` (:class:`~hallo3_cli.models.Hallo3Transformer3DModel`), ``reference_net``
+    (:class:`~hallo3_cli.models.Hallo3ReferenceNet`), ``vae`` (``AutoencoderKLCogVideoX``), ``text_encoder``
+    + ``tokenizer`` (T5), ``audio_encoder`` (``Wav2Vec2Model``) + ``feature_extractor``, ``scheduler``
+    (:class:`~hallo3_cli.scheduling_hallo3.Hallo3DPMSolverSDEScheduler` = the release's sampler), and the
+    optional, non-module ``face_analyzer`` (SCRFD + ArcFace on onnxruntime; None: no face detection, a zero
+    face embedding and the whole image as the face region).
+    """
+
+    model_cpu_offload_seq = "text_encoder->reference_net->audio_encoder->transformer->vae"
+    _optional_components = ["reference_net", "text_encoder", "tokenizer", "audio_encoder", "feature_extractor"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer,
+        vae,
+        scheduler,
+        reference_net=None,
+        text_encoder=None,
+        tokenizer=None,
+        audio_encoder=None,
+        feature_extractor=None,
+        face_analyzer=None,
+        height: int = 480,
+        width: int = 720,
+        clip_length: int = 49,
+        motion_frames: int = 2,
+        fps: int = 25,
+        text_length: int = 226,
+        default_steps: int = 50,
+        default_guidance_scale: float = 3.5,
+        default_prompt: str = "A person is talking to the camera with natural facial expressions and head movements.",
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, vae=vae, scheduler=scheduler, reference_net=reference_net,
+            text_encoder=text_encoder, tokenizer=tokenizer, audio_encoder=audio_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self.register_to_config(height=height, width=width, clip_length=clip_length, motion_frames=motion_frames,
+                                fps=fps, text_length=text_length, default_steps=default_steps,
+                                default_guidance_scale=default_guidance_scale, default_prompt=default_prompt)
+        self.face_analyzer = face_analyzer
+        self.placement = None  # a runtime.Placement when built from a preset (see from_preset)
+        self._loader: Callable[[str], Any] | None = None  # loads a missing component on first use
+        self._one_shot: set[str] = set()  # components freed right after their stage (lazy pipelines)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> Hallo3Pipeline:
+        """A preset name from ``models.toml`` (``hallo3``, ``tiny-random``, ...) or a folder with a
+        ``model_index.json`` (what ``hallo3 download`` leaves, or ``save_pretrained`` writes). ``torch_dtype``
+        and ``device`` (or the other :class:`~hallo3_cli.runtime.Runtime` fields) are accepted for presets."""
+        name = str(pretrained_model_name_or_path)
+        path = Path(name).expanduser()
+        if (path / "model_index.json").is_file():
+            face = kwargs.pop("face_analyzer", None)
+            pipe = super().from_pretrained(str(path), **kwargs)
+            if face is None and (path / "face_analysis").is_dir():
+                from hallo3_cli.face import FaceAnalyzer
+
+                face = FaceAnalyzer.from_dir(path / "face_analysis")
+            pipe.face_analyzer = face
+            return pipe
+        from hallo3_cli.presets import get_preset, preset_names
+
+        if name not in preset_names():
+            raise UsageError(f"{name!r} is neither a model preset ({', '.join(preset_names())}) "
+                             "nor a folder with a model_index.json")
+        from hallo3_cli.runtime import Runtime
+
+        dtype = kwargs.pop("torch_dtype", None)
+        runtime = kwargs.pop("runtime", None) or Runtime(
+            device=str(kwargs.pop("device", "auto")),
+            dtype="auto" if dtype is None else str(dtype).removeprefix("torch."),
+        )
+        if kwargs:
+            raise TypeError(f"unexpected arguments for a preset: {', '.join(kwargs)}")
+        return cls.from_preset(get_preset(name), runtime)
+
+    @classmethod
+    def from_preset(cls, preset, runtime=None, *, lazy: bool = False, allow_download: bool = False,
+                    progress: bool = True) -> Hallo3Pipeline:
+        """Build from a :class:`~hallo3_cli.presets.Preset` with a :class:`~hallo3_cli.runtime.Runtime`.
+
+        ``lazy``: load each component on first use and free T5 and the reference network as soon as their
+        outputs exist (the CLI's frugal mode: they are needed once per portrait)."""
+        from hallo3_cli.loading import ComponentLoader
+        from hallo3_cli.runtime import Runtime
+
+        runtime = (runtime or Runtime()).resolved(preset)
+        loader = ComponentLoader(preset, runtime, allow_download=allow_download, progress=progress)
+        if runtime.reason and runtime.device.startswith("cuda"):
+            log.info("memory mode: %s", runtime.reason)
+        eager = () if lazy else ("transformer", "vae", "reference_net", "text_encoder", "tokenizer",
+                                 "audio_encoder", "feature_extractor", "face_analyzer")
+        pipe = cls(
+            transformer=loader("transformer") if "transformer" in eager else None,
+            vae=loader("vae") if "vae" in eager else None,
+            scheduler=loader("scheduler"),
+            **{name: loader(name) for name in eager if name not in ("transformer", "vae")},
+            **preset.pipeline_config(),
+        )
+        pipe.placement = loader.placement
+        pipe._loader = loader
+        pipe._face_loaded = not lazy
+        pipe._one_shot = {"text_encoder", "reference_net"} if lazy else set()
+        return pipe
+
+    def component(self, name: str):
+        """A component, loaded first if this pipeline loads lazily and it is not there yet."""
+        if name == "face_analyzer":
+            if not getattr(self, "_face_loaded", True) and self._loader is not None:
+                self.face_analyzer = self._loader("face_analyzer")
+                self._face_loaded = True
+            return self.face_analyzer
+        module = getattr(self, name, None)
+        if module is None and self._loader is not None:
+            module = self._loader(name)
+            self.register_modules(**{name: module})
+        if module is None:
+            raise Hallo3Error(f"this pipeline has no {name}; load it with from_pretrained or pass it in")
+        return module
+
+    def release(self, *names: str) -> None:
+        """Free components for good (only those this pipeline can load again)."""
+        for name in names:
+            module = getattr(self, name, None)
+            if module is None or self._loader is None:
+                continue
+            self.register_modules(**{name: None})
+            if self.placement is not None and isinstance(module, torch.nn.Module):
+                self.placement.forget(module)
+            del module
+
+    def _done(self, *modules) -> None:
+        if self.placement is not None:
+            for module in modules:
+                self.placement.done_with(module)
+
+    def _release_one_shot(self, name: str) -> None:
+        if name in self._one_shot:
+            self.release(name)
+
+    @property
+    def execution_device(self) -> torch.device:
+        if self.placement is not None:
+            return torch.device(self.placement.device)
+        return self._execution_device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self.placement is not None:
+            return self.placement.dtype
+        return self.component("transformer").dtype
+
+    # -- geometry (the pipeline's config: known before any network loads) -----------------------
+    @property
+    def height(self) -> int:
+        return self.config.height
+
+    @property
+    def width(self) -> int:
+        return self.config.width
+
+    @property
+    def clip_length(self) -> int:
+        return self.config.clip_length
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.clip_length - 1) // 4 + 1
+
+    @property
+    def text_length(self) -> int:
+        return self.config.text_length
+
+    @property
+    def vae_scale(self) -> float:
+        return float(self.component("vae").config.scaling_factor)
+
+    # -- memory helpers -------------------------------------------------------------------------
+    def enable_vae_tiling(self) -> None:
+        self.component("vae").enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.component("vae").disable_tiling()
+
+    # -- stage: audio ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_audio(self, audio: str | os.PathLike | np.ndarray, *, progress: bool = False) -> Hallo3Audio:
+        """Speech (a file any FFmpeg build decodes, or 16 kHz mono float samples) → wav2vec features per
+        video frame (SPEC §5 steps 2–4; long recordings in bounded memory, see :mod:`hallo3_cli.audio`)."""
+        from hallo3_cli.audio import compute_features
+        from hallo3_cli.audio_io import load_audio
+
+        extractor = self.component("feature_extractor")
+        rate = int(extractor.sampling_rate)
+        waveform = audio if isinstance(audio, np.ndarray) else load_audio(audio, rate)
+        features, num_frames = compute_features(
+            waveform, self.component("audio_encoder"), fps=self.config.fps, clip_length=self.clip_length,
+            normalize=bool(extractor.do_normalize), progress=progress,
+        )
+        return Hallo3Audio(features.float().contiguous(), num_frames)
+
+    # -- stage: reference -----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """T5 prompt embedding ``(text tokens, width)`` in the compute dtype, on the CPU: padded to the
+        DiT's text length, no attention mask (the official conditioner and diffusers' CogVideoX pipeline
+        both let padding tokens through)."""
+        import zlib
+
+        tokenizer, encoder = self.component("tokenizer"), self.component("text_encoder")
+        hashed = getattr(tokenizer, "init_kwargs", {}).get("hallo3_hash_words")
+        if hashed:  # the tiny-random tokenizer: words hashed into its vocabulary (see loading.tiny_tokenizer)
+            prompt = " ".join(f"w{3 + zlib.crc32(word.encode()) % (hashed - 3)}" for word in prompt.lower().split())
+        ids = tokenizer(prompt, padding="max_length", max_length=self.text_length, truncation=True,
+                        add_special_tokens=True, return_tensors="pt").input_ids
+        embeds = encoder(ids.to(self.execution_device))[0][0].to(self.compute_dtype)
+        self._done(encoder)
+        return embeds.cpu()
+
+    @torch.no_grad()
+    def encode_reference_latent(self, masked: torch.Tensor) -> torch.Tensor:
+        """The framed face-masked image ``(3, H, W)`` in [-1, 1] → its VAE latent ``(1, 1, 16, h, w)`` ×scale."""
+        vae = self.component("vae")
+        posterior = vae.encode(masked[None, :, None].to(self.execution_device, self.compute_dtype)).latent_dist
+        latent = posterior.sample(generator=torch.Generator().manual_seed(REFERENCE_SEED)) * self.vae_scale
+        self._done(vae)
+        return latent.permute(0, 2, 1, 3, 4)
+
+    @torch.no_grad()
+    def reference_features(self, ref_latent: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The reference network's per-layer bank ``(layers, tokens, width)`` (SPEC §3): unconditional
+        (zero text), timestep 0."""
+        network = self.component("reference_net")
+        uncond = torch.zeros(1, *prompt_embeds.shape, device=self.execution_device, dtype=self.compute_dtype)
+        bank = torch.stack([entry[0] for entry in network(hidden_states=ref_latent, encoder_hidden_states=uncond)])
+        self._done(network)
+        return bank
+
+    @torch.no_grad()
+    def encode_reference(self, image, prompt: str | None = None) -> Hallo3Reference:
+        """Portrait (path, PIL image or uint8 RGB array) → its identity: face analysis on the original image
+        (as the official code), the face-masked image and the image framed to the model's size (SPEC §7.1),
+        the masked image's VAE latent, the prompt embedding, and the reference network's bank."""
+        from PIL import Image
+
+        from hallo3_cli.face import FaceResult, face_mask
+        from hallo3_cli.image_io import frame_box, frame_image, load_image
+
+        prompt = self.config.default_prompt if prompt is None else prompt
+        label = f"{image}: " if isinstance(image, (str, os.PathLike)) else ""
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        rgb = np.array(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+        height, width = rgb.shape[:2]
+        analyzer = self.component("face_analyzer")
+        face = analyzer.analyze(rgb) if analyzer is not None else FaceResult.no_face(height, width)
+        if not face.found:
+            why = "the model has no face models" if analyzer is None else "no face was detected"
+            log.warning("%s%s; using a zero face embedding and the whole image as the face region", label, why)
+
+        pixels = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
+        mask = torch.from_numpy(face_mask(face.box, height, width))
+        framed, framing = frame_image(pixels, self.height, self.width)
+        framed_ref, _ = frame_image(pixels * mask, self.height, self.width)
+        ref_latent = self.encode_reference_latent(framed_ref)
+        prompt_embeds = self.encode_prompt(prompt)
+        self._release_one_shot("text_encoder")  # T5-XXL is not needed again: free it before the reference DiT loads
+        bank = self.reference_features(ref_latent, prompt_embeds.to(self.execution_device))
+        self._release_one_shot("reference_net")
+
+        box = frame_box(tuple(float(v) for v in face.box), width, height, self.height, self.width)
+        box = torch.tensor([int(np.floor(box[0])), int(np.floor(box[1])), int(np.ceil(box[2])), int(np.ceil(box[3]))],
+                           dtype=torch.int32)
+        framed_mask, _ = frame_image(mask.expand(3, -1, -1), self.height, self.width)
+        return Hallo3Reference(
+            image=framed, ref_latent=ref_latent[0, 0].float().cpu(),
+            face_embedding=torch.from_numpy(np.asarray(face.embedding, np.float32)), face_box=box,
+            prompt_embeds=prompt_embeds, ref_bank=bank.cpu(), framing=framing, source_width=width,
+            source_height=height, face_found=bool(face.found), prompt=prompt, mask=framed_mask[0] > 0,
+        )
+
+    # -- stage: clips ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare_context(self, reference: Hallo3Reference) -> dict:
+        """What every clip of a render shares, on the device: the CFG text pair (uncond = zeros, SPEC §6),
+        the face tokens (the face is NOT dropped for the unconditional half), the unconditional audio
+        tokens (zero audio, SPEC §5.6; projected once per render) and the reference bank."""
+        model = self.component("transformer")
+        device, dtype = self.execution_device, self.compute_dtype
+        text = reference.prompt_embeds.to(device, dtype)[None]
+        face = reference.face_embedding.to(device, dtype)[None]
+        config = model.config
+        silence = torch.zeros(1, self.clip_length, config.audio_window, config.audio_layers, config.audio_channels,
+                              device=device, dtype=dtype)
+        face_tokens = model.project_face(torch.cat([face, face]))
+        uncond_audio = model.project_audio(silence)
+        bank = reference.ref_bank.to(device, dtype)
+        return {
+            "text": torch.cat([torch.zeros_like(text), text]),
+            "face": face_tokens,
+            "uncond_audio": uncond_audio,
+            "bank": [entry[None] for entry in bank],
+        }
+
+    @torch.no_grad()
+    def prepare_condition(self, image: torch.Tensor, motion: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """VAE latent of ``[image, m(motion_1), m(motion_2)]`` ×scale, zero-padded to the clip's latent frames
+        (SPEC §7.3); ``m`` zeroes one random pixel mask shared by both motion frames."""
+        _, height, width = image.shape
+        keep = (torch.rand(height, width, generator=generator) > MASK_RATE).to(motion.dtype)
+        frames = torch.cat([image[None], motion * keep]).to(self.execution_device, self.compute_dtype)  # (3, 3, H, W)
+        vae = self.component("vae")
+        posterior = vae.encode(frames.permute(1, 0, 2, 3)[None]).latent_dist
+        latent = posterior.sample(generator=generator) * self.vae_scale  # (1, 16, 1, h, w)
+        self._done(vae)
+        latent = latent.permute(0, 2, 1, 3, 4)
+        pad = torch.zeros(1, self.latent_frames - 1, *latent.shape[2:], device=latent.device, dtype=latent.dtype)
+        return torch.cat([latent, pad], dim=1)
+
+    def prepare_latents(self, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The initial noise ``(1, latent_frames, 16, h, w)`` float32 on the CPU (the sampler's state lives
+        there, drawn from the clip's generator)."""
+        shape = (1, condition.shape[1], 16, *condition.shape[3:])
+        return sampler.initial_noise(shape, generator) * self.scheduler.init_noise_sigma
+
+    @torch.no_grad()
+    def project_audio(self, audio: torch.Tensor, context: dict) -> torch.Tensor:
+        """A clip's windowed audio ``(1, clip_length, window, layers, channels)`` → the CFG pair of audio tokens
+        (once per clip, outside the step loop)."""
+        model = self.component("transformer")
+        return torch.cat([context["uncond_audio"], model.project_audio(audio.to(self.execution_device, self.compute_dtype))])
+
+    @torch.no_grad()
+    def guided_velocity(self, latents: torch.Tensor, timestep, condition: torch.Tensor, audio_tokens: torch.Tensor,
+                        context: dict, guidance_scale: float) -> torch.Tensor:
+        """THE denoiser call: the unconditional and conditional halves as one batch through the DiT, combined
+        with classifier-free guidance. Returns the guided v-prediction, float32, on the latents' device.
+
+        The release guides on x0 (SPEC §6); x0 is affine in v for a given state and alpha, so guiding v is the
+        same maths and lets any diffusers scheduler consume it."""
+        model = self.component("transformer")
+        pair = torch.cat([latents, latents]).to(self.execution_device, self.compute_dtype)
+        cond = torch.cat([condition, condition])
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(1).expand(2).to(self.execution_device)
+        with self._cache_context(model):
+            v = model(
+                hidden_states=torch.cat([pair, cond], dim=2),
+                encoder_hidden_states=context["text"],
+                timestep=t,
+                audio_tokens=audio_tokens,
+                face_tokens=context["face"],
+                ref_states=context["bank"],
+                return_dict=False,
+            )[0].float().to(latents.device)
+        return sampler.cfg(v[:1], v[1:], guidance_scale)
+
+    def _cache_context(self, model):
+        if not getattr(model, "is_cache_enabled", False):
+            return contextlib.nullcontext()
+        return model.cache_context("cfg")  # one cache state: the CFG halves run as one batch
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        condition: torch.Tensor,
+        audio: torch.Tensor,
+        context: dict,
+        generator: torch.Generator,
+        num_inference_steps: int,
+        guidance_scale: float,
+        *,
+        clip_index: int = 0,
+        latents: torch.Tensor | None = None,
+        noise: Sequence | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        progress_bar=None,
+    ) -> torch.Tensor:
+        """Sample one clip's latents ``(1, latent_frames, 16, h, w)`` float32 with the pipeline's scheduler.
+
+        ``latents``: the initial noise (default: drawn from ``generator``). ``noise``: per-step noise to replay
+        (one entry per step, each a tensor or a sequence in draw order, handed to the scheduler as
+        ``variance_noise``), e.g. a recorded official run. ``callback_on_step_end(pipe, step, timestep,
+        callback_kwargs)`` as in diffusers; it may return replaced ``latents``. A non-finite state stops
+        with :class:`~hallo3_cli.errors.NonFiniteError` naming the clip and step."""
+        import inspect
+
+        model = self.component("transformer")
+        scheduler = self.scheduler
+        audio_tokens = self.project_audio(audio, context)
+        scheduler.set_timesteps(num_inference_steps)
+        timesteps = scheduler.timesteps
+        x = self.prepare_latents(condition, generator) if latents is None else latents.to(torch.float32)
+        accepts = set(inspect.signature(scheduler.step).parameters)
+        if getattr(model, "is_cache_enabled", False):
+            model._reset_stateful_cache()  # every clip starts from pure noise: no carry-over between clips
+        for i, t in enumerate(timesteps):
+            velocity = self.guided_velocity(scheduler.scale_model_input(x, t), t, condition, audio_tokens, context, guidance_scale)
+            extra = {}
+            if "generator" in accepts:
+                extra["generator"] = generator
+            if noise is not None:
+                extra["variance_noise"] = noise[i]
+            x = scheduler.step(velocity, t, x, **extra, return_dict=False)[0]
+            if not torch.isfinite(x).all():
+                raise NonFiniteError(f"clip {clip_index + 1}: the latents became NaN or infinite at step {i + 1}/"
+                                     f"{len(timesteps)} (check --cfg and the input stage files)")
+            if callback_on_step_end is not None:
+                local = {"latents": x}
+                outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}) or {}
+                x = outputs.get("latents", x)
+            if progress_bar is not None:
+                progress_bar.update()
+        self._done(model)
+        return x
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``(1, latent_frames, 16, h, w)`` → frames ``(clip_length, 3, H, W)`` in [-1, 1].
+
+        Clamped as the official code does (to [0, 1] after ``(x + 1) / 2``), so the last two frames are
+        exactly the motion frames of the next clip (SPEC §7.5)."""
+        vae = self.component("vae")
+        z = (latents.to(self.execution_device, self.compute_dtype) / self.vae_scale).permute(0, 2, 1, 3, 4)
+        video = vae.decode(z).sample[0].permute(1, 0, 2, 3).float()
+        self._done(vae)
+        return ((video + 1) / 2).clamp(0, 1) * 2 - 1
+
+    def check_inputs(self, num_inference_steps, guidance_scale, output_type="np", callback_on_step_end_tensor_inputs=("latents",)):
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or not 1 <= num_inference_steps <= 1000:
+            raise UsageError(f"num_inference_steps must be a whole number from 1 to 1000, got {num_inference_steps!r}")
+        try:
+            scale = float(guidance_scale)
+        except (TypeError, ValueError):
+            raise UsageError(f"guidance_scale must be a number, got {guidance_scale!r}") from None
+        if not math.isfinite(scale) or not -100 <= scale <= 100:
+            raise UsageError(f"guidance_scale must be a finite number between -100 and 100, got {guidance_scale!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise UsageError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise UsageError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, got {sorted(unknown)}")
+
+    def generate_clips(
+        self,
+        audio: Hallo3Audio,
+        reference: Hallo3Reference,
+        *,
+        seed: int = 42,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        finished: Sequence[torch.Tensor] = (),
+        decode_finished: bool = False,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback_on_clip_start: Callable | None = None,
+        progress: bool = True,
+    ) -> Iterator[Hallo3Clip]:
+        """Every clip of the video in order (SPEC §7), as it is finished.
+
+        ``finished``: latents of clips already rendered (a resume): they are yielded first (decoded only if
+        ``decode_finished``; the last one always, since its frames seed the next clip). Fresh clips come
+        with their frames (the decode is needed for the motion frames anyway). ``callback_on_clip_start(pipe,
+        index, num_clips)`` runs before each fresh clip."""
+        steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
+        scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        self.check_inputs(steps, scale, "np", callback_on_step_end_tensor_inputs)
+        motion_frames = self.config.motion_frames
+        total = num_clips(audio.num_frames, self.clip_length, motion_frames)
+        if len(finished) > total:
+            raise Hallo3Error(f"{len(finished)} finished clips given for a {total}-clip video")
+        image = reference.image.float()
+        motion = image[None].expand(motion_frames, -1, -1, -1)  # clip 0: the image twice (SPEC §7.3)
+        context = None
+        for index in range(total):
+            if index < len(finished):
+                latents = finished[index]
+                needs_motion = index == len(finished) - 1 and index < total - 1
+                frames = self.decode_latents(latents[None]) if decode_finished or needs_motion else None
+                if needs_motion:
+                    motion = frames[-motion_frames:].cpu()
+                yield Hallo3Clip(index, total, latents, frames if decode_finished else None)
+                continue
+            if context is None:
+                context = self.prepare_context(reference)
+            if callback_on_clip_start is not None:
+                callback_on_clip_start(self, index, total)
+            generator = clip_generator(seed, index)
+            condition = self.prepare_condition(image, motion, generator)
+            audio_clip = clip_audio(audio.features, index, self.clip_length, motion_frames)[None]
+            bar = self.progress_bar(total=steps) if progress else None
+            latents = self.denoise(condition, audio_clip, context, generator, steps, scale, clip_index=index,
+                                   callback_on_step_end=callback_on_step_end,
+                                   callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                                   progress_bar=bar)
+            if bar is not None:
+                bar.close()
+            latents = latents.to(self.compute_dtype)[0].cpu()  # what is stored is exactly what is decoded
+            frames = self.decode_latents(latents[None])
+            motion = frames[-motion_frames:].cpu()
+            yield Hallo3Clip(index, total, latents, frames)
+
+    def output_crop(self, framing: str) -> tuple[int, int, int, int]:
+        from hallo3_cli.image_io import crop_box_for_output
+
+        return crop_box_for_output(framing, self.height, self.width)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        audio,
+        prompt: str | None = None,
+        seed: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        generator: torch.Generator | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback_on_clip_end: Callable | None = None,
+    ) -> Hallo3PipelineOutput | tuple:
+        """Render the whole video.
+
+        ``image``: portrait (path, PIL image or uint8 RGB array); ``audio``: speech (path or 16 kHz mono
+        samples); ``prompt``: None = the default. ``seed`` (default 42; or the ``generator``'s initial seed)
+        seeds one generator per clip. ``num_inference_steps``/``guidance_scale``: None = the release's
+        (50, 3.5). ``callback_on_step_end`` as in diffusers; ``callback_on_clip_end(pipe, clip)`` gets each
+        :class:`Hallo3Clip` as it is finished.
+        """
+        steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
+        scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        self.check_inputs(steps, scale, output_type, callback_on_step_end_tensor_inputs)
+        if seed is None:
+            seed = generator.initial_seed() if generator is not None else 42
+        features = self.encode_audio(audio)
+        reference = self.encode_reference(image, prompt)
+        crop = self.output_crop(reference.framing)
+        remaining = features.num_frames
+        latents, pieces = [], []
+        for clip in self.generate_clips(features, reference, seed=seed, num_inference_steps=steps, guidance_scale=scale,
+                                        callback_on_step_end=callback_on_step_end,
+                                        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs):
+            latents.append(clip.latents)
+            if output_type != "latent":
+                new = clip.frames[self.config.motion_frames:][:remaining]
+                remaining -= len(new)
+                pieces.append(new[:, :, crop[1]:crop[3], crop[0]:crop[2]].cpu())
+            if callback_on_clip_end is not None:
+                callback_on_clip_end(self, clip)
+        self.maybe_free_model_hooks()
+        stacked = torch.stack(latents)
+        frames = None
+        if output_type != "latent":
+            from hallo3_cli.video_io import tensor_to_uint8
+
+            video = torch.cat(pieces)
+            if output_type == "pt":
+                frames = (video + 1) / 2
+            else:
+                frames = tensor_to_uint8(video)
+                if output_type == "pil":
+                    frames = self.numpy_to_pil(frames)
+        if not return_dict:
+            return frames, stacked
+        return Hallo3PipelineOutput(frames=frames, latents=stacked, fps=self.config.fps)
