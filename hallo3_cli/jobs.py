@@ -257,9 +257,11 @@ def _finished_parts(parts_dir: Path, key: str, total: int) -> list[stages.Stage]
 
 
 def render_parts(pipe, preset: Preset, audio: stages.Stage, reference: stages.Stage, settings: RenderSettings,
-                 parts_dir: Path, *, decode_resumed: bool, progress: bool = True, on_clip=None):
+                 parts_dir: Path, *, decode_resumed: bool, progress: bool = True, on_step=None):
     """Yield every clip in order (``Hallo3Clip``), rendering with ``pipe`` those not yet persisted in
-    ``parts_dir``; each fresh clip is persisted there as soon as it exists (the resume unit)."""
+    ``parts_dir``; each fresh clip is persisted there as soon as it exists (the resume unit).
+    ``on_step(clip_index, step, num_steps)`` runs after every denoising step (raise to cancel: the clips
+    finished so far stay persisted)."""
     from hallo3_cli.pipeline_hallo3 import num_clips
     from hallo3_cli.progress import Progress
 
@@ -272,12 +274,24 @@ def render_parts(pipe, preset: Preset, audio: stages.Stage, reference: stages.St
     bar = Progress(progress, total, settings.steps, done=len(resumed))
     meta = {"model": preset.name, "weights": fingerprint(preset, "render"), "params": settings.params(runtime),
             "source_sha256": key, "render_key": key}
+    current = {"clip": len(resumed)}
+
+    def started(pipe_, index, total_):
+        current["clip"] = index
+        bar.start_clip(pipe_, index, total_)
+
+    def stepped(pipe_, step, timestep, tensors):
+        bar.step()
+        if on_step is not None:
+            on_step(current["clip"], step, settings.steps)
+        return {}
+
     try:
         clips = pipe.generate_clips(
             audio_from_stage(audio), reference_from_stage(reference), seed=settings.seed,
             num_inference_steps=settings.steps, guidance_scale=settings.cfg,
             finished=[part["latents"] for part in resumed], decode_finished=decode_resumed,
-            callback_on_step_end=bar.step, callback_on_clip_start=bar.start_clip, progress=False,
+            callback_on_step_end=stepped, callback_on_clip_start=started, progress=False,
         )
         for clip in clips:
             if clip.index >= len(resumed):
@@ -437,8 +451,10 @@ class VideoRenderer:
                 stage = stages.load_stage(path, stages.REFERENCE, model=self.preset.name)
         return stage
 
-    def render(self, job: Job, on_clip=None) -> Path:
-        """Render one job into ``job.output`` (an mp4). ``on_clip(clip)`` sees each clip as it is written."""
+    def render(self, job: Job, on_clip=None, on_step=None) -> Path:
+        """Render one job into ``job.output`` (an mp4). ``on_clip(clip)`` sees each clip as it is written,
+        ``on_step(clip_index, step, num_steps)`` each denoising step (raise from either to cancel: finished
+        clips stay in the cache and the same render resumes from them)."""
         from hallo3_cli.audio_io import audio_info
         from hallo3_cli.image_io import crop_box_for_output
         from hallo3_cli.video_io import VideoWriter
@@ -459,7 +475,7 @@ class VideoRenderer:
             with VideoWriter(output, preset.width, preset.height, fps=preset.fps, audio=job.speech, crop=crop) as writer:
                 remaining = audio.meta["num_frames"]
                 for clip in render_parts(self.pipe, preset, audio, reference, settings, parts, decode_resumed=True,
-                                         progress=self.progress):
+                                         progress=self.progress, on_step=on_step):
                     frames = clip.frames[preset.motion_frames:][:remaining]
                     writer.write(frames)
                     remaining -= len(frames)
