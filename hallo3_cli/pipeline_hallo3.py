@@ -213,7 +213,12 @@ class Hallo3Pipeline(DiffusionPipeline):
         name = str(pretrained_model_name_or_path)
         path = Path(name).expanduser()
         if (path / "model_index.json").is_file():
+            import hallo3_cli.models  # noqa: F401  (model_index.json names their modules: diffusers finds them imported)
+            import hallo3_cli.scheduling_hallo3  # noqa: F401
+
             face = kwargs.pop("face_analyzer", None)
+            if "torch_dtype" in kwargs:  # diffusers >= 0.40 calls it dtype
+                kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
             pipe = super().from_pretrained(str(path), **kwargs)
             if face is None and (path / "face_analysis").is_dir():
                 from hallo3_cli.face import FaceAnalyzer

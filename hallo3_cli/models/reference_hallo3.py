@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (DiffusionPipeline.from_pretrained looks it up here)
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
 
 from hallo3_cli.models.transformer_hallo3 import Hallo3DiTMixin
