@@ -226,8 +226,8 @@ def embed_audio_file(
     """Decode ``speech``, optionally isolate the voice, compute features and write an audio stage file."""
     from hallo3_cli import vocals
 
-    output = fsutil.check_output_path(output)
     speech = fsutil.require_file(speech)
+    (output,) = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES)], inputs=[speech])
     preset = get_preset(model) if isinstance(model, str) else model
     components = ["wav2vec"]
     separator_path = None

@@ -65,8 +65,8 @@ def encode_reference(
     """Portrait → reference stage file (face embedding and box, VAE latent, prompt, reference bank)."""
     from hallo3_cli.reference import ReferenceEncoder
 
-    fsutil.check_output_path(output)
     fsutil.require_file(image)
+    fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES), (preview, fsutil.PREVIEW_SUFFIXES)], inputs=[image])
     preset = get_preset(model)
     require_weights(preset, REFERENCE_COMPONENTS)
     _warn_random(preset)
@@ -96,7 +96,7 @@ def render_clips(
 ) -> Path:
     """Stage files → clips file (latents of every clip). Resumable: finished clips are kept in
     ``<output>.parts/`` until the clips file is written."""
-    output = fsutil.check_output_path(output)
+    (output,) = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES)], inputs=[audio, reference])
     audio_stage = stages.load_stage(audio, stages.AUDIO, model=model)
     reference_stage = stages.load_stage(reference, stages.REFERENCE, model=model or audio_stage.model)
     preset = get_preset(audio_stage.model)
@@ -148,7 +148,7 @@ def stitch(
     from hallo3_cli.image_io import crop_box_for_output
     from hallo3_cli.video_io import VideoWriter
 
-    output = fsutil.check_output_path(output)
+    (output,) = fsutil.check_outputs([(output, fsutil.VIDEO_SUFFIXES)], inputs=[clips, audio])
     clip_stage = stages.load_stage(clips, stages.CLIPS)
     audio_info(audio)  # fail early, with the file named, on an unreadable recording
     preset = get_preset(clip_stage.model)
@@ -279,12 +279,11 @@ class VideoRenderer:
         from hallo3_cli.image_io import crop_box_for_output
         from hallo3_cli.video_io import VideoWriter
 
-        output = fsutil.check_output_path(job.output)
         fsutil.require_file(job.image)
         fsutil.require_file(job.speech)
+        (output,) = fsutil.check_outputs([(job.output, fsutil.VIDEO_SUFFIXES)], inputs=[job.image, job.speech])
         audio_info(job.speech)
-        cache = self.cache_for(output)
-        cache.mkdir(parents=True, exist_ok=True)
+        cache = fsutil.ensure_output_folder(self.cache_for(output))
         audio = self.audio_stage(job.speech, cache)
         reference = self.reference_stage(job.image, job.prompt, cache)
         preset, settings = self.preset, self.settings
@@ -314,7 +313,9 @@ def render_video(
     """Face + speech → mp4 in one call (see :class:`VideoRenderer` for the options)."""
     fsutil.require_file(image)
     fsutil.require_file(speech)
-    fsutil.check_output_path(output)  # fail on typos before fetching or loading any weights
+    # fail on typos, and on outputs that would destroy an input, before fetching or loading any weights
+    fsutil.check_outputs([(output, fsutil.VIDEO_SUFFIXES)], inputs=[image, speech])
+    fsutil.check_output_folder(options.get("cache_dir") or Path(output).parent / ".hallo3-cache")
     return VideoRenderer(model, **options).render(Job(Path(image), Path(speech), Path(output), prompt))
 
 

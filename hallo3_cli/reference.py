@@ -7,6 +7,7 @@ computed here, once per portrait, and stored: no clip recomputes it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -86,9 +87,7 @@ class ReferenceEncoder:
         from hallo3_cli.image_io import frame_box, frame_image, load_image
         from hallo3_cli.loading import encode_prompt
 
-        output = fsutil.check_output_path(output)
-        if preview is not None:
-            fsutil.check_output_path(preview)
+        output, *_ = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES), (preview, fsutil.PREVIEW_SUFFIXES)], inputs=[image_path])
         preset, device, dtype = self.preset, self.renderer.device, self.renderer.dtype
         prompt = preset.default_prompt if prompt is None else prompt
         image = load_image(image_path)
@@ -124,33 +123,36 @@ class ReferenceEncoder:
 
         box = frame_box(tuple(float(v) for v in face.box), width, height, preset.height, preset.width)
         box = torch.tensor([int(np.floor(box[0])), int(np.floor(box[1])), int(np.ceil(box[2])), int(np.ceil(box[3]))], dtype=torch.int32)
-        path = stages.save_stage(
-            output,
-            stages.REFERENCE,
-            {
-                "image": framed,
-                "ref_latent": ref_latent[0, 0].float().cpu(),
-                "face_embedding": torch.from_numpy(np.asarray(face.embedding, np.float32)),
-                "face_box": box,
-                "prompt_embeds": prompt_embeds.cpu(),
-                "ref_bank": bank.cpu(),
-            },
-            {
-                "model": preset.name,
-                "weights": self.weights,
-                "params": {"height": preset.height, "width": preset.width, "reference_seed": REFERENCE_SEED,
-                           "dtype": str(dtype).removeprefix("torch."), "weights_dtype": self.renderer.runtime.weights_dtype},
-                "source_sha256": fsutil.sha256_file(image_path),
-                "framing": framing,
-                "source_width": width,
-                "source_height": height,
-                "face_found": bool(face.found),
-                "prompt": prompt,
-            },
-        )
-        if preview is not None:
-            framed_mask, _ = frame_image(mask.expand(3, -1, -1), preset.height, preset.width)
-            write_preview(preview, framed, framed_mask[0] > 0, box.tolist())
+        # All or nothing: the preview is written (to its temporary name) first and renamed into place
+        # only once the stage file is written.
+        with fsutil.atomic_path(preview) if preview is not None else contextlib.nullcontext() as preview_tmp:
+            if preview_tmp is not None:
+                framed_mask, _ = frame_image(mask.expand(3, -1, -1), preset.height, preset.width)
+                write_preview(preview_tmp, framed, framed_mask[0] > 0, box.tolist())
+            path = stages.save_stage(
+                output,
+                stages.REFERENCE,
+                {
+                    "image": framed,
+                    "ref_latent": ref_latent[0, 0].float().cpu(),
+                    "face_embedding": torch.from_numpy(np.asarray(face.embedding, np.float32)),
+                    "face_box": box,
+                    "prompt_embeds": prompt_embeds.cpu(),
+                    "ref_bank": bank.cpu(),
+                },
+                {
+                    "model": preset.name,
+                    "weights": self.weights,
+                    "params": {"height": preset.height, "width": preset.width, "reference_seed": REFERENCE_SEED,
+                               "dtype": str(dtype).removeprefix("torch."), "weights_dtype": self.renderer.runtime.weights_dtype},
+                    "source_sha256": fsutil.sha256_file(image_path),
+                    "framing": framing,
+                    "source_width": width,
+                    "source_height": height,
+                    "face_found": bool(face.found),
+                    "prompt": prompt,
+                },
+            )
         return path
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -476,6 +477,8 @@ class Renderer:
                 yield Clip(index, latents, frames)
         finally:
             bar.close()
+            with contextlib.suppress(OSError):
+                parts_dir.rmdir()  # only if empty: a failed render leaves no empty .parts/ behind
 
 
 def render_params(settings: RenderSettings, dtype: torch.dtype, runtime: Runtime | None = None) -> dict:
@@ -506,16 +509,29 @@ def _finished_parts(parts_dir: Path, key: str, total: int) -> list[stages.Stage]
 
 @contextlib.contextmanager
 def job_lock(path: Path):
-    """An exclusive advisory lock on ``path`` (several processes on one cache folder wait in turn)."""
+    """An exclusive advisory lock on ``path`` (several processes on one cache folder wait in turn).
+
+    The lock file is deleted when the holder is done. A waiter that wakes up holding a deleted file
+    (its inode is no longer the one at ``path``) starts over, so no two processes ever hold it.
+    """
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    while True:
+        handle = open(path, "a+")
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still holding the lock: see above
+        handle.close()
 
 
 def elapsed(start: float) -> str:
