@@ -68,9 +68,10 @@ def encode_reference(
     fsutil.require_file(image)
     fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES), (preview, fsutil.PREVIEW_SUFFIXES)], inputs=[image])
     preset = get_preset(model)
+    renderer = Renderer(preset, device, dtype, runtime)  # an unusable device fails before any weights are checked
     require_weights(preset, REFERENCE_COMPONENTS)
     _warn_random(preset)
-    encoder = ReferenceEncoder(Renderer(preset, device, dtype, runtime))
+    encoder = ReferenceEncoder(renderer)
     return encoder.encode(image, output, prompt=prompt, preview=preview)
 
 
@@ -101,9 +102,9 @@ def render_clips(
     reference_stage = stages.load_stage(reference, stages.REFERENCE, model=model or audio_stage.model)
     preset = get_preset(audio_stage.model)
     settings = _settings(preset, seed, steps, cfg)
+    renderer = renderer or Renderer(preset, device, dtype, runtime)  # an unusable device fails before any download
     require_weights(preset, RENDER_COMPONENTS, allow_download, progress)
     _warn_random(preset)
-    renderer = renderer or Renderer(preset, device, dtype, runtime)
     parts = output.with_name(output.name + ".parts")
     with job_lock(output.with_name(f".{output.name}.lock")):
         latents = [clip.latents for clip in renderer.clips(audio_stage, reference_stage, settings, parts, decode_resumed=False, progress=progress)]
@@ -231,8 +232,8 @@ class VideoRenderer:
         self.preset = get_preset(model)
         self.settings = _settings(self.preset, seed, steps, cfg)
         needed = AUDIO_COMPONENTS + REFERENCE_COMPONENTS + RENDER_COMPONENTS + (("audio_separator",) if separate_vocals else ())
+        self.renderer = Renderer(self.preset, device, dtype, runtime)  # an unusable device fails before any download
         require_weights(self.preset, needed, allow_download, progress)
-        self.renderer = Renderer(self.preset, device, dtype, runtime)
         self.references = ReferenceEncoder(self.renderer)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.separate_vocals = separate_vocals

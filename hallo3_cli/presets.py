@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from hallo3_cli.errors import Hallo3Error, ModelError
+from hallo3_cli.errors import Hallo3Error, ModelError, UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -225,6 +225,8 @@ def resolve_device(device: str = "auto") -> str:
         return "cpu"
     try:
         torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise Hallo3Error(f"device {device!r} is not usable here: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, AssertionError, ValueError) as err:
+        # torch's own message can be 2,000 characters (a list of dispatch keys): keep its first sentence
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:120]
+        raise UsageError(f"--device {device!r} is not usable on this machine ({reason})") from None
     return device
