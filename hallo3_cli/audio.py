@@ -265,7 +265,7 @@ def embed_audio_file(
     )
     meta = {
         "model": preset.name,
-        "weights": preset.fingerprint(*components),
+        "weights": preset.fingerprint(*stages.weights_components(stages.AUDIO, preset, params)),
         "params": params,
         "source_sha256": fsutil.sha256_file(speech),
         "fps": preset.fps,

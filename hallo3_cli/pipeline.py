@@ -326,12 +326,25 @@ def render_video(
 
 def read_jobs(jobs_file: str | Path, out_dir: str | Path, seed: int) -> list[Job | Hallo3Error]:
     """Parse ``prompt@@image@@audio`` lines (the official input format). Relative paths resolve against
-    the jobs file's folder. A malformed line becomes an error entry (reported, the others still run)."""
+    the jobs file's folder. A malformed line becomes an error entry (reported, the others still run).
+
+    The file must be UTF-8 (a byte-order mark is allowed). Outputs are named
+    ``<image stem>-<audio stem>-seed_<seed>-<digest>.mp4``, the digest (8 hex) being that of the job's
+    three fields: different jobs never share an output; a line repeating an earlier job is reported
+    as an error entry instead of being rendered (or listed) twice.
+    """
     jobs_file = fsutil.require_file(jobs_file)
     base = jobs_file.parent
     out_dir = Path(out_dir)
+    raw = jobs_file.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(f"line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the jobs file as UTF-8", jobs_file) from None
     jobs: list[Job | Hallo3Error] = []
-    for number, line in enumerate(jobs_file.read_text(encoding="utf-8").splitlines(), start=1):
+    first_line: dict[Path, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.split("@@")
@@ -340,8 +353,16 @@ def read_jobs(jobs_file: str | Path, out_dir: str | Path, seed: int) -> list[Job
             continue
         prompt, image, speech = (field.strip() for field in fields)
         image_path, speech_path = base / image, base / speech
-        name = f"{image_path.stem}-{speech_path.stem}-seed_{seed}.mp4"
-        jobs.append(Job(image_path, speech_path, out_dir / name, prompt or None))
+        digest = hashlib.sha256("@@".join((prompt, image, speech)).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        name = f"{image_path.stem[:80]}-{speech_path.stem[:80]}-seed_{seed}-{digest}.mp4"
+        output = out_dir / name
+        if output in first_line:
+            jobs.append(InputError(f"line {number}: the same job as line {first_line[output]} (both would write {name}); skipped", jobs_file))
+            continue
+        first_line[output] = number
+        jobs.append(Job(image_path, speech_path, output, prompt or None))
+    for problem in (job for job in jobs if isinstance(job, Hallo3Error)):
+        log.warning("%s", problem)  # pre-flight: said before any rendering (and again in the final summary)
     return jobs
 
 

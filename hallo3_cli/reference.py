@@ -75,10 +75,7 @@ class ReferenceEncoder:
 
     @property
     def weights(self) -> str:
-        components = ["vae", "reference", "text_encoder", "tokenizer", "face_analysis"]
-        if self.preset.is_random:
-            components = ["vae", "reference", "text_encoder"]
-        return self.preset.fingerprint(*components)
+        return self.preset.fingerprint(*stages.weights_components(stages.REFERENCE, self.preset))
 
     @torch.no_grad()
     def encode(self, image_path: str | Path, output: str | Path, prompt: str | None = None, preview: str | Path | None = None) -> Path:

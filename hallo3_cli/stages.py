@@ -323,7 +323,9 @@ def load_stage(
     another preset or by other weights is refused rather than silently misused). Every float tensor
     must be finite. With ``geometry`` (default), every tensor's shape must also be the one the
     file's preset produces (:func:`expected_shapes`), so that a mismatch is refused here, naming the
-    tensor, rather than failing inside a network.
+    tensor, rather than failing inside a network; and the ``weights`` fingerprint of an audio,
+    reference or clips file must be the one of the preset's weights that make such a file
+    (:func:`weights_components`), when those are installed (random presets: always).
     """
     path = require_file(path)
     raw = read_header(path)
@@ -356,6 +358,7 @@ def load_stage(
         _check_finite(stage)
         if geometry:
             _check_geometry(stage)
+            _check_weights(stage)
     except ValueError as err:
         raise StageFileError(str(err), path) from None
     return stage
@@ -401,6 +404,34 @@ def expected_shapes(kind: StageKind, preset, meta: dict) -> dict[str, tuple[int 
     if kind is CLIPS:
         return {"latents": (None, latent_frames, LATENT_CHANNELS, meta["height"] // 8, meta["width"] // 8)}
     return {}
+
+
+def weights_components(kind: StageKind, preset, params: dict | None = None) -> tuple[str, ...]:
+    """The components whose weights make a ``kind`` file: its ``weights`` fingerprint is theirs
+    (``preset.fingerprint(*components)``). ``params``: the file's producing parameters."""
+    if kind is AUDIO:
+        return ("wav2vec",) + (("audio_separator",) if (params or {}).get("separate_vocals") else ())
+    if kind is REFERENCE:
+        if preset.is_random:  # random presets have no tokenizer or face-model files
+            return ("vae", "reference", "text_encoder")
+        return ("vae", "reference", "text_encoder", "tokenizer", "face_analysis")
+    return ("transformer", "vae")
+
+
+def _check_weights(stage: Stage) -> None:
+    from hallo3_cli.presets import get_preset
+
+    if stage.kind is CLIP:
+        return  # a render's own parts: bound to it by their render_key
+    preset = get_preset(stage.model)
+    components = weights_components(stage.kind, preset, stage.params)
+    if not preset.is_random and not all((preset.component_dir(c) / ".complete").exists() for c in components):
+        return  # not installed here: nothing to compare with (the fingerprint still keys the render cache)
+    if stage.weights != preset.fingerprint(*components):
+        raise ValueError(
+            f"its weights fingerprint {stage.weights[:16]!r} is not that of the installed {preset.name} weights "
+            f"({', '.join(components)}): made with other weights, or edited; rerun the stage that wrote it"
+        )
 
 
 def _installed_config(preset, component: str) -> dict:

@@ -20,8 +20,9 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 @pytest.fixture(autouse=True)
 def any_geometry(monkeypatch):
-    """The small stages here match no preset's geometry (tests/test_safety.py checks that part)."""
+    """The small stages here match no preset's geometry or weights (tests/test_safety.py checks those)."""
     monkeypatch.setattr(stages, "_check_geometry", lambda stage: None)
+    monkeypatch.setattr(stages, "_check_weights", lambda stage: None)
 
 
 # ---------------------------------------------------------------------------------------------
