@@ -321,7 +321,7 @@ def render_cmd(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Scene description (default: the preset's generic prompt)."),
     seed: int = typer.Option(42, "--seed", help="Random seed; the same seed gives the same frames."),
     steps: Optional[int] = typer.Option(None, "--steps", callback=_number(1, 1000), help="Sampling steps (default: the preset's; 50 for hallo3)."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", callback=_number(0, 100), help="Classifier-free guidance scale (default 3.5)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", callback=_number(0, 100), help="Classifier-free guidance scale, 0 to 100 (default 3.5)."),
     device: str = typer.Option("auto", "--device", callback=_device, help="torch device: auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", "--dtype", callback=_one_of(*DTYPE_CHOICES), help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where stage files and finished clips are kept (default: .hallo3-cache next to the output)."),

@@ -459,6 +459,13 @@ def _check_geometry(stage: Stage) -> None:
         preset = get_preset(stage.model)
     except Hallo3Error:
         raise ValueError(f"was made with model preset {stage.model!r}, which is not known here") from None
+    timing = {"fps": preset.fps, "clip_length": preset.clip_length}
+    if stage.kind is CLIPS:
+        timing.update(motion_frames=preset.motion_frames, height=preset.height, width=preset.width)
+    if stage.kind in (AUDIO, CLIPS):
+        for key, value in timing.items():
+            if stage.meta[key] != value:
+                raise ValueError(f"metadata {key} is {stage.meta[key]}, the {preset.name} model uses {value}")
     for name, shape in expected_shapes(stage.kind, preset, stage.meta).items():
         actual = tuple(stage.tensors[name].shape)
         if len(actual) != len(shape) or any(e is not None and a != e for a, e in zip(actual, shape)):

@@ -458,3 +458,9 @@ def test_job_lock_excludes_and_leaves_nothing(tmp_path):
     for thread in threads:
         thread.join()
     assert overlaps == [] and not lock.exists()
+
+
+def test_stage_timing_metadata_must_fit_the_preset(tmp_path):
+    path = tiny_audio_stage(tmp_path / "a.safetensors", fps=30)
+    with pytest.raises(StageFileError, match="metadata fps is 30, the tiny-random model uses 25"):
+        stages.load_stage(path, stages.AUDIO)
