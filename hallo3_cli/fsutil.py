@@ -208,7 +208,9 @@ def _temp_affixes(path: Path) -> tuple[str, str]:
     """(prefix, suffix) of the temporaries of ``path``; mkstemp adds 8 random characters between."""
     tag = _writer_tag()
     suffix = ".tmp" + (path.suffix if len(path.suffix.encode()) <= 32 else "")
-    room = NAME_MAX - len(f"..{tag}.".encode()) - 8 - len(suffix.encode())
+    # room for the name part, reserving the longest tag (4 hex + "-" + a 10-digit pid) so that every
+    # process shortens a long name identically (stale files of other pids still match the pattern)
+    room = NAME_MAX - len("...") - 15 - 8 - len(suffix.encode())
     name = path.name
     if len(name.encode()) > room:
         digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]

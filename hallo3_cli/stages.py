@@ -10,8 +10,10 @@ Each stage file is a safetensors file. Its ``__metadata__`` (string → string) 
 - ``source_sha256``   sha256 of the input media (for clips: of the input stage files)
 
 plus the per-format keys listed in each :class:`StageKind`. Loading validates all of it — format,
-version, metadata types, tensor names, ranks, dtypes and cross-shape consistency — and raises
-:class:`StageFileError` with a one-line message naming the file. Writes are atomic.
+version, metadata types, tensor names, ranks, dtypes and cross-shape consistency, finite values,
+shapes and timing against the file's preset (:func:`expected_shapes`), and the weights fingerprint
+where those weights are installed (:func:`weights_components`) — and raises
+:class:`StageFileError` with a one-line message naming the file (and the tensor). Writes are atomic.
 
 Formats
 -------

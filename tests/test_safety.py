@@ -464,3 +464,11 @@ def test_stage_timing_metadata_must_fit_the_preset(tmp_path):
     path = tiny_audio_stage(tmp_path / "a.safetensors", fps=30)
     with pytest.raises(StageFileError, match="metadata fps is 30, the tiny-random model uses 25"):
         stages.load_stage(path, stages.AUDIO)
+
+
+def test_long_names_shorten_the_same_way_in_every_process(tmp_path, monkeypatch):
+    out = tmp_path / ("v" * 240 + ".mp4")
+    first = fsutil._temp_affixes(out)
+    monkeypatch.setattr(os, "getpid", lambda: 4_000_000_000)  # a pid of another length
+    second = fsutil._temp_affixes(out)
+    assert first[0].rsplit(".", 2)[0] == second[0].rsplit(".", 2)[0] and len(second[0].encode()) + 8 + len(second[1]) <= 255
