@@ -374,9 +374,9 @@ def shard(items: list, rank: int, world_size: int) -> list:
 def render_batch(jobs_file: str | Path, out_dir: str | Path, *, model: str = "hallo3", seed: int = 42, **options) -> tuple[list[Path], list[str]]:
     """Render every job of a jobs file (skipping finished outputs). Under ``torchrun`` the jobs are
     shared by rank (``RANK``/``WORLD_SIZE``). Returns (written outputs, error messages)."""
-    out_dir = fsutil.ensure_output_folder(out_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    jobs = shard(read_jobs(jobs_file, out_dir, seed), rank, world)
+    jobs = shard(read_jobs(jobs_file, out_dir, seed), rank, world)  # a bad jobs file fails before out_dir exists
+    out_dir = fsutil.ensure_output_folder(out_dir)
     written, errors = [], []
     renderer = None
     for job in jobs:

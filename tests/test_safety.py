@@ -472,3 +472,11 @@ def test_long_names_shorten_the_same_way_in_every_process(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "getpid", lambda: 4_000_000_000)  # a pid of another length
     second = fsutil._temp_affixes(out)
     assert first[0].rsplit(".", 2)[0] == second[0].rsplit(".", 2)[0] and len(second[0].encode()) + 8 + len(second[1]) <= 255
+
+
+def test_bad_jobs_file_leaves_no_output_folder(tmp_path, capsys):
+    jobs_file = tmp_path / "jobs.txt"
+    jobs_file.write_bytes(b"Caf\xe9@@f.png@@a.wav\n")
+    one_line_error(*cli("render", "--batch", str(jobs_file), "--out-dir", str(tmp_path / "videos"), "--model", "tiny-random",
+                        capsys=capsys), 3, "jobs.txt", "line 1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.txt"]
