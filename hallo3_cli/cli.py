@@ -72,9 +72,10 @@ def _one_of(*choices: str):
     return check
 
 
-def _number(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False):
-    """Callback for every numeric option: finite (no nan/inf) and within ``low``..``high``
-    (an open end excludes the bound itself)."""
+def _number(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
+            multiple: int | None = None):
+    """Callback for every numeric option: finite (no nan/inf), within ``low``..``high`` (an open end
+    excludes the bound itself) and, with ``multiple``, a multiple of it."""
 
     def check(value):
         if value is None:
@@ -87,6 +88,8 @@ def _number(low: float | None = None, high: float | None = None, *, low_open: bo
             left = "(" if low_open else "["
             right = ")" if high_open else "]"
             raise typer.BadParameter(f"must be in {left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}, got {value}")
+        if multiple is not None and value % multiple:
+            raise typer.BadParameter(f"must be a multiple of {multiple}, got {value}")
         return value
 
     return check
@@ -245,8 +248,8 @@ def plan_cmd(
     weights_dtype: str = typer.Option("auto", "--weights-dtype", callback=_one_of(*WEIGHTS_CHOICES), help=WEIGHTS_HELP),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tiled VAE encode/decode."),
     steps: Optional[int] = typer.Option(None, "--steps", callback=_number(1, 1000), help="Sampling steps (default: the preset's)."),
-    height: Optional[int] = typer.Option(None, "--height", callback=_number(8, 8192), help="Frame height (default: the preset's, 480)."),
-    width: Optional[int] = typer.Option(None, "--width", callback=_number(8, 8192), help="Frame width (default: the preset's, 720)."),
+    height: Optional[int] = typer.Option(None, "--height", callback=_number(16, 8192, multiple=16), help="Frame height (default: the preset's, 480)."),
+    width: Optional[int] = typer.Option(None, "--width", callback=_number(16, 8192, multiple=16), help="Frame width (default: the preset's, 720)."),
     device_kind: str = typer.Option("cuda", "--device-kind", callback=_one_of(*DEVICE_KIND_CHOICES), help="cuda (bf16) or cpu (float32, device = host memory)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (peak_device_bytes, peak_host_bytes, flops_per_clip, ...)."),
 ) -> None:

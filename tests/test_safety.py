@@ -194,6 +194,7 @@ def test_output_folder_that_cannot_be_created(tmp_path):
         (["convert", "src", "dest", "--shard-size", "nan"], "--shard-size"),
         (["convert", "src", "dest", "--shard-size", "0"], "--shard-size"),
         (["plan", "--height", "-5"], "--height"),
+        (["plan", "--width", "100"], "multiple of 16"),
         (["render", "f.jpg", "s.wav", "-o", "o.mp4", "--offload", "fast"], "--offload"),
         (["stitch", "a.safetensors", "--audio", "s.wav", "-o", "o.mp4", "--offload", "fast"], "--offload"),
         (["render", "f.jpg", "s.wav", "-o", "o.mp4", "--weights-dtype", "int4"], "--weights-dtype"),
