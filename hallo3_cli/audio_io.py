@@ -7,10 +7,16 @@ are applied by FFmpeg itself; MP4/M4A edit lists trim the start, the track durat
 Raw ADTS ``.aac`` carries no such information: the standard 1024-sample AAC-LC priming is dropped
 and the padding of the last frame (< 1024 samples at the native rate) remains.
 
+Accepted: any sample rate from :data:`MIN_SAMPLE_RATE` (8 kHz, telephone speech) up, resampled to
+16 kHz; any number of channels, averaged to mono (the separator's stereo input: the file's two
+channels, mono duplicated, or more channels averaged and duplicated).
+
 Refused, each with a one-line :class:`InputError` naming the file: missing or unreadable files, files
-FFmpeg cannot parse, files without an audio stream, more than two channels, sample rates below
-16 kHz, recordings that fail to decode part way (a silent gap would shift lip sync), empty
-recordings, recordings shorter than :data:`MIN_DURATION` seconds and silent recordings.
+FFmpeg cannot parse, files without an audio stream, sample rates below 8 kHz, WAV files holding less
+data than their header declares (a cut copy or recording: FFmpeg would silently decode the part that
+is there, and the video would be shorter than the recording the user thinks they gave), recordings
+that fail to decode part way (a silent gap would shift lip sync), empty recordings, recordings
+shorter than :data:`MIN_DURATION` seconds and silent recordings.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from hallo3_cli.errors import InputError
 from hallo3_cli.fsutil import require_file
 
 SAMPLE_RATE = 16000
-MIN_SAMPLE_RATE = 16000
+MIN_SAMPLE_RATE = 8000
 MIN_DURATION = 0.5
 """Shortest accepted recording in seconds (wav2vec needs some context; Hallo3 makes 12.5 frames of it)."""
 SILENCE_PEAK = 1e-4
@@ -54,7 +60,8 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, *, mono: bool =
     """Decode a speech recording to float32 at ``sample_rate``.
 
     ``mono=True`` (default) averages the channels and returns shape ``(samples,)``; ``mono=False``
-    returns ``(channels, samples)`` with the file's one or two channels. The sample count is exactly
+    returns ``(channels, samples)``: the file's one or two channels (more are averaged into two
+    identical ones). The sample count is exactly
     ``round(duration * sample_rate)``.
     """
     info, chunks = _decode(path, mono=mono, sample_rate=sample_rate)
@@ -185,18 +192,17 @@ def _decode(path, *, mono: bool, sample_rate: int | None, keep: bool = True) -> 
         codec = stream.codec_context
         native_rate = int(codec.sample_rate or 0)
         channels = int(codec.channels or 0)
-        if channels > 2:
-            raise InputError(f"has {channels} audio channels; expected mono or stereo speech", path)
         if native_rate <= 0:
             raise InputError("has no valid sample rate", path)
         if native_rate < MIN_SAMPLE_RATE:
             raise InputError(
                 f"has a sample rate of {native_rate} Hz; at least {MIN_SAMPLE_RATE} Hz is needed "
-                "(wav2vec works on 16 kHz speech)",
+                "(speech is resampled to 16 kHz for wav2vec)",
                 path,
             )
+        _check_wav_length(path, container)
         skip, limit = _trim_plan(container, stream, native_rate)
-        out_channels = 1 if mono else max(channels, 1)
+        out_channels = 1 if mono else min(max(channels, 1), 2)
         converter = None
         if keep and sample_rate is not None and sample_rate != native_rate:
             converter = _RateConverter(out_channels, native_rate, sample_rate)
@@ -217,8 +223,10 @@ def _decode(path, *, mono: bool, sample_rate: int | None, keep: bool = True) -> 
                     taken += data.shape[1]
                     if not keep:
                         continue
-                    if data.shape[0] != out_channels:
-                        data = data.mean(axis=0, keepdims=True) if out_channels == 1 else np.repeat(data[:1], out_channels, 0)
+                    if data.shape[0] != out_channels:  # downmix: mono, or more channels than two
+                        data = data.mean(axis=0, keepdims=True)
+                        if out_channels > 1:
+                            data = np.repeat(data, out_channels, 0)
                     blocks.append(converter.push(data) if converter else data)
         except av.error.FFmpegError as err:
             raise InputError(
@@ -230,6 +238,35 @@ def _decode(path, *, mono: bool, sample_rate: int | None, keep: bool = True) -> 
             blocks.append(converter.flush())
         info = AudioInfo(native_rate, channels, taken, codec.name, container.format.name)
     return info, blocks
+
+
+def _check_wav_length(path: Path, container) -> None:
+    """Refuse a RIFF/WAVE file whose ``data`` chunk is shorter than its header declares."""
+    if "wav" not in container.format.name.split(","):
+        return
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return  # RF64, W64...: FFmpeg's own checks apply
+        offset = 12
+        while offset + 8 <= size:
+            f.seek(offset)
+            chunk, declared = struct.unpack("<4sI", f.read(8))
+            if chunk == b"data":
+                present = size - offset - 8
+                # 0 and 0xFFFFFFFF: a streaming writer that never filled in the size (accepted)
+                if declared not in (0, 0xFFFFFFFF) and declared > present:
+                    raise InputError(
+                        f"is truncated: its header declares {declared} bytes of audio but only {present} are present "
+                        "(a cut copy or an interrupted recording?); re-export it, or rewrite it to keep the part "
+                        "that is there (e.g. ffmpeg -i in.wav out.wav)",
+                        path,
+                    )
+                return
+            offset += 8 + declared + (declared & 1)
 
 
 def _trim_plan(container, stream, rate: int) -> tuple[int, int | None]:

@@ -8,7 +8,9 @@ stderr; errors are one line with a non-zero exit code (``--debug`` shows the tra
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ import typer
 
 from hallo3_cli import __version__
 from hallo3_cli.errors import Hallo3Error
+from hallo3_cli.runtime import DTYPE_CHOICES, OFFLOAD_MODES, WEIGHTS_DTYPE_CHOICES
 
 app = typer.Typer(
     name="hallo3",
@@ -40,8 +43,87 @@ WEIGHTS_HELP = "DiT weight storage: auto (= --dtype), bf16, or fp8 (float8 stora
 def _runtime(device="auto", dtype="auto", offload="auto", weights_dtype="auto", vae_tiling=False, compile=False, cache=None):
     from hallo3_cli.runtime import Runtime
 
-    return Runtime(device=device, dtype=dtype, offload=offload, weights_dtype=weights_dtype, vae_tiling=vae_tiling,
-                   compile=compile, cache=cache)
+    try:
+        return Runtime(device=device, dtype=dtype, offload=offload, weights_dtype=weights_dtype, vae_tiling=vae_tiling,
+                       compile=compile, cache=cache)
+    except Hallo3Error as err:  # a combination of options that cannot work (e.g. --compile with group offloading)
+        raise typer.BadParameter(str(err)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# option validation: every value is checked while parsing, before any work (bad values are usage
+# errors, exit 2). The lists are runtime's (importable without torch, so --help stays instant).
+
+OFFLOAD_CHOICES = ("auto", *OFFLOAD_MODES)
+WEIGHTS_CHOICES = WEIGHTS_DTYPE_CHOICES
+DEVICE_KIND_CHOICES = ("cuda", "cpu")
+
+
+def _one_of(*choices: str):
+    """Callback: the value must be one of ``choices``."""
+
+    def check(value):
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _number(low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False,
+            multiple: int | None = None):
+    """Callback for every numeric option: finite (no nan/inf), within ``low``..``high`` (an open end
+    excludes the bound itself) and, with ``multiple``, a multiple of it."""
+
+    def check(value):
+        if value is None:
+            return value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise typer.BadParameter(f"must be a finite number, got {value}")
+        too_low = low is not None and (value < low or (low_open and value == low))
+        too_high = high is not None and (value > high or (high_open and value == high))
+        if too_low or too_high:
+            left = "(" if low_open else "["
+            right = ")" if high_open else "]"
+            raise typer.BadParameter(f"must be in {left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}, got {value}")
+        if multiple is not None and value % multiple:
+            raise typer.BadParameter(f"must be a multiple of {multiple}, got {value}")
+        return value
+
+    return check
+
+
+def _model(value):
+    """Callback: a known preset (models.toml and $HALLO3_PRESETS)."""
+    if value is None:
+        return value
+    from hallo3_cli.presets import preset_names
+
+    try:
+        names = preset_names()
+    except Hallo3Error as err:
+        raise typer.BadParameter(str(err)) from None
+    if value not in names:
+        raise typer.BadParameter(f"unknown model preset {value!r}; known presets: {', '.join(names)}")
+    return value
+
+
+_DEVICE = re.compile(r"[a-z][a-z_]*(:[0-9]+)?")
+
+
+def _device(value):
+    """Callback: a torch device string (whether it exists here is checked when it is used)."""
+    if value in (None, "auto", "cpu"):
+        return value
+    if not _DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    import torch
+
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(f"{value!r} is not a torch device type; use auto, cpu, cuda, cuda:N or mps") from None
+    return value
 
 
 def _version(value: bool) -> None:
@@ -91,7 +173,7 @@ def emit(result: str | Path) -> None:
 
 @app.command("download")
 def download_cmd(
-    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP, callback=_model),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Model home to install into (default: $HALLO3_HOME or the Hugging Face cache)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be fetched and the total size, fetch nothing."),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Import an existing official pretrained_models/ folder (no network)."),
@@ -115,9 +197,9 @@ def download_cmd(
 
 @app.command("doctor")
 def doctor_cmd(
-    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
-    device: str = typer.Option("auto", "--device", help="torch device to check: auto, cpu, cuda, cuda:1, mps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP, callback=_model),
+    device: str = typer.Option("auto", "--device", callback=_device, help="torch device to check: auto, cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("auto", "--dtype", callback=_one_of(*DTYPE_CHOICES), help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
     json_output: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Check torch, devices, installed weights, disk space, and whether the settings fit the device.
@@ -140,8 +222,8 @@ def doctor_cmd(
 def convert_cmd(
     src: Path = typer.Argument(..., help="Official checkpoint: folder with 'latest', a .pt file, or a .safetensors file."),
     dest: Path = typer.Argument(..., help="Folder that receives transformer/ and reference/ (diffusers layout)."),
-    audio_layers: int = typer.Option(12, "--audio-layers", help="wav2vec layers the audio projection expects (not inferable from shapes)."),
-    shard_size: float = typer.Option(2.0, "--shard-size", help="Shard size in GB."),
+    audio_layers: int = typer.Option(12, "--audio-layers", callback=_number(1, 1000), help="wav2vec layers the audio projection expects (not inferable from shapes)."),
+    shard_size: float = typer.Option(2.0, "--shard-size", callback=_number(0, 1024, low_open=True), help="Shard size in GB."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Convert an official Hallo3 checkpoint into diffusers folders.
@@ -158,14 +240,14 @@ def convert_cmd(
 
 @app.command("plan")
 def plan_cmd(
-    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
-    offload: str = typer.Option("auto", "--offload", help=OFFLOAD_HELP),
-    weights_dtype: str = typer.Option("auto", "--weights-dtype", help=WEIGHTS_HELP),
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP, callback=_model),
+    offload: str = typer.Option("auto", "--offload", callback=_one_of(*OFFLOAD_CHOICES), help=OFFLOAD_HELP),
+    weights_dtype: str = typer.Option("auto", "--weights-dtype", callback=_one_of(*WEIGHTS_CHOICES), help=WEIGHTS_HELP),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tiled VAE encode/decode."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the preset's)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Frame height (default: the preset's, 480)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Frame width (default: the preset's, 720)."),
-    device_kind: str = typer.Option("cuda", "--device-kind", help="cuda (bf16) or cpu (float32, device = host memory)."),
+    steps: Optional[int] = typer.Option(None, "--steps", callback=_number(1, 1000), help="Sampling steps (default: the preset's)."),
+    height: Optional[int] = typer.Option(None, "--height", callback=_number(16, 8192, multiple=16), help="Frame height (default: the preset's, 480)."),
+    width: Optional[int] = typer.Option(None, "--width", callback=_number(16, 8192, multiple=16), help="Frame width (default: the preset's, 720)."),
+    device_kind: str = typer.Option("cuda", "--device-kind", callback=_one_of(*DEVICE_KIND_CHOICES), help="cuda (bf16) or cpu (float32, device = host memory)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (peak_device_bytes, peak_host_bytes, flops_per_clip, ...)."),
 ) -> None:
     """Predict peak device and host memory and FLOPs per clip, from the real model traced without memory.
@@ -184,9 +266,9 @@ def plan_cmd(
 def embed_audio_cmd(
     speech: Path = typer.Argument(..., help="Speech recording (wav, mp3, m4a, flac, ogg)."),
     output: Path = typer.Option(..., "--output", "-o", help="Features file to write (.safetensors)."),
-    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP, callback=_model),
     separate_vocals: bool = typer.Option(False, "--separate-vocals", help="Isolate the voice with the release's MDX-Net model first."),
-    device: str = typer.Option("auto", "--device", help="torch device: auto, cpu, cuda, cuda:1, mps."),
+    device: str = typer.Option("auto", "--device", callback=_device, help="torch device: auto, cpu, cuda, cuda:1, mps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Speech -> per-frame wav2vec features (a stage file).
@@ -204,12 +286,12 @@ def encode_ref_cmd(
     image: Path = typer.Argument(..., help="Portrait image (jpg, png, webp, ...)."),
     output: Path = typer.Option(..., "--output", "-o", help="Reference file to write (.safetensors)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Scene description (default: the preset's generic talking-head prompt)."),
-    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP, callback=_model),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Also write the framed image with face box and mask drawn (PNG)."),
-    device: str = typer.Option("auto", "--device", help="torch device: auto, cpu, cuda, cuda:1, mps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
-    offload: str = typer.Option("auto", "--offload", help=OFFLOAD_HELP),
-    weights_dtype: str = typer.Option("auto", "--weights-dtype", help=WEIGHTS_HELP),
+    device: str = typer.Option("auto", "--device", callback=_device, help="torch device: auto, cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("auto", "--dtype", callback=_one_of(*DTYPE_CHOICES), help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
+    offload: str = typer.Option("auto", "--offload", callback=_one_of(*OFFLOAD_CHOICES), help=OFFLOAD_HELP),
+    weights_dtype: str = typer.Option("auto", "--weights-dtype", callback=_one_of(*WEIGHTS_CHOICES), help=WEIGHTS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Portrait -> identity: face embedding and mask, VAE latents, prompt, reference features.
@@ -232,21 +314,21 @@ def render_cmd(
     ref: Optional[Path] = typer.Option(None, "--ref", help="Reference file from 'hallo3 encode-ref'."),
     batch: Optional[Path] = typer.Option(None, "--batch", help="Jobs file: lines 'prompt@@image@@audio' (paths relative to the file)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Output folder for --batch (created if missing)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: hallo3, or the preset of --audio/--ref."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: hallo3, or the preset of --audio/--ref.", callback=_model),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Scene description (default: the preset's generic prompt)."),
     seed: int = typer.Option(42, "--seed", help="Random seed; the same seed gives the same frames."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the preset's; 50 for hallo3)."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale (default 3.5)."),
-    device: str = typer.Option("auto", "--device", help="torch device: auto, cpu, cuda, cuda:1, mps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
+    steps: Optional[int] = typer.Option(None, "--steps", callback=_number(1, 1000), help="Sampling steps (default: the preset's; 50 for hallo3)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", callback=_number(0, 100), help="Classifier-free guidance scale, 0 to 100 (default 3.5)."),
+    device: str = typer.Option("auto", "--device", callback=_device, help="torch device: auto, cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("auto", "--dtype", callback=_one_of(*DTYPE_CHOICES), help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where stage files and finished clips are kept (default: .hallo3-cache next to the output)."),
     separate_vocals: bool = typer.Option(False, "--separate-vocals", help="Isolate the voice with the release's MDX-Net model before embedding."),
     no_download: bool = typer.Option(False, "--no-download", help="Never fetch missing weights; fail with the download command instead."),
-    offload: str = typer.Option("auto", "--offload", help=OFFLOAD_HELP),
-    weights_dtype: str = typer.Option("auto", "--weights-dtype", help=WEIGHTS_HELP),
+    offload: str = typer.Option("auto", "--offload", callback=_one_of(*OFFLOAD_CHOICES), help=OFFLOAD_HELP),
+    weights_dtype: str = typer.Option("auto", "--weights-dtype", callback=_one_of(*WEIGHTS_CHOICES), help=WEIGHTS_HELP),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tiled VAE encode/decode (less memory; tile seams differ slightly)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the repeated DiT block (slow first clip, faster after)."),
-    cache: Optional[float] = typer.Option(None, "--cache", help="First Block Cache threshold, e.g. 0.05: skip most blocks on steps whose first block barely changed (faster, approximate)."),
+    cache: Optional[float] = typer.Option(None, "--cache", callback=_number(0, 1, low_open=True, high_open=True), help="First Block Cache threshold, e.g. 0.05: skip most blocks on steps whose first block barely changed (faster, approximate)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Render the talking video clip by clip (resumable: rerun the same command after an interruption).
@@ -257,13 +339,11 @@ def render_cmd(
       hallo3 render --audio speech.audio.safetensors --ref face.ref.safetensors -o clips.safetensors
       hallo3 render --batch jobs.txt --out-dir videos/
     """
-    if steps is not None and not 1 <= steps <= 1000:
-        raise typer.BadParameter(f"must be between 1 and 1000, got {steps}", param_hint="--steps")
+    runtime = _runtime(device, dtype, offload, weights_dtype, vae_tiling, compile, cache)
     _setup(quiet)
     from hallo3_cli import jobs
 
-    common = dict(seed=seed, steps=steps, cfg=cfg, allow_download=not no_download,
-                  runtime=_runtime(device, dtype, offload, weights_dtype, vae_tiling, compile, cache))
+    common = dict(seed=seed, steps=steps, cfg=cfg, allow_download=not no_download, runtime=runtime)
     if batch is not None:
         if face or speech or audio or ref or output:
             raise typer.BadParameter("--batch takes no FACE/SPEECH/--audio/--ref/-o; use --out-dir", param_hint="--batch")
@@ -301,8 +381,8 @@ def stitch_cmd(
     clips: Path = typer.Argument(..., help="Clips file written by 'hallo3 render -o CLIPS.safetensors'."),
     output: Path = typer.Option(..., "--output", "-o", help="Video to write (.mp4)."),
     audio: Path = typer.Option(..., "--audio", help="The original speech recording to mux."),
-    device: str = typer.Option("auto", "--device", help="torch device for the VAE decoder."),
-    offload: str = typer.Option("auto", "--offload", help=OFFLOAD_HELP),
+    device: str = typer.Option("auto", "--device", callback=_device, help="torch device for the VAE decoder."),
+    offload: str = typer.Option("auto", "--offload", callback=_one_of(*OFFLOAD_CHOICES), help=OFFLOAD_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Clips + speech -> mp4 (H.264 + AAC, 25 fps).
@@ -320,21 +400,24 @@ def stitch_cmd(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the Typer app and turn errors into one-line messages."""
+    """Console entry point: run the Typer app and turn errors into one-line messages.
+
+    With ``--debug`` the traceback is printed too, and the exit code stays the documented one.
+    """
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("HALLO3_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _terminated)  # run cleanups (no partial outputs) when killed politely
     try:
         code = app(args=argv, prog_name="hallo3", standalone_mode=False)
+        if code == 130:  # Typer turns KeyboardInterrupt (Ctrl-C) into a silent exit 130
+            _interrupted(False)
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except Hallo3Error as err:
-        if debug:
-            raise
+        _traceback(debug)
         print(f"hallo3: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        print("hallo3: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted(debug)
     except SystemExit:
         raise
     except Exception as err:
@@ -342,14 +425,26 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
             err.show()
             sys.exit(err.exit_code)
-        if type(err).__name__ == "Abort":
-            print("hallo3: aborted", file=sys.stderr)
-            sys.exit(130)
-        if debug:
-            raise
+        if type(err).__name__ == "Abort":  # click turns Ctrl-C into Abort
+            _interrupted(debug)
+        _traceback(debug)
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"hallo3: error: {type(err).__name__}: {message} (rerun with --debug for the traceback)", file=sys.stderr)
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        print(f"hallo3: error: {type(err).__name__}: {message[:300]}{hint}", file=sys.stderr)
         sys.exit(1)
+
+
+def _traceback(debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+
+
+def _interrupted(debug: bool) -> None:
+    _traceback(debug)
+    print("hallo3: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 def _terminated(signum, frame):

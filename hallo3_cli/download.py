@@ -833,22 +833,20 @@ def _check_disk(preset_dir: Path, need: int, what: str) -> None:
 
 @contextlib.contextmanager
 def _locked(preset_dir: Path) -> Iterator[None]:
-    from filelock import FileLock, Timeout
-
     try:
         preset_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"cannot create the model folder ({err.strerror or err})", preset_dir) from None
-    lock = FileLock(str(preset_dir / LOCK))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
+        lock = fsutil.exclusive_lock(preset_dir / LOCK, wait=False)
+        lock.__enter__()
+    except BlockingIOError:
         raise ModelError("another 'hallo3 download' is installing into this folder; wait for it to finish",
                          preset_dir) from None
     try:
         yield
     finally:
-        lock.release()
+        lock.__exit__(None, None, None)
 
 
 def pending_downloads(preset_dir: Path) -> dict[str, int]:

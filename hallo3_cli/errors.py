@@ -15,6 +15,27 @@ class Hallo3Error(Exception):
         super().__init__(f"{path}: {message}" if path is not None else message)
 
 
+class UsageError(Hallo3Error):
+    """An option value that is well formed but cannot be used here (e.g. ``--device mps`` without MPS)."""
+
+    exit_code = 2
+
+
+class NonFiniteError(Hallo3Error):
+    """Computation produced NaN or infinity (e.g. the sampler's latents): nothing is written from it.
+
+    ``NonFiniteError.at(clip=3, step=17)`` gives the message naming where it happened.
+    """
+
+    exit_code = 1
+
+    @classmethod
+    def at(cls, *, clip: int | None = None, step: int | None = None, what: str = "latents", path=None) -> "NonFiniteError":
+        where = ", ".join(f"{name} {value}" for name, value in (("clip", clip), ("step", step)) if value is not None)
+        return cls(f"the {what} became non-finite (NaN or infinity){' at ' + where if where else ''}; "
+                   "nothing was written from them (try --dtype float32, a smaller --cfg, or check the input files)", path)
+
+
 class InputError(Hallo3Error):
     """An input file (media or stage file) is missing, unreadable or unsuitable."""
 
@@ -36,12 +57,3 @@ class ModelError(Hallo3Error):
 
     exit_code = 5
 
-
-class UsageError(Hallo3Error):
-    """An invalid option value or combination (the CLI's usage errors)."""
-
-    exit_code = 2
-
-
-class NonFiniteError(Hallo3Error):
-    """A computation produced NaN or infinite values (nothing is written from them)."""

@@ -1,15 +1,33 @@
-"""Filesystem helpers: atomic writes, output checks and content hashes."""
+"""Filesystem helpers: atomic writes, output checks and content hashes.
+
+Every command validates its outputs with :func:`check_outputs` before any work starts, and writes
+each of them through :func:`atomic_path`, so an output is either the complete new file or untouched.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
+import socket
+import stat
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from hallo3_cli.errors import InputError, OutputError
+
+#: What each kind of output must be named (see :func:`check_outputs`).
+VIDEO_SUFFIXES = (".mp4",)
+STAGE_SUFFIXES = (".safetensors",)
+PREVIEW_SUFFIXES = (".png",)
+
+NAME_MAX = 255
+"""Longest file name (in bytes) of common file systems (ext4, xfs, btrfs, APFS, NTFS)."""
+STALE_SECONDS = 24 * 3600
+"""A temporary file of our pattern from another machine is stale after this long without change."""
 
 
 def require_file(path: str | Path) -> Path:
@@ -24,8 +42,13 @@ def require_file(path: str | Path) -> Path:
     return path
 
 
-def check_output_path(path: str | Path) -> Path:
-    """Fail early (before any expensive work) if ``path`` cannot be written atomically."""
+def check_output_path(path: str | Path, suffixes: Sequence[str] | None = None) -> Path:
+    """Fail early (before any expensive work) if ``path`` cannot be written atomically.
+
+    The folder must exist and be writable; ``path`` must be absent or a regular file (a device,
+    fifo, socket or folder would be replaced by a regular file by the atomic rename); with
+    ``suffixes``, its extension must be one of them (case-insensitive).
+    """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
@@ -36,7 +59,74 @@ def check_output_path(path: str | Path) -> Path:
         raise OutputError(f"output folder {str(parent)!r} is not writable", path)
     if path.is_dir():
         raise OutputError("is a directory, expected a file path", path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None  # absent, or a dangling symlink (the rename replaces the link, never its target)
+    except OSError as err:
+        raise OutputError(f"cannot inspect the existing file ({err.strerror or err})", path) from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise OutputError(f"exists and is not a regular file ({_file_kind(mode)}); refusing to replace it", path)
+    if suffixes is not None and path.suffix.lower() not in tuple(s.lower() for s in suffixes):
+        expected = " or ".join(suffixes)
+        got = f"{path.suffix!r}" if path.suffix else "no extension"
+        raise OutputError(f"has {got}, but what is written here is a {expected} file; name it *{suffixes[0]}", path)
     return path
+
+
+def check_outputs(
+    outputs: Mapping[str | Path, Sequence[str] | None] | Iterable[tuple[str | Path | None, Sequence[str] | None]],
+    inputs: Iterable[str | Path | None] = (),
+) -> list[Path]:
+    """Validate all outputs of one command against each other and against its inputs; the one
+    entry point every command calls before any work.
+
+    ``outputs`` holds ``(path, extensions)`` pairs (or a mapping path → extensions), the extensions
+    being what the file may be named (e.g. :data:`VIDEO_SUFFIXES`; ``None`` = any); pairs whose path
+    is ``None`` (an option not given) are skipped. ``inputs`` are the files the command reads
+    (``None`` entries are skipped).
+    Each output goes through :func:`check_output_path`, then is refused if it resolves (``..``,
+    symlinks of the file or of any folder above it, or the same inode through a hard link) to one of
+    the inputs or to another output. Raises :class:`OutputError` (exit 4) with one line; returns
+    the outputs as Paths, in order.
+    """
+    checked: list[Path] = []
+    real_inputs = [(Path(p), os.path.realpath(p)) for p in inputs if p is not None]
+    seen: list[tuple[Path, str]] = []
+    pairs = outputs.items() if isinstance(outputs, Mapping) else outputs
+    for raw, suffixes in pairs:
+        if raw is None:
+            continue
+        path = check_output_path(raw, suffixes)
+        real = os.path.realpath(path)
+        for other, other_real in real_inputs:
+            if real == other_real or _same_file(path, other):
+                raise OutputError(f"is also an input of this command ({other}); refusing to overwrite it", path)
+        for other, other_real in seen:
+            if real == other_real or _same_file(path, other):
+                raise OutputError(f"is the same file as another output of this command ({other})", path)
+        seen.append((path, real))
+        checked.append(path)
+    return checked
+
+
+def check_output_folder(folder: str | Path) -> Path:
+    """Fail early if ``folder`` could not be created or written, without creating anything.
+
+    For checks before any work; :func:`ensure_output_folder` creates it when it is needed.
+    """
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and not probe.is_symlink():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"cannot create the folder: {str(probe)!r} is not a folder", folder)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "folder is not writable" if probe == folder else f"cannot create the folder: {str(probe)!r} is not writable"
+        raise OutputError(what, folder)
+    return folder
 
 
 def ensure_output_folder(folder: str | Path) -> Path:
@@ -55,12 +145,17 @@ def ensure_output_folder(folder: str | Path) -> Path:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only if the block succeeds.
 
-    The temporary file keeps the suffix of ``path`` so that tools choosing a format by extension
-    (PyAV, safetensors) behave the same. On any exception the temporary file is removed.
+    The temporary file is named ``.<name>.<host>-<pid>.<random>.tmp<suffix>`` (``<name>`` shortened
+    with a digest when the whole would exceed :data:`NAME_MAX` bytes) and keeps the suffix of
+    ``path``, so that tools choosing a format by extension (PyAV, safetensors) behave the same. On
+    any exception it is removed; the temporaries of this output left by a killed process are removed
+    by the next write of the same output (see :func:`remove_stale_temporaries`).
     """
     path = check_output_path(path)
+    remove_stale_temporaries(path)
+    prefix, suffix = _temp_affixes(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     except OSError as err:
         raise OutputError(f"cannot write here ({err.strerror or err})", path) from None
     os.close(fd)
@@ -73,6 +168,90 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the leftover temporaries of :func:`atomic_path` for ``path``; returns what was removed.
+
+    Only files of exactly our pattern for this very output name are considered. One is stale when
+    its writer, named in it by host and process id, was on this machine and no longer runs, or, if
+    written from another machine (shared folder), when it is older than :data:`STALE_SECONDS`.
+    A live writer's file is never touched.
+    """
+    path = Path(path)
+    prefix, suffix = _temp_affixes(path)
+    pattern = re.compile(re.escape(prefix[: -len(_writer_tag()) - 1]) + r"([0-9a-f]{4})-(\d+)\.[a-z0-9_]{8}" + re.escape(suffix))
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent if str(path.parent) else "."))
+    except OSError:
+        return removed
+    host = _host_tag()
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if not match or not entry.is_file(follow_symlinks=False):
+            continue
+        if match.group(1) == host:
+            if _pid_alive(int(match.group(2))):
+                continue
+        else:
+            with contextlib.suppress(OSError):
+                if time.time() - entry.stat(follow_symlinks=False).st_mtime < STALE_SECONDS:
+                    continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _temp_affixes(path: Path) -> tuple[str, str]:
+    """(prefix, suffix) of the temporaries of ``path``; mkstemp adds 8 random characters between."""
+    tag = _writer_tag()
+    suffix = ".tmp" + (path.suffix if len(path.suffix.encode()) <= 32 else "")
+    # room for the name part, reserving the longest tag (4 hex + "-" + a 10-digit pid) so that every
+    # process shortens a long name identically (stale files of other pids still match the pattern)
+    room = NAME_MAX - len("...") - 15 - 8 - len(suffix.encode())
+    name = path.name
+    if len(name.encode()) > room:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        head = name.encode("utf-8", "surrogateescape")[: room - 13].decode("utf-8", "ignore")
+        name = f"{head}~{digest}"
+    return f".{name}.{tag}.", suffix
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:4]
+
+
+def _writer_tag() -> str:
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def _umask() -> int:
@@ -88,3 +267,35 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while block := f.read(chunk_size):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, *, wait: bool = True) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``) on the file ``path``, created if missing and deleted when the
+    holder is done. A waiter that wakes up holding a deleted file (its inode is no longer the one at
+    ``path``) starts over, so no two processes ever hold it; a file left by a killed process is harmless
+    (the kernel released its lock). ``wait=False``: raise ``BlockingIOError`` if another process holds it.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.close()
+            raise
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still holding the lock: see above
+        handle.close()

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,18 +30,6 @@ from hallo3_cli.presets import Preset, get_preset
 from hallo3_cli.runtime import Runtime
 
 log = logging.getLogger("hallo3")
-
-#: The ``models.toml`` components each stage needs: checked (or fetched) before anything loads, and
-#: fingerprinted into the stage files it writes.
-STAGE_COMPONENTS = {
-    "embed-audio": ("wav2vec",),
-    "encode-ref": ("vae", "reference", "text_encoder", "tokenizer", "face_analysis"),
-    "render": ("transformer", "vae"),
-    "stitch": ("vae",),
-}
-#: Components of a random preset that are not generated networks (nothing to fingerprint).
-_NOT_GENERATED = ("tokenizer", "face_analysis")
-
 
 @dataclass(frozen=True)
 class RenderSettings:
@@ -61,20 +48,18 @@ class RenderSettings:
         return {"seed": self.seed, "steps": self.steps, "cfg": self.cfg, "dtype": runtime.dtype, **runtime.affects_frames()}
 
 
-def fingerprint(preset: Preset, stage: str, extra: tuple[str, ...] = ()) -> str:
-    """The weights fingerprint written into (and checked against) a stage's files."""
-    components = STAGE_COMPONENTS[stage] + extra
-    if preset.is_random:
-        components = tuple(c for c in components if c not in _NOT_GENERATED)
-    return preset.fingerprint(*components)
+def fingerprint(preset: Preset, kind: stages.StageKind, params: dict | None = None) -> str:
+    """The weights fingerprint written into (and checked against, see ``stages.weights_components``) a stage file."""
+    return preset.fingerprint(*stages.weights_components(kind, preset, params))
 
 
-def require_weights(preset: Preset, stages_: tuple[str, ...], allow_download: bool = False, progress: bool = True,
-                    extra: tuple[str, ...] = ()) -> None:
-    """Fail (or, if allowed, download) before loading anything when a stage's weights are missing."""
+def require_weights(preset: Preset, kinds: tuple[stages.StageKind, ...], allow_download: bool = False,
+                    progress: bool = True, extra: tuple[str, ...] = ()) -> None:
+    """Fail (or, if allowed, download) before loading anything when the weights that make ``kinds`` of stage
+    files (and ``extra`` components) are missing."""
     from hallo3_cli.download import ensure_weights
 
-    needed = tuple(c for stage in stages_ for c in STAGE_COMPONENTS[stage]) + extra
+    needed = tuple(c for kind in kinds for c in stages.weights_components(kind, preset)) + extra
     ensure_weights(preset, needed, allow_download=allow_download, progress=progress)
 
 
@@ -91,18 +76,7 @@ def _pipeline(preset: Preset, runtime: Runtime | None, *, allow_download: bool =
     return pipe
 
 
-@contextlib.contextmanager
-def job_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (several processes on one cache folder wait in turn); the lock file is
-    removed when the job ends (filelock's soft cleanup: harmless if a killed process leaves one behind)."""
-    from filelock import FileLock
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path), thread_local=False)
-    with lock:
-        yield
-    with contextlib.suppress(OSError):
-        path.unlink()
+job_lock = fsutil.exclusive_lock  # several processes on one cache folder wait in turn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,13 +126,13 @@ def embed_audio(speech: str | Path, output: str | Path, *, model: str | Preset =
     from hallo3_cli.audio import CONTEXT_SECONDS, WINDOW_SECONDS
     from hallo3_cli.audio_io import SAMPLE_RATE, load_audio, resample
 
-    output = fsutil.check_output_path(output)
     speech = fsutil.require_file(speech)
+    (output,) = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES)], inputs=[speech])
     preset = get_preset(model) if isinstance(model, str) else model
-    extra = ("audio_separator",) if separate_vocals else ()
     separator_path = vocals.find_separator_model(preset) if separate_vocals else None
-    require_weights(preset, ("embed-audio",))
-    pipe = pipe or _pipeline(preset, Runtime(device=device))
+    runtime = Runtime(device=device).resolved(preset)  # an unusable device fails before any weights are checked
+    require_weights(preset, (stages.AUDIO,))
+    pipe = pipe or _pipeline(preset, runtime)
     if separator_path is not None:
         mix = load_audio(speech, vocals.SEPARATOR_SAMPLE_RATE, mono=False)
         voice = vocals.separate_vocals(mix, separator_path, progress=progress)
@@ -172,7 +146,7 @@ def embed_audio(speech: str | Path, output: str | Path, *, model: str | Preset =
         "window_seconds": WINDOW_SECONDS, "context_seconds": CONTEXT_SECONDS,
     }
     meta = {
-        "model": preset.name, "weights": fingerprint(preset, "embed-audio", extra), "params": params,
+        "model": preset.name, "weights": fingerprint(preset, stages.AUDIO, params), "params": params,
         "source_sha256": fsutil.sha256_file(speech), "fps": preset.fps, "num_frames": features.num_frames,
         "clip_length": preset.clip_length, "sample_rate": SAMPLE_RATE,
     }
@@ -188,19 +162,21 @@ def encode_reference(image: str | Path, output: str | Path, *, model: str | Pres
     """Portrait → reference stage file (face embedding and box, VAE latent, prompt, reference bank)."""
     from hallo3_cli.image_io import write_preview
 
-    output = fsutil.check_output_path(output)
-    if preview is not None:
-        fsutil.check_output_path(preview)
     image = fsutil.require_file(image)
+    output, *_ = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES), (preview, fsutil.PREVIEW_SUFFIXES)], inputs=[image])
     preset = get_preset(model) if isinstance(model, str) else model
-    require_weights(preset, ("encode-ref",))
+    if pipe is None:
+        runtime = (runtime or Runtime()).resolved(preset)  # an unusable device fails before any weights are checked
+        require_weights(preset, (stages.REFERENCE,))
+        pipe = _pipeline(preset, runtime)
     _warn_random(preset)
-    pipe = pipe or _pipeline(preset, runtime)
     reference = pipe.encode_reference(image, prompt)
-    path = write_reference(reference, output, preset, pipe.placement.runtime, fsutil.sha256_file(image))
-    if preview is not None:
-        write_preview(preview, reference.image, reference.mask, reference.face_box.tolist())
-    return path
+    # All or nothing: the preview is written to its temporary name first and renamed into place only once
+    # the stage file is written.
+    with fsutil.atomic_path(preview) if preview is not None else contextlib.nullcontext() as preview_tmp:
+        if preview_tmp is not None:
+            write_preview(preview_tmp, reference.image, reference.mask, reference.face_box.tolist())
+        return write_reference(reference, output, preset, pipe.placement.runtime, fsutil.sha256_file(image))
 
 
 def write_reference(reference, output: Path, preset: Preset, runtime: Runtime, source_sha256: str) -> Path:
@@ -211,7 +187,7 @@ def write_reference(reference, output: Path, preset: Preset, runtime: Runtime, s
         stages.REFERENCE,
         {name: getattr(reference, name) for name in reference.TENSORS},
         {
-            "model": preset.name, "weights": fingerprint(preset, "encode-ref"), "params": params,
+            "model": preset.name, "weights": fingerprint(preset, stages.REFERENCE), "params": params,
             "source_sha256": source_sha256, "framing": reference.framing, "source_width": reference.source_width,
             "source_height": reference.source_height, "face_found": reference.face_found, "prompt": reference.prompt,
         },
@@ -229,7 +205,7 @@ def render_key(audio: stages.Stage, reference: stages.Stage, settings: RenderSet
         "reference": reference.meta["source_sha256"], "reference_params": reference.params,
         "reference_weights": reference.weights, "prompt": reference.meta["prompt"],
         "seed": settings.seed, "steps": settings.steps, "cfg": settings.cfg,
-        "model": audio.model, "weights": fingerprint(preset, "render"), "dtype": str(runtime.torch_dtype),
+        "model": audio.model, "weights": fingerprint(preset, stages.CLIPS), "dtype": str(runtime.torch_dtype),
         "clip_format": stages.CLIP.version, "runtime": runtime.affects_frames(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -272,7 +248,7 @@ def render_parts(pipe, preset: Preset, audio: stages.Stage, reference: stages.St
     parts_dir.mkdir(parents=True, exist_ok=True)
     resumed = _finished_parts(parts_dir, key, total)
     bar = Progress(progress, total, settings.steps, done=len(resumed))
-    meta = {"model": preset.name, "weights": fingerprint(preset, "render"), "params": settings.params(runtime),
+    meta = {"model": preset.name, "weights": fingerprint(preset, stages.CLIPS), "params": settings.params(runtime),
             "source_sha256": key, "render_key": key}
     current = {"clip": len(resumed)}
 
@@ -301,6 +277,8 @@ def render_parts(pipe, preset: Preset, audio: stages.Stage, reference: stages.St
             yield clip
     finally:
         bar.close()
+        with contextlib.suppress(OSError):
+            parts_dir.rmdir()  # only if empty: a failed render leaves no empty .parts/ behind
 
 
 def render_clips(audio: str | Path, reference: str | Path, output: str | Path, *, model: str | None = None,
@@ -308,14 +286,16 @@ def render_clips(audio: str | Path, reference: str | Path, output: str | Path, *
                  progress: bool = True, allow_download: bool = True, pipe=None) -> Path:
     """Stage files → clips file (latents of every clip). Resumable: finished clips are kept in
     ``<output>.parts/`` until the clips file is written."""
-    output = fsutil.check_output_path(output)
+    (output,) = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES)], inputs=[audio, reference])
     audio_stage = stages.load_stage(audio, stages.AUDIO, model=model)
     reference_stage = stages.load_stage(reference, stages.REFERENCE, model=model or audio_stage.model)
     preset = get_preset(audio_stage.model)
     settings = RenderSettings.for_preset(preset, seed, steps, cfg)
-    require_weights(preset, ("render",), allow_download, progress)
+    if pipe is None:
+        runtime = (runtime or Runtime()).resolved(preset)  # an unusable device fails before any download
+        require_weights(preset, (stages.CLIPS,), allow_download, progress)
+        pipe = _pipeline(preset, runtime, allow_download=allow_download, progress=progress)
     _warn_random(preset)
-    pipe = pipe or _pipeline(preset, runtime, allow_download=allow_download, progress=progress)
     parts = output.with_name(output.name + ".parts")
     with job_lock(output.with_name(f".{output.name}.lock")):
         latents = [clip.latents for clip in render_parts(pipe, preset, audio_stage, reference_stage, settings, parts,
@@ -325,7 +305,7 @@ def render_clips(audio: str | Path, reference: str | Path, output: str | Path, *
             stages.CLIPS,
             {"latents": torch.stack(latents)},
             {
-                "model": preset.name, "weights": fingerprint(preset, "render"),
+                "model": preset.name, "weights": fingerprint(preset, stages.CLIPS),
                 "params": settings.params(pipe.placement.runtime),
                 "source_sha256": stages.source_digest(audio_stage.meta["source_sha256"], reference_stage.meta["source_sha256"]),
                 "num_frames": audio_stage.meta["num_frames"], "fps": preset.fps, "clip_length": preset.clip_length,
@@ -349,11 +329,11 @@ def stitch(clips: str | Path, output: str | Path, *, audio: str | Path, runtime:
     from hallo3_cli.progress import bar
     from hallo3_cli.video_io import VideoWriter
 
-    output = fsutil.check_output_path(output)
+    (output,) = fsutil.check_outputs([(output, fsutil.VIDEO_SUFFIXES)], inputs=[clips, audio])
     clip_stage = stages.load_stage(clips, stages.CLIPS)
     audio_info(audio)  # fail early, with the file named, on an unreadable recording
     preset = get_preset(clip_stage.model)
-    require_weights(preset, ("stitch",))
+    require_weights(preset, (), extra=("vae",))
     meta = clip_stage.meta
     if (meta["height"], meta["width"]) != (preset.height, preset.width):
         raise StageFileError(f"holds {meta['width']}×{meta['height']} clips, the preset renders {preset.width}×{preset.height}", clips)
@@ -413,7 +393,8 @@ class VideoRenderer:
         self.preset = get_preset(model)
         self.settings = RenderSettings.for_preset(self.preset, seed, steps, cfg)
         extra = ("audio_separator",) if separate_vocals else ()
-        require_weights(self.preset, ("embed-audio", "encode-ref", "render"), allow_download, progress, extra)
+        runtime = (runtime or Runtime()).resolved(self.preset)  # an unusable device fails before any download
+        require_weights(self.preset, (stages.AUDIO, stages.REFERENCE, stages.CLIPS), allow_download, progress, extra)
         self.pipe = _pipeline(self.preset, runtime, allow_download=allow_download, progress=progress)
         self.runtime = self.pipe.placement.runtime
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -459,12 +440,11 @@ class VideoRenderer:
         from hallo3_cli.image_io import crop_box_for_output
         from hallo3_cli.video_io import VideoWriter
 
-        output = fsutil.check_output_path(job.output)
         fsutil.require_file(job.image)
         fsutil.require_file(job.speech)
+        (output,) = fsutil.check_outputs([(job.output, fsutil.VIDEO_SUFFIXES)], inputs=[job.image, job.speech])
         audio_info(job.speech)
-        cache = self.cache_for(output)
-        cache.mkdir(parents=True, exist_ok=True)
+        cache = fsutil.ensure_output_folder(self.cache_for(output))
         audio = self.audio_stage(job.speech, cache)
         reference = self.reference_stage(job.image, job.prompt, cache)
         preset, settings = self.preset, self.settings
@@ -490,7 +470,9 @@ def render_video(image: str | Path, speech: str | Path, output: str | Path, *, m
     """Face + speech → mp4 in one call (see :class:`VideoRenderer` for the options)."""
     fsutil.require_file(image)
     fsutil.require_file(speech)
-    fsutil.check_output_path(output)  # fail on typos before fetching or loading any weights
+    # fail on typos, and on outputs that would destroy an input, before fetching or loading any weights
+    fsutil.check_outputs([(output, fsutil.VIDEO_SUFFIXES)], inputs=[image, speech])
+    fsutil.check_output_folder(options.get("cache_dir") or Path(output).parent / ".hallo3-cache")
     return VideoRenderer(model, **options).render(Job(Path(image), Path(speech), Path(output), prompt))
 
 
@@ -500,12 +482,25 @@ def render_video(image: str | Path, speech: str | Path, output: str | Path, *, m
 
 def read_jobs(jobs_file: str | Path, out_dir: str | Path, seed: int) -> list[Job | Hallo3Error]:
     """Parse ``prompt@@image@@audio`` lines (the official input format). Relative paths resolve against
-    the jobs file's folder. A malformed line becomes an error entry (reported, the others still run)."""
+    the jobs file's folder. A malformed line becomes an error entry (reported, the others still run).
+
+    The file must be UTF-8 (a byte-order mark is allowed). Outputs are named
+    ``<image stem>-<audio stem>-seed_<seed>-<digest>.mp4``, the digest (8 hex) being that of the job's
+    three fields: different jobs never share an output; a line repeating an earlier job is reported
+    as an error entry instead of being rendered (or listed) twice.
+    """
     jobs_file = fsutil.require_file(jobs_file)
     base = jobs_file.parent
     out_dir = Path(out_dir)
+    raw = jobs_file.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise InputError(f"line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the jobs file as UTF-8", jobs_file) from None
     jobs: list[Job | Hallo3Error] = []
-    for number, line in enumerate(jobs_file.read_text(encoding="utf-8").splitlines(), start=1):
+    first_line: dict[Path, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.split("@@")
@@ -514,8 +509,16 @@ def read_jobs(jobs_file: str | Path, out_dir: str | Path, seed: int) -> list[Job
             continue
         prompt, image, speech = (field.strip() for field in fields)
         image_path, speech_path = base / image, base / speech
-        name = f"{image_path.stem}-{speech_path.stem}-seed_{seed}.mp4"
-        jobs.append(Job(image_path, speech_path, out_dir / name, prompt or None))
+        digest = hashlib.sha256("@@".join((prompt, image, speech)).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        name = f"{image_path.stem[:80]}-{speech_path.stem[:80]}-seed_{seed}-{digest}.mp4"
+        output = out_dir / name
+        if output in first_line:
+            jobs.append(InputError(f"line {number}: the same job as line {first_line[output]} (both would write {name}); skipped", jobs_file))
+            continue
+        first_line[output] = number
+        jobs.append(Job(image_path, speech_path, output, prompt or None))
+    for problem in (job for job in jobs if isinstance(job, Hallo3Error)):
+        log.warning("%s", problem)  # pre-flight: said before any rendering (and again in the final summary)
     return jobs
 
 
@@ -528,9 +531,9 @@ def render_batch(jobs_file: str | Path, out_dir: str | Path, *, model: str = "ha
                  **options) -> tuple[list[Path], list[str]]:
     """Render every job of a jobs file (skipping finished outputs). Under ``torchrun`` the jobs are
     shared by rank (``RANK``/``WORLD_SIZE``). Returns (written outputs, error messages)."""
-    out_dir = fsutil.ensure_output_folder(out_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    jobs = shard(read_jobs(jobs_file, out_dir, seed), rank, world)
+    jobs = shard(read_jobs(jobs_file, out_dir, seed), rank, world)  # a bad jobs file fails before out_dir exists
+    out_dir = fsutil.ensure_output_folder(out_dir)
     written, errors = [], []
     renderer = None
     for job in jobs:

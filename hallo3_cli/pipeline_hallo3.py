@@ -213,7 +213,8 @@ class Hallo3Pipeline(DiffusionPipeline):
         name = str(pretrained_model_name_or_path)
         path = Path(name).expanduser()
         if (path / "model_index.json").is_file():
-            import hallo3_cli.models  # noqa: F401  (model_index.json names their modules: diffusers finds them imported)
+            # model_index.json names our modules; diffusers resolves them from those already imported
+            import hallo3_cli.models  # noqa: F401
             import hallo3_cli.scheduling_hallo3  # noqa: F401
 
             face = kwargs.pop("face_analyzer", None)
@@ -571,8 +572,7 @@ class Hallo3Pipeline(DiffusionPipeline):
                 extra["variance_noise"] = noise[i]
             x = scheduler.step(velocity, t, x, **extra, return_dict=False)[0]
             if not torch.isfinite(x).all():
-                raise NonFiniteError(f"clip {clip_index + 1}: the latents became NaN or infinite at step {i + 1}/"
-                                     f"{len(timesteps)} (check --cfg and the input stage files)")
+                raise NonFiniteError.at(clip=clip_index + 1, step=f"{i + 1}/{len(timesteps)}")
             if callback_on_step_end is not None:
                 local = {"latents": x}
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs}) or {}

@@ -46,14 +46,10 @@ from torch.utils._pytree import tree_map
 from hallo3_cli import tracing
 from hallo3_cli.errors import Hallo3Error
 from hallo3_cli.presets import Preset, get_preset
-from hallo3_cli.runtime import OFFLOAD_MODES
-from hallo3_cli.runtime import WEIGHTS_DTYPES as _STORAGE
+from hallo3_cli.runtime import OFFLOAD_MODES, WEIGHTS_DTYPE_CHOICES, resolve_dtype, storage_dtype
 
-WEIGHTS_DTYPES = tuple(_STORAGE)
+WEIGHTS_DTYPES = WEIGHTS_DTYPE_CHOICES
 DEVICE_KINDS = ("cuda", "cpu")
-_COMPUTE = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
 #: Longest span the wav2vec2 encoder attends over at once (``audio.WINDOW_SECONDS``; longer inputs are windowed).
 AUDIO_SECONDS = 30.0
 #: Networks that ``runtime.Placement.place`` treats as block networks (layerwise casting, group offloading).
@@ -537,8 +533,8 @@ def plan(
     if steps < 1:
         raise Hallo3Error(f"--steps must be at least 1, got {steps}")
 
-    weights = _all_weights(preset, compute, _STORAGE[weights_dtype])
-    folded = _folds_cross_attention(offload if device_kind == "cuda" else "none", _STORAGE[weights_dtype], compute)
+    weights = _all_weights(preset, compute, storage_dtype(weights_dtype))
+    folded = _folds_cross_attention(offload if device_kind == "cuda" else "none", storage_dtype(weights_dtype), compute)
     traces = _traces(_configs(preset), compute, height, width, vae_tiling, device_kind, folded_cross_attention=folded)
     mode = _Mode(offload if device_kind == "cuda" else "none", weights, device_kind)
 
@@ -571,9 +567,7 @@ def _preset(model: str | Preset) -> Preset:
 
 
 def _compute_dtype(dtype: str, device_kind: str) -> torch.dtype:
-    if dtype not in _COMPUTE:
-        raise Hallo3Error(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return _COMPUTE[dtype] or (torch.bfloat16 if device_kind == "cuda" else torch.float32)
+    return resolve_dtype(dtype, device_kind)  # "cuda" → bfloat16 unless said otherwise; "cpu" → float32
 
 
 def _all_weights(preset: Preset, compute: torch.dtype, storage: torch.dtype | None) -> dict[str, _Weights]:
@@ -586,7 +580,7 @@ def weight_bytes(model: str | Preset = "hallo3", *, weights_dtype: str = "auto",
     """Bytes of each network's weights (parameters and buffers) as stored, from the meta-built modules."""
     if weights_dtype not in WEIGHTS_DTYPES:
         raise Hallo3Error(f"--weights-dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
-    weights = _all_weights(_preset(model), _compute_dtype(dtype, "cuda"), _STORAGE[weights_dtype])
+    weights = _all_weights(_preset(model), _compute_dtype(dtype, "cuda"), storage_dtype(weights_dtype))
     return {n: w.total for n, w in weights.items()}
 
 

@@ -13,20 +13,25 @@ import logging
 import math
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING
 
 from hallo3_cli.errors import UsageError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger("hallo3")
 
-#: Compute dtypes by name (``auto`` = bfloat16 on CUDA, float32 elsewhere).
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+# The lists are plain names so that the CLI validates options without importing torch.
+#: Compute dtypes by name (``auto`` = bfloat16 on CUDA, float32 elsewhere) and their torch names.
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+DTYPE_CHOICES = ("auto", *DTYPES)
 #: Memory modes, fastest first.
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
-#: DiT weight storage (``auto`` = the compute dtype).
-WEIGHTS_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+#: DiT weight storage (``auto`` = the compute dtype) and their torch names.
+WEIGHTS_DTYPES = {"auto": None, "bf16": "bfloat16", "fp8": "float8_e4m3fn"}
+WEIGHTS_DTYPE_CHOICES = tuple(WEIGHTS_DTYPES)
 #: Device memory kept free for what ``plan`` does not count (CUDA context, cuDNN workspaces, fragmentation).
 DEVICE_RESERVE = 1 << 30
 #: What ``--offload auto`` tries on CUDA, fastest first: (offload, VAE tiling).
@@ -34,8 +39,18 @@ AUTO_CANDIDATES = (("none", False), ("none", True), ("model", False), ("model", 
                    ("group", True), ("sequential", True))
 
 
+def storage_dtype(weights_dtype: str) -> torch.dtype | None:
+    """The torch dtype of a ``--weights-dtype`` name (None for ``auto``)."""
+    import torch
+
+    name = WEIGHTS_DTYPES[weights_dtype]
+    return None if name is None else getattr(torch, name)
+
+
 def resolve_device(device: str = "auto") -> str:
     """``auto`` → cuda if available, then mps, else cpu; anything else is validated by torch (one line)."""
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -54,13 +69,15 @@ def resolve_device(device: str = "auto") -> str:
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     """``auto`` → bfloat16 on CUDA, float32 elsewhere."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    return getattr(torch, DTYPES[dtype])
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -109,7 +126,7 @@ class Runtime:
     @property
     def storage_dtype(self) -> torch.dtype | None:
         """The DiT weights' storage dtype when it differs from the compute dtype, else None."""
-        storage = WEIGHTS_DTYPES[self.weights_dtype]
+        storage = storage_dtype(self.weights_dtype)
         return None if storage in (None, self.torch_dtype) else storage
 
     def resolved(self, preset=None) -> Runtime:
@@ -141,6 +158,8 @@ class Runtime:
 
 def free_device_memory(device: str) -> int | None:
     """Free bytes on a CUDA device (None elsewhere: memory is shared with the host)."""
+    import torch
+
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return None
     free, _ = torch.cuda.mem_get_info(torch.device(device))
@@ -206,6 +225,8 @@ class Placement:
         casting act on; the VAE and wav2vec stay whole on the device in group mode. ``block_modules``:
         submodules whose own block lists group offloading should use (T5 keeps its in ``encoder``).
         """
+        import torch
+
         runtime = self.runtime
         storage = runtime.storage_dtype
         if blocks and storage is not None and hasattr(model, "enable_layerwise_casting"):
@@ -239,6 +260,8 @@ class Placement:
 
     def forget(self, model: torch.nn.Module | None) -> None:
         """Drop a network for good (T5, reference DiT) and return its device memory."""
+        import torch
+
         if model is not None:
             self.done_with(model)
             self._hooks.pop(id(model), None)

@@ -10,8 +10,10 @@ Each stage file is a safetensors file. Its ``__metadata__`` (string → string) 
 - ``source_sha256``   sha256 of the input media (for clips: of the input stage files)
 
 plus the per-format keys listed in each :class:`StageKind`. Loading validates all of it — format,
-version, metadata types, tensor names, ranks, dtypes and cross-shape consistency — and raises
-:class:`StageFileError` with a one-line message naming the file. Writes are atomic.
+version, metadata types, tensor names, ranks, dtypes and cross-shape consistency, finite values,
+shapes and timing against the file's preset (:func:`expected_shapes`), and the weights fingerprint
+where those weights are installed (:func:`weights_components`) — and raises
+:class:`StageFileError` with a one-line message naming the file (and the tensor). Writes are atomic.
 
 Formats
 -------
@@ -44,6 +46,12 @@ from hallo3_cli.errors import StageFileError
 from hallo3_cli.fsutil import atomic_path, require_file
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+LATENT_CHANNELS = 16
+FACE_EMBEDDING = 512  # insightface's recognition embedding (SPEC §4)
+
+#: The release's widths (SPEC §2, §3, §5), used where no installed config.json of the preset says
+#: otherwise (see :func:`preset_widths`); random presets take theirs from models.toml.
+RELEASE_WIDTHS = {"dit_layers": 42, "dit_width": 3072, "patch": 2, "text_width": 4096, "audio_layers": 12, "audio_width": 768}
 COMMON_META = ("format", "format_version", "model", "weights", "params", "source_sha256")
 
 
@@ -309,11 +317,17 @@ def load_stage(
     model: str | None = None,
     weights: str | None = None,
     device: str = "cpu",
+    geometry: bool = True,
 ) -> Stage:
     """Read and validate a stage file of ``kind``.
 
     ``model``/``weights``, when given, must match what produced the file (a features file made by
-    another preset or by other weights is refused rather than silently misused).
+    another preset or by other weights is refused rather than silently misused). Every float tensor
+    must be finite. With ``geometry`` (default), every tensor's shape must also be the one the
+    file's preset produces (:func:`expected_shapes`), so that a mismatch is refused here, naming the
+    tensor, rather than failing inside a network; and the ``weights`` fingerprint of an audio,
+    reference or clips file must be the one of the preset's weights that make such a file
+    (:func:`weights_components`), when those are installed (random presets: always).
     """
     path = require_file(path)
     raw = read_header(path)
@@ -343,9 +357,122 @@ def load_stage(
     stage = Stage(kind, tensors, meta, path)
     try:
         _validate(stage)
+        _check_finite(stage)
+        if geometry:
+            _check_geometry(stage)
+            _check_weights(stage)
     except ValueError as err:
         raise StageFileError(str(err), path) from None
     return stage
+
+
+def preset_widths(preset) -> dict[str, int]:
+    """The widths a preset's networks expect: DiT layers and width, patch size, text-encoder width,
+    wav2vec layers and width. Random presets: models.toml; the release: the installed components'
+    config.json where present, else :data:`RELEASE_WIDTHS`."""
+    if preset.is_random:
+        from hallo3_cli.loading import transformer_config
+
+        config = transformer_config(preset, main=True)
+        return {"dit_layers": config["num_layers"], "dit_width": config["num_attention_heads"] * config["attention_head_dim"],
+                "patch": 2, "text_width": config["text_embed_dim"], "audio_layers": config["audio_layers"],
+                "audio_width": config["audio_channels"]}
+    widths = dict(RELEASE_WIDTHS)
+    transformer = _installed_config(preset, "transformer")
+    if transformer:
+        widths.update(dit_layers=transformer.get("num_layers", widths["dit_layers"]),
+                      dit_width=transformer.get("num_attention_heads", 48) * transformer.get("attention_head_dim", 64),
+                      patch=transformer.get("patch_size", widths["patch"]),
+                      text_width=transformer.get("text_embed_dim", widths["text_width"]),
+                      audio_layers=transformer.get("audio_layers", widths["audio_layers"]),
+                      audio_width=transformer.get("audio_channels", widths["audio_width"]))
+    return widths
+
+
+def expected_shapes(kind: StageKind, preset, meta: dict) -> dict[str, tuple[int | None, ...]]:
+    """Shape of each tensor of a ``kind`` file made by ``preset`` (``None``: any length), given its metadata."""
+    w = preset_widths(preset)
+    h, wd = preset.height // 8, preset.width // 8
+    if kind is AUDIO:
+        return {"features": (None, w["audio_layers"], w["audio_width"])}
+    if kind is REFERENCE:
+        tokens = (h // w["patch"]) * (wd // w["patch"])
+        return {"image": (3, preset.height, preset.width), "ref_latent": (LATENT_CHANNELS, h, wd),
+                "face_embedding": (FACE_EMBEDDING,), "face_box": (4,),
+                "prompt_embeds": (preset.text_length, w["text_width"]), "ref_bank": (w["dit_layers"], tokens, w["dit_width"])}
+    latent_frames = (preset.clip_length - 1) // 4 + 1  # the VAE compresses time by 4 (causal: +1)
+    if kind is CLIP:
+        return {"latents": (latent_frames, LATENT_CHANNELS, h, wd)}
+    if kind is CLIPS:
+        return {"latents": (None, latent_frames, LATENT_CHANNELS, meta["height"] // 8, meta["width"] // 8)}
+    return {}
+
+
+def weights_components(kind: StageKind, preset, params: dict | None = None) -> tuple[str, ...]:
+    """The components whose weights make a ``kind`` file: its ``weights`` fingerprint is theirs
+    (``preset.fingerprint(*components)``). ``params``: the file's producing parameters."""
+    if kind is AUDIO:
+        return ("wav2vec",) + (("audio_separator",) if (params or {}).get("separate_vocals") else ())
+    if kind is REFERENCE:
+        if preset.is_random:  # random presets have no tokenizer or face-model files
+            return ("vae", "reference", "text_encoder")
+        return ("vae", "reference", "text_encoder", "tokenizer", "face_analysis")
+    return ("transformer", "vae")
+
+
+def _check_weights(stage: Stage) -> None:
+    from hallo3_cli.presets import get_preset
+
+    if stage.kind is CLIP:
+        return  # a render's own parts: bound to it by their render_key
+    preset = get_preset(stage.model)
+    components = weights_components(stage.kind, preset, stage.params)
+    if not preset.is_random and not all((preset.component_dir(c) / ".complete").exists() for c in components):
+        return  # not installed here: nothing to compare with (the fingerprint still keys the render cache)
+    if stage.weights != preset.fingerprint(*components):
+        raise ValueError(
+            f"its weights fingerprint {stage.weights[:16]!r} is not that of the installed {preset.name} weights "
+            f"({', '.join(components)}): made with other weights, or edited; rerun the stage that wrote it"
+        )
+
+
+def _installed_config(preset, component: str) -> dict:
+    path = preset.component_dir(component) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _check_finite(stage: Stage) -> None:
+    import torch
+
+    for name, tensor in stage.tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"tensor {name!r} holds NaN or infinite values (a failed computation); rerun the stage that wrote it")
+
+
+def _check_geometry(stage: Stage) -> None:
+    from hallo3_cli.errors import Hallo3Error
+    from hallo3_cli.presets import get_preset
+
+    try:
+        preset = get_preset(stage.model)
+    except Hallo3Error:
+        raise ValueError(f"was made with model preset {stage.model!r}, which is not known here") from None
+    timing = {"fps": preset.fps, "clip_length": preset.clip_length}
+    if stage.kind is CLIPS:
+        timing.update(motion_frames=preset.motion_frames, height=preset.height, width=preset.width)
+    if stage.kind in (AUDIO, CLIPS):
+        for key, value in timing.items():
+            if stage.meta[key] != value:
+                raise ValueError(f"metadata {key} is {stage.meta[key]}, the {preset.name} model uses {value}")
+    for name, shape in expected_shapes(stage.kind, preset, stage.meta).items():
+        actual = tuple(stage.tensors[name].shape)
+        if len(actual) != len(shape) or any(e is not None and a != e for a, e in zip(actual, shape)):
+            want = "×".join("N" if e is None else str(e) for e in shape)
+            raise ValueError(f"tensor {name!r} has shape {'×'.join(map(str, actual))}, the {preset.name} model needs {want}")
 
 
 def _read_tensors(path: Path, device: str) -> dict:

@@ -99,8 +99,9 @@ def test_render_key_follows_everything_that_changes_the_frames():
 
 def test_resume_takes_only_the_leading_run_of_valid_parts(tmp_path):
     def part(index, key="k"):
-        meta = {"model": "m", "weights": "w", "params": {}, "source_sha256": key, "index": index, "render_key": key}
-        stages.save_stage(tmp_path / f"clip_{index:05d}.safetensors", stages.CLIP, {"latents": torch.zeros(13, 16, 2, 3)}, meta)
+        meta = {"model": "tiny-random", "weights": "w", "params": {}, "source_sha256": key, "index": index, "render_key": key}
+        latents = torch.zeros(13, 16, 16, 24)  # tiny-random's clip: 49 frames of 128×192
+        stages.save_stage(tmp_path / f"clip_{index:05d}.safetensors", stages.CLIP, {"latents": latents}, meta)
 
     part(0)
     part(1)
