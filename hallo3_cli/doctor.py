@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import sys
 from pathlib import Path
 
 from hallo3_cli import __version__
@@ -128,57 +127,44 @@ def _resolve(report: dict, device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
-#: Device memory kept free for what the plan does not count (CUDA context, cuDNN workspaces, fragmentation).
-DEVICE_RESERVE = 1 << 30
-#: Settings tried, in order, when the default does not fit: (offload, weights dtype, VAE tiling).
-_FALLBACKS = (
-    ("none", "bf16", True),
-    ("model", "bf16", False),
-    ("model", "bf16", True),
-    ("group", "bf16", True),
-    ("group", "fp8", True),
-    ("sequential", "bf16", True),
-    ("sequential", "fp8", True),
-)
-
-
 def _fit(preset, report: dict, device: str, dtype: str) -> dict:
-    """Does a render fit ``device``? Compares :func:`hallo3_cli.plan.plan`'s predicted peak (device
-    memory on CUDA, RAM otherwise) with the device's memory and suggests memory settings that fit.
-    Falls back to the main DiT's weights alone if the plan cannot be computed."""
+    """Does a render fit ``device``? The memory mode ``--offload auto`` would choose there
+    (:func:`hallo3_cli.runtime.choose_memory_mode`: the fastest whose plan fits the free device memory)
+    and its predicted peak (device memory on CUDA, RAM otherwise) against the device's memory. Falls
+    back to the main DiT's weights alone if the plan cannot be computed."""
+    from hallo3_cli.runtime import DEVICE_RESERVE, Runtime, choose_memory_mode
+
     device, dtype = _resolve(report, device, dtype)
     entry = next((d for d in report["devices"] if d["device"] == device), None)
     available = entry.get("memory") if entry else None
+    free = entry.get("free") if entry else None
     kind = "cuda" if device.startswith("cuda") else "cpu"
     fit = {"device": device, "dtype": dtype, "verdict": "unknown", "needed": None, "available": available, "note": ""}
     try:
         from hallo3_cli.plan import plan
 
-        planned = plan(preset, device_kind=kind, dtype=dtype)
+        if kind == "cuda":
+            chosen = choose_memory_mode(Runtime(device=device, dtype=dtype), preset, free=free if free is not None else available)
+        else:
+            chosen = Runtime(device=device, dtype=dtype, offload="none", reason="not CUDA: memory is shared, nothing moves")
+        planned = plan(preset, offload=chosen.offload, vae_tiling=chosen.vae_tiling, device_kind=kind, dtype=dtype)
     except Exception as err:  # noqa: BLE001 - the doctor must still answer
         return _fit_from_weights(preset, fit, dtype, f"memory plan failed ({type(err).__name__}: {err}); ")
+    fit["memory_mode"] = {"offload": chosen.offload, "vae_tiling": chosen.vae_tiling, "reason": chosen.reason}
     needed = planned.peak_device_bytes if kind == "cuda" else planned.peak_host_bytes
     peak = planned.peak_device_step
     fit.update(needed=needed, source="plan", peak_step=peak, flops_per_clip=planned.flops_per_clip,
                peak_host=planned.peak_host_bytes)
+    mode = f"--offload auto = {chosen.offload}{' + --vae-tiling' if chosen.vae_tiling else ''} ({chosen.reason})"
     if available is None:
-        fit["note"] = f"needs {human_size(needed)} (peak at {peak}); device memory unknown"
+        fit["note"] = f"needs {human_size(needed)} (peak at {peak}); device memory unknown; {mode}"
         return fit
     reserve = DEVICE_RESERVE if kind == "cuda" else 0
     if needed + reserve <= available:
-        fit.update(verdict="fits", note=f"needs {human_size(needed)} of {human_size(available)} (peak at {peak})")
-        return fit
-    fit["verdict"] = "tight" if needed <= available else "no"
-    fit["note"] = f"needs {human_size(needed)} of {human_size(available)} (peak at {peak})"
-    if kind == "cuda":
-        for offload, weights, tiling in _FALLBACKS:
-            option = plan(preset, device_kind=kind, dtype=dtype, offload=offload, weights_dtype=weights, vae_tiling=tiling)
-            if option.peak_device_bytes + reserve <= available:
-                flags = f"--offload {offload}" + (f" --weights-dtype {weights}" if weights != "bf16" else "")
-                flags += " --vae-tiling" if tiling else ""
-                fit["suggestion"] = flags
-                fit["note"] += f"; {flags} needs {human_size(option.peak_device_bytes)}"
-                break
+        fit["verdict"] = "fits"
+    else:
+        fit["verdict"] = "tight" if needed <= available else "no"
+    fit["note"] = f"needs {human_size(needed)} of {human_size(available)} (peak at {peak}); {mode}"
     return fit
 
 
@@ -227,6 +213,3 @@ def format_doctor(report: dict) -> str:
         lines.append(f"next: run {report['next_step']}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # pragma: no cover - handy before the CLI wiring lands
-    print(format_doctor(doctor(sys.argv[1] if len(sys.argv) > 1 else "hallo3")))
