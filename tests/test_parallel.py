@@ -21,6 +21,7 @@ from hallo3_cli.parallel import (
     init_parallel,
     parallel_cost,
     parallelize_transformer,
+    setup_parallel,
     split_cfg_inputs,
     valid_degrees,
 )
@@ -84,6 +85,15 @@ def test_init_parallel_without_torchrun(monkeypatch):
     assert not single.enabled and single.is_main and single.sequence_rank == 0
     with pytest.raises(ParallelUsageError, match="torchrun --nproc-per-node 4"):
         init_parallel(Degrees(2, 2, 1))
+    with pytest.raises(ParallelUsageError, match="torchrun --nproc-per-node N .*--parallel video"):
+        setup_parallel(48)
+
+
+def test_setup_parallel_checks_degrees_before_joining(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ParallelUsageError, match="valid: cfg 1 × ulysses 3 × ring 1; cfg 1 × ulysses 1 × ring 3"):
+        setup_parallel(48, cfg_parallel=True)
 
 
 # -- layout ----------------------------------------------------------------------------------

@@ -45,10 +45,10 @@ from hallo3_cli.parallel.engine import (
     parallelize_transformer,
     split_cfg_inputs,
 )
-from hallo3_cli.parallel.mesh import ParallelConfig, init_parallel, torchrun_env
+from hallo3_cli.parallel.mesh import ParallelConfig, init_parallel, setup_parallel, torchrun_env
 
 __all__ = [
     "INTERCONNECTS", "Degrees", "ParallelConfig", "ParallelCost", "ParallelUsageError", "SequenceLayout",
     "SequenceParallel", "choose_degrees", "init_parallel", "parallel_cost", "parallel_transformer",
-    "parallelize_transformer", "split_cfg_inputs", "torchrun_env", "valid_degrees",
+    "parallelize_transformer", "setup_parallel", "split_cfg_inputs", "torchrun_env", "valid_degrees",
 ]

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from hallo3_cli.errors import Hallo3Error
-from hallo3_cli.parallel.degrees import Degrees, ParallelUsageError
+from hallo3_cli.parallel.degrees import Degrees, ParallelUsageError, choose_degrees
 
 #: Mesh dimension names, outermost first. Sequence rank = ring rank × ulysses degree + ulysses rank.
 MESH_DIMS = ("cfg", "ring", "ulysses")
@@ -84,3 +84,24 @@ def init_parallel(degrees: Degrees, device: str | torch.device | None = None) ->
     shape = (degrees.cfg, degrees.ring, degrees.ulysses)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
     return ParallelConfig(degrees, mesh, device)
+
+
+def setup_parallel(
+    heads: int,
+    *,
+    cfg_parallel: bool | None = None,
+    ulysses: int | None = None,
+    ring: int | None = None,
+    device: str | torch.device | None = None,
+) -> ParallelConfig:
+    """``--parallel video``: the degrees for torchrun's world size (checked before anything loads), then
+    the process group and mesh. Outside torchrun it says how to launch; under ``torchrun`` with one
+    process it is a plain single-process run."""
+    env = torchrun_env()
+    if env is None:
+        raise ParallelUsageError(
+            "--parallel video splits one video over the processes that torchrun starts: "
+            "`torchrun --nproc-per-node N --no-python hallo3 render ... --parallel video`"
+        )
+    degrees = choose_degrees(env[1], heads, cfg_parallel=cfg_parallel, ulysses=ulysses, ring=ring)
+    return init_parallel(degrees, device)
