@@ -16,7 +16,11 @@ class ParallelUsageError(Hallo3Error):
 @dataclass(frozen=True)
 class Degrees:
     """``cfg`` (1 or 2: the CFG halves on different ranks) × ``ulysses`` (heads split by all-to-all)
-    × ``ring`` (queries split, keys/values all-gathered) = the world size."""
+    × ``ring`` (queries split, keys/values all-gathered) = the world size.
+
+    ``ring`` is ring attention with the all-gather rotation (diffusers' ``rotate_method="allgather"``):
+    each rank holds one layer's full keys/values at once (224 MiB at production size, bf16, one CFG
+    half), so no log-sum-exp merge is needed."""
 
     cfg: int = 1
     ulysses: int = 1

@@ -242,6 +242,7 @@ class SequenceParallel:
         return (), kwargs
 
     def _model_post(self, module, args, kwargs, output):
+        self.layout = None  # nothing of this call's layout may leak into a later one
         if kwargs.get("hidden_states") is None or self.config.degrees.cfg == 1:
             return None
         group = self.config.group("cfg")
