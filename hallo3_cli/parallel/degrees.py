@@ -19,8 +19,8 @@ class Degrees:
     × ``ring`` (queries split, keys/values all-gathered) = the world size.
 
     ``ring`` is ring attention with the all-gather rotation (diffusers' ``rotate_method="allgather"``):
-    each rank holds one layer's full keys/values at once (224 MiB at production size, bf16, one CFG
-    half), so no log-sum-exp merge is needed."""
+    each rank holds one layer's full keys/values at once (sizes in bench/RESULTS.md), so no
+    log-sum-exp merge is needed."""
 
     cfg: int = 1
     ulysses: int = 1
