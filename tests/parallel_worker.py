@@ -10,6 +10,7 @@ projection-only call, ``return_dict=True`` and the model after ``remove()``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -84,6 +85,7 @@ def main(out_dir: str, splits: list[str]) -> None:
             "projection_equal": bool(torch.equal(projected, expected_audio)),
             "restored_equal": bool(torch.equal(after, expected)),
             "max_abs": expected.abs().max().item(),
+            "sha256": hashlib.sha256(out.numpy().tobytes()).hexdigest(),  # every rank must get the same bytes
         }
     rank = torch.distributed.get_rank()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))

@@ -199,10 +199,13 @@ def test_parallel_call_equals_single_process(ranks, splits, tmp_path):
                "--standalone", str(REPO / "tests" / "parallel_worker.py"), str(tmp_path), *splits]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
+    digests = set()
     for rank in range(ranks):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        digests.add(tuple(results[split]["sha256"] for split in splits))
         assert sorted(results) == sorted(splits)
         for split, r in results.items():
             assert r["shape_ok"], (rank, split)
             assert r["rel"] <= TOLERANCE and r["rel_return_dict"] <= TOLERANCE, (rank, split, r)
             assert r["projection_equal"] and r["restored_equal"], (rank, split, r)
+    assert len(digests) == 1  # identical v-prediction on every rank: their sampler steps cannot diverge
