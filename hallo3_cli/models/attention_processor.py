@@ -38,6 +38,23 @@ class Hallo3SelfAttnProcessor:
         if attention_mask is not None:
             raise ValueError("Hallo3SelfAttnProcessor does not support attention masks")
         text_length = encoder_hidden_states.shape[1]
+        query, key, value = self.project(attn, hidden_states, encoder_hidden_states, image_rotary_emb, ref_states)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2)
+        out = attn.to_out[1](attn.to_out[0](out))
+        encoder_out, video_out = out.split([text_length, out.shape[1] - text_length], dim=1)
+        return video_out, encoder_out
+
+    @staticmethod
+    def project(
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+        ref_states: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query of ``[text | video]``, keys/values of ``[text | video | ref]``, each (B, heads, tokens, d)."""
+        text_length = encoder_hidden_states.shape[1]
         tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)
 
         query = _heads(attn, attn.to_q(tokens))
@@ -61,11 +78,7 @@ class Hallo3SelfAttnProcessor:
             key = torch.cat([key, ref_key.expand(batch, -1, -1, -1)], dim=2)
             value = torch.cat([value, ref_value.expand(batch, -1, -1, -1)], dim=2)
 
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2)
-        out = attn.to_out[1](attn.to_out[0](out))
-        encoder_out, video_out = out.split([text_length, out.shape[1] - text_length], dim=1)
-        return video_out, encoder_out
+        return query, key, value
 
 
 class Hallo3CrossAttnProcessor:
