@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hallo3_cli.errors import Hallo3Error
+from hallo3_cli.errors import UsageError
 
 
-class ParallelUsageError(Hallo3Error):
+class ParallelUsageError(UsageError):
     """An impossible ``--parallel video`` split (a usage error: exit code 2)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
