@@ -422,8 +422,12 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except Exception as err:
         # Typer vendors click: recognise its usage errors by shape rather than by class.
-        if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
-            err.show()
+        if hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int):
+            ctx = getattr(err, "ctx", None)
+            where = ctx.command_path if ctx is not None else "hallo3"
+            message = " ".join(err.format_message().split())  # one line, whatever click wrapped
+            kind = "usage error" if err.exit_code == 2 else "error"
+            print(f"hallo3: {kind}: {message} (see '{where} --help')", file=sys.stderr)
             sys.exit(err.exit_code)
         if type(err).__name__ == "Abort":  # click turns Ctrl-C into Abort
             _interrupted(debug)

@@ -202,7 +202,9 @@ def test_usage_errors_exit_2(tmp_path, argv, needle):
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
-    assert "Usage: hallo3" in result.stderr and needle in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hallo3: usage error: ") and needle in lines[0], result.stderr
+    assert "--help" in lines[0]
     assert list(tmp_path.iterdir()) == []
 
 
