@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -436,10 +436,3 @@ def convert_checkpoint(
         if bar is not None:
             bar.close()
     return written
-
-
-def iter_official_names(sd: dict) -> Iterator[str]:
-    """Keys of ``sd`` that the converter uses (i.e. not ignored)."""
-    for key in sd:
-        if not any(re.match(p, key) for p in IGNORED_PATTERNS):
-            yield key

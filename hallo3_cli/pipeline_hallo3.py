@@ -218,8 +218,6 @@ class Hallo3Pipeline(DiffusionPipeline):
             import hallo3_cli.scheduling_hallo3  # noqa: F401
 
             face = kwargs.pop("face_analyzer", None)
-            if "torch_dtype" in kwargs:  # diffusers >= 0.40 calls it dtype
-                kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
             pipe = super().from_pretrained(str(path), **kwargs)
             if face is None and (path / "face_analysis").is_dir():
                 from hallo3_cli.face import FaceAnalyzer
