@@ -312,10 +312,51 @@ def download(
             pending.append(source)
     if not pending:
         log.info("%s", report.summary())
-        return report
-    if from_dir is not None:
-        return _import_official(preset, preset_dir, pending, Path(from_dir), report, progress)
-    return _fetch(preset, preset_dir, pending, report, progress)
+    elif from_dir is not None:
+        report = _import_official(preset, preset_dir, pending, Path(from_dir), report, progress)
+    else:
+        report = _fetch(preset, preset_dir, pending, report, progress)
+    if not dry_run:
+        write_model_index(preset, preset_dir)
+    return report
+
+
+#: ``Hallo3Pipeline`` component → the folder of the model home that holds it (``model_index.json`` layout).
+PIPELINE_FOLDERS = {"transformer": "transformer", "reference_net": "reference", "vae": "vae",
+                    "text_encoder": "text_encoder", "tokenizer": "tokenizer", "audio_encoder": "wav2vec",
+                    "feature_extractor": "wav2vec"}
+
+
+def write_model_index(preset: Preset, preset_dir: Path) -> Path | None:
+    """Make the model home a folder ``Hallo3Pipeline.from_pretrained`` loads offline: ``model_index.json``,
+    a ``scheduler/`` config, and links named after the pipeline's components to the folders that hold
+    them. Written only once every component the pipeline needs is installed; returns its path."""
+    from hallo3_cli.pipeline_hallo3 import COMPONENT_CLASSES
+    from hallo3_cli.scheduling_hallo3 import Hallo3DPMSolverSDEScheduler
+
+    if not all(_is_installed(preset_dir, folder) for folder in PIPELINE_FOLDERS.values()):
+        return None
+    for component, folder in PIPELINE_FOLDERS.items():
+        link = preset_dir / component
+        if component != folder and not link.exists():
+            with contextlib.suppress(FileExistsError):
+                link.symlink_to(folder, target_is_directory=True)
+    if not (preset_dir / "scheduler" / Hallo3DPMSolverSDEScheduler.config_name).exists():
+        Hallo3DPMSolverSDEScheduler().save_config(str(preset_dir / "scheduler"))
+    index = {"_class_name": "Hallo3Pipeline", "_diffusers_version": _diffusers_version(),
+             **{name: list(entry) for name, entry in COMPONENT_CLASSES.items()}, **preset.pipeline_config()}
+    path = preset_dir / "model_index.json"
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    if not path.is_file() or path.read_text() != text:  # a second download changes nothing
+        with fsutil.atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return path
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
 
 
 def ensure_weights(

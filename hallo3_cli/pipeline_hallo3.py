@@ -48,6 +48,18 @@ MASK_RATE = 0.1  # share of motion-frame pixels zeroed (SPEC §7.3)
 REFERENCE_SEED = 0  # the VAE posterior sample of the reference latent (the official code samples too)
 AUDIO_WINDOW = 5  # frames of audio context per video frame (SPEC §5.5)
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+_FROM_FOLDER = object()  # from_pretrained's default face analyzer: the folder's face_analysis/, if any
+#: What ``model_index.json`` records for each component (``hallo3 download`` writes one for the release).
+COMPONENT_CLASSES = {
+    "transformer": ("hallo3_cli.models.transformer_hallo3", "Hallo3Transformer3DModel"),
+    "reference_net": ("hallo3_cli.models.reference_hallo3", "Hallo3ReferenceNet"),
+    "vae": ("diffusers", "AutoencoderKLCogVideoX"),
+    "text_encoder": ("transformers", "T5EncoderModel"),
+    "tokenizer": ("transformers", "T5TokenizerFast"),
+    "audio_encoder": ("transformers", "Wav2Vec2Model"),
+    "feature_extractor": ("transformers", "Wav2Vec2FeatureExtractor"),
+    "scheduler": ("hallo3_cli.scheduling_hallo3", "Hallo3DPMSolverSDEScheduler"),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,12 +229,14 @@ class Hallo3Pipeline(DiffusionPipeline):
             import hallo3_cli.models  # noqa: F401
             import hallo3_cli.scheduling_hallo3  # noqa: F401
 
-            face = kwargs.pop("face_analyzer", None)
+            face = kwargs.pop("face_analyzer", _FROM_FOLDER)  # None: run without face models
             pipe = super().from_pretrained(str(path), **kwargs)
-            if face is None and (path / "face_analysis").is_dir():
-                from hallo3_cli.face import FaceAnalyzer
+            if face is _FROM_FOLDER:
+                face = None
+                if (path / "face_analysis").is_dir():
+                    from hallo3_cli.face import FaceAnalyzer
 
-                face = FaceAnalyzer.from_dir(path / "face_analysis")
+                    face = FaceAnalyzer.from_dir(path / "face_analysis")
             pipe.face_analyzer = face
             return pipe
         from hallo3_cli.presets import get_preset, preset_names

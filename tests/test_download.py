@@ -210,8 +210,8 @@ def _assert_nothing_incomplete_looks_complete(preset_dir: Path) -> None:
     if not preset_dir.exists():
         return
     for folder in preset_dir.iterdir():
-        if folder.name.startswith("."):
-            continue
+        if folder.name.startswith(".") or folder.is_symlink() or folder.name in ("model_index.json", "scheduler"):
+            continue  # the pipeline's index, scheduler config and component-name links (write_model_index)
         marker = json.loads((folder / dl.MARKER).read_text())
         assert marker["files"], folder
         for name, size in marker["files"].items():
@@ -274,7 +274,7 @@ def test_fetch_installs_loadable_components_and_a_second_run_does_nothing(hub, h
     real_replace = os.replace
 
     def spy_replace(src, dst, *args, **kwargs):  # a component folder must be complete before it appears
-        if Path(dst).parent == preset_dir and not Path(dst).name.startswith("."):
+        if Path(dst).parent == preset_dir and not Path(dst).name.startswith(".") and Path(src).is_dir():
             published.append((Path(dst).name, (Path(src) / dl.MARKER).is_file()))
         return real_replace(src, dst, *args, **kwargs)
 
@@ -282,7 +282,9 @@ def test_fetch_installs_loadable_components_and_a_second_run_does_nothing(hub, h
     report = dl.download(RELEASE, progress=False)
     assert sorted(published) == sorted((name, True) for name in dl.component_names(preset))
     assert report.home == preset_dir and not report.already_installed
-    assert sorted(p.name for p in preset_dir.iterdir() if not p.name.startswith(".")) == sorted(dl.component_names(preset))
+    pipeline_files = {"model_index.json", "scheduler", "reference_net", "audio_encoder", "feature_extractor"}
+    assert sorted(p.name for p in preset_dir.iterdir() if not p.name.startswith(".")) == sorted(
+        [*dl.component_names(preset), *pipeline_files])
     assert not (preset_dir / dl.DOWNLOADS / "dit").exists()  # the staging checkpoint is deleted after conversion
     assert not (preset_dir / dl.BUILD).exists()
     _assert_nothing_incomplete_looks_complete(preset_dir)
@@ -298,6 +300,19 @@ def test_fetch_installs_loadable_components_and_a_second_run_does_nothing(hub, h
     encoder = load_audio_encoder(preset)
     assert encoder.config.hidden_size == 32 and load_feature_extractor(preset).sampling_rate == 16000
     assert (preset.require("face_analysis") / "glintr100.onnx").is_file()
+
+    # the model home is a diffusers folder: Hallo3Pipeline.from_pretrained loads it offline
+    from hallo3_cli import Hallo3Pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # (the fake hub's tokenizer and ONNX files are a few bytes: a real tokenizer instead, no face models)
+    pipe = Hallo3Pipeline.from_pretrained(preset_dir, torch_dtype=torch.bfloat16, tokenizer=_tiny_tokenizer(),
+                                          face_analyzer=None)
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.reference_net.config.num_layers == tiny_dits[1].config.num_layers
+    assert pipe.audio_encoder.config.hidden_size == 32 and pipe.feature_extractor.sampling_rate == 16000
+    assert type(pipe.scheduler).__name__ == "Hallo3DPMSolverSDEScheduler" and pipe.config.height == 480
+    assert pipe.encode_prompt("a person talking").shape == (226, 16)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
 
     fetched = list(hub.downloaded)
     stamps = {p: p.stat().st_mtime_ns for p in preset_dir.rglob("*")}
