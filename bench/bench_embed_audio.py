@@ -205,7 +205,10 @@ def main() -> None:
             "| whole-file time | windowed time |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        tiny, _ = audio.load_audio_encoder("tiny-random")
+        from hallo3_cli.loading import load_audio_encoder
+        from hallo3_cli.presets import get_preset
+
+        tiny = load_audio_encoder(get_preset("tiny-random"))
         for name, model in (("tiny-random", tiny), ("base-sized random", base_sized_encoder())):
             d = deviation(model)
             lines.append(

@@ -8,9 +8,11 @@ Uses the weights and inputs of ``shared/fixtures/official/tiny_official.safetens
     python bench/bench_ours_tiny.py sample --steps 3    # reference pass + projections + the 3-step sampler
     python bench/bench_ours_tiny.py vae --vae-width 32 --height 128 --width 192   # a clip's VAE work
 
-``cfg`` times the reference pass (done once per render by our pipeline), the audio/face projections (once
-per clip) and the CFG call as ``Renderer.denoise_clip`` makes it (DiT forward on the CFG batch, v → x0,
-guidance). ``sample`` times all of that plus the sampler loop, with the official run's noise draws for 3
+Everything runs through ``Hallo3Pipeline``'s own methods (no copy of the render here): ``cfg`` times the
+reference pass (``reference_features``, once per render), the context and audio projections
+(``prepare_context`` + ``project_audio``, once per render / per clip) and one ``guided_velocity`` call (DiT
+forward on the CFG batch + guidance). ``sample`` times all of that plus ``denoise`` (the sampler loop with
+the pipeline's scheduler), with the official run's noise draws for 3
 steps so the final latent can be checked against the fixture. The last line printed is
 ``RESULT {json}`` with the timings (wall seconds; ``*_cpu_s``: CPU seconds of all threads), the
 agreement with the fixture (max abs error / max abs value) and the process's peak RSS (VmHWM). Run each
@@ -18,8 +20,8 @@ measurement in a fresh process.
 
 ``vae`` needs no fixture: it builds the release's VAE layout (``AutoencoderKLCogVideoX``, block widths
 w·(1, 2, 2, 4), 3 layers per block, 32 norm groups) at width ``--vae-width`` (release: 128) with random
-weights, and times ``Renderer.condition_latent`` (encode of [image, 2 masked motion frames]) and
-``Renderer.decode`` (13 latent frames → 49 frames) at ``--height`` × ``--width`` pixels.
+weights, and times ``Hallo3Pipeline.prepare_condition`` (encode of [image, 2 masked motion frames]) and
+``decode_latents`` (13 latent frames → 49 frames) at ``--height`` × ``--width`` pixels.
 ``--compare FILE`` also checks against a safetensors file holding ``raw``/``guided`` (cfg) or ``final``
 (sample) from another implementation.
 """
@@ -40,8 +42,10 @@ from safetensors.torch import load_file, save_file
 from hallo3_cli import sampler
 from hallo3_cli.convert import convert_checkpoint
 from hallo3_cli.models import Hallo3ReferenceNet, Hallo3Transformer3DModel
+from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline, Hallo3Reference
 from hallo3_cli.presets import Preset
-from hallo3_cli.render import Renderer
+from hallo3_cli.runtime import Runtime
+from hallo3_cli.scheduling_hallo3 import Hallo3DPMSolverSDEScheduler
 
 SHARED = Path(os.environ.get("HALLO3_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 CFG_SCALE = 3.5
@@ -73,10 +77,10 @@ def load_converted(fixture: dict, workdir: Path) -> tuple[Hallo3Transformer3DMod
 
 
 class TinyClip:
-    """The fixture's inputs and the per-clip pieces of our render loop."""
+    """The fixture's inputs and a ``Hallo3Pipeline`` around the converted fixture networks."""
 
     def __init__(self, fixture: dict, main: Hallo3Transformer3DModel, reference: Hallo3ReferenceNet):
-        self.main, self.reference = main, reference
+        self.pipe = Hallo3Pipeline(transformer=main, vae=None, scheduler=Hallo3DPMSolverSDEScheduler(), reference_net=reference)
         self.text = fixture["input.text_cond"]
         self.audio, self.face = fixture["input.audio_emb"], fixture["input.face_emb"]
         self.ref_latent = fixture["input.ref_latent"]
@@ -84,50 +88,37 @@ class TinyClip:
         frames = self.x.shape[1]
         padding = torch.zeros(1, frames - 1, *self.x.shape[2:])
         self.concat = torch.cat([fixture["input.concat_latent_frame0"], padding], dim=1)
-        self.text_pair = torch.cat([torch.zeros_like(self.text), self.text])  # [uncond, cond]
-        self.condition_pair = torch.cat([self.concat, self.concat])
-        self.bank = self.audio_tokens = self.face_tokens = None
-        self.last_v = None
+        self.bank = self.context = self.audio_tokens = None
 
-    @torch.no_grad()
     def reference_pass(self) -> None:
-        self.bank = self.reference(hidden_states=self.ref_latent, encoder_hidden_states=torch.zeros_like(self.text))
+        self.bank = self.pipe.reference_features(self.ref_latent, self.text[0])
 
-    @torch.no_grad()
     def project(self) -> None:
-        self.audio_tokens = self.main.project_audio(torch.cat([torch.zeros_like(self.audio), self.audio]))
-        self.face_tokens = self.main.project_face(torch.cat([self.face, self.face]))
+        identity = Hallo3Reference(
+            image=torch.zeros(3, 1, 1), ref_latent=self.ref_latent[0, 0], face_embedding=self.face[0],
+            face_box=torch.zeros(4, dtype=torch.int32), prompt_embeds=self.text[0], ref_bank=self.bank, framing="crop",
+            source_width=1, source_height=1, face_found=True, prompt="",
+        )
+        self.context = self.pipe.prepare_context(identity)
+        self.audio_tokens = self.pipe.project_audio(self.audio, self.context)
 
-    @torch.no_grad()
-    def denoise(self, x_t: torch.Tensor, t: float, alpha: torch.Tensor) -> torch.Tensor:
-        """One CFG denoiser call, as ``Renderer.denoise_clip`` makes it."""
-        pair = torch.cat([x_t, x_t])
-        v = self.main(
-            hidden_states=torch.cat([pair, self.condition_pair], dim=2),
-            encoder_hidden_states=self.text_pair,
-            timestep=torch.tensor([t, t]),
-            audio_tokens=self.audio_tokens,
-            face_tokens=self.face_tokens,
-            ref_states=self.bank,
-            return_dict=False,
-        )[0]
-        self.last_v = v
-        x0 = sampler.v_to_x0(pair, v, alpha)
-        return sampler.cfg(x0[:1], x0[1:], CFG_SCALE)
+    def denoise(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
+        """One CFG denoiser call: the pipeline's ``guided_velocity``."""
+        return self.pipe.guided_velocity(x_t, torch.tensor(t), self.concat, self.audio_tokens, self.context, CFG_SCALE)
 
 
 def bench_cfg(clip: TinyClip, fixture: dict, official: Path, repeats: int, warmup: int) -> dict:
     schedule = sampler.schedule(50)  # step 0: t = 999, alpha = 0 (any step count)
     t, alpha = float(schedule.timesteps[0]), schedule.denoiser_alphas[0]
     times: dict[str, list[float]] = {"ref_pass_s": [], "projections_s": [], "cfg_call_s": [], "cfg_call_cpu_s": []}
-    guided = None
+    velocity = None
     for run in range(warmup + repeats):
         start = time.perf_counter()
         clip.reference_pass()
         after_ref = time.perf_counter()
         clip.project()
         after_projections, cpu_start = time.perf_counter(), time.process_time()
-        guided = clip.denoise(clip.x, t, alpha)
+        velocity = clip.denoise(clip.x, t)
         end, cpu_end = time.perf_counter(), time.process_time()
         if run >= warmup:
             times["ref_pass_s"].append(after_ref - start)
@@ -135,29 +126,25 @@ def bench_cfg(clip: TinyClip, fixture: dict, official: Path, repeats: int, warmu
             times["cfg_call_s"].append(end - after_projections)
             times["cfg_call_cpu_s"].append(cpu_end - cpu_start)
     sample3 = load_file(str(official / "tiny_sample3.safetensors"))
+    guided = sampler.v_to_x0(clip.x, velocity, alpha)  # the scheduler's v → x0 at the snapped alpha
     agreement = {
-        "raw_vs_fixture_rel": relative_error(clip.last_v, fixture["main.out_uc_c"]),
         "guided_vs_fixture_rel": relative_error(guided, sample3["step0.guided_denoised"]),
-        "bank_vs_fixture_rel": max(
-            relative_error(entry[0], fixture[f"bank.layer{i}"][0]) for i, entry in enumerate(clip.bank)
-        ),
+        "bank_vs_fixture_rel": max(relative_error(entry, fixture[f"bank.layer{i}"][0]) for i, entry in enumerate(clip.bank)),
     }
-    return {**times, **agreement, "outputs": {"raw": clip.last_v, "guided": guided}}
+    return {**times, **agreement, "outputs": {"guided": guided}}
 
 
 def bench_sample(clip: TinyClip, official: Path, steps: int, repeats: int, warmup: int) -> dict:
     sample3 = load_file(str(official / "tiny_sample3.safetensors"))
-    schedule = sampler.schedule(steps)
     times, cpu_times, final = [], [], None
     for run in range(warmup + repeats):
+        noise, generator = None, torch.Generator().manual_seed(1234)
         if steps == 3:
-            noise = [sample3["noise0"], sample3["noise1"], sample3["noise2"]]  # the official run's draws
-        else:
-            noise = torch.Generator().manual_seed(1234)
+            noise = [[sample3["noise0"]], [sample3["noise1"], sample3["noise2"]], None]  # the official run's draws
         start, cpu_start = time.perf_counter(), time.process_time()
         clip.reference_pass()
         clip.project()
-        final = sampler.sample(clip.denoise, clip.x, schedule, noise=noise)
+        final = clip.pipe.denoise(clip.concat, clip.audio, clip.context, generator, steps, CFG_SCALE, latents=clip.x, noise=noise)
         if run >= warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
@@ -170,13 +157,13 @@ def bench_sample(clip: TinyClip, official: Path, steps: int, repeats: int, warmu
 def bench_vae(vae_width: int, height: int, width: int, repeats: int, warmup: int) -> dict:
     table = {
         "seed": 0, "height": height, "width": width, "fps": 25, "clip_length": 49, "motion_frames": 2,
-        "steps": 50, "cfg": CFG_SCALE, "vae_scale": 0.7, "text_length": 226,
+        "steps": 50, "cfg": CFG_SCALE, "vae_scale": 0.7, "text_length": 226, "default_prompt": "",
         "vae": {
             "block_out_channels": [vae_width * m for m in (1, 2, 2, 4)], "layers_per_block": 3, "norm_num_groups": 32,
         },
     }
-    renderer = Renderer(Preset("bench-vae", table), device="cpu", dtype="float32")
-    vae = renderer.vae
+    pipe = Hallo3Pipeline.from_preset(Preset("bench-vae", table), Runtime(device="cpu", dtype="float32"), lazy=True)
+    vae = pipe.component("vae")
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(3, height, width, generator=generator) * 2 - 1
     motion = torch.rand(2, 3, height, width, generator=generator) * 2 - 1
@@ -185,9 +172,9 @@ def bench_vae(vae_width: int, height: int, width: int, repeats: int, warmup: int
     frames = None
     for run in range(warmup + repeats):
         start = time.perf_counter()
-        renderer.condition_latent(image, motion, generator)
+        pipe.prepare_condition(image, motion, generator)
         after_encode = time.perf_counter()
-        frames = renderer.decode(latents)
+        frames = pipe.decode_latents(latents)
         if run >= warmup:
             times["encode_s"].append(after_encode - start)
             times["decode_s"].append(time.perf_counter() - after_encode)

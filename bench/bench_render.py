@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from hallo3_cli import audio as audio_module
-from hallo3_cli import reference, render
-from hallo3_cli.pipeline import Job, VideoRenderer
+from hallo3_cli import jobs
+from hallo3_cli.jobs import Job, VideoRenderer
+from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
 
 TIMES: dict[str, float] = collections.defaultdict(float)
 COUNTS: dict[str, int] = collections.defaultdict(int)
@@ -71,11 +71,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="cut the speech to this length")
     args = parser.parse_args()
 
-    timed(audio_module, "embed_audio_file", "embed audio (stage)")
-    timed(reference.ReferenceEncoder, "encode", "encode reference (stage)")
-    timed(render.Renderer, "condition_latent", "VAE encode (condition)")
-    timed(render.Renderer, "denoise_clip", "denoise (all steps)")
-    timed(render.Renderer, "decode", "VAE decode")
+    timed(jobs, "embed_audio", "embed audio (stage)")
+    timed(jobs, "encode_reference", "encode reference (stage)")
+    timed(Hallo3Pipeline, "prepare_condition", "VAE encode (condition)")
+    timed(Hallo3Pipeline, "denoise", "denoise (all steps)")
+    timed(Hallo3Pipeline, "decode_latents", "VAE decode")
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,14 +83,14 @@ def main() -> None:
         speech = cut_wav(args.speech, tmp / "speech.wav", args.seconds)
         with stopwatch(results, "load models"):
             first = VideoRenderer(args.model, seed=1, cache_dir=tmp / "cache", progress=False)
-            first.renderer.transformer, first.renderer.vae  # noqa: B018 - load now, time it apart
+            first.pipe.component("transformer"), first.pipe.component("vae")  # load now, time it apart
         with stopwatch(results, "first render"):
             first.render(Job(args.face, speech, tmp / "a.mp4"))
         split = dict(TIMES), dict(COUNTS)
         TIMES.clear()
         COUNTS.clear()
         other_seed = VideoRenderer(args.model, seed=2, cache_dir=tmp / "cache", progress=False)
-        other_seed.renderer._transformer, other_seed.renderer._vae = first.renderer._transformer, first.renderer._vae
+        other_seed.pipe = first.pipe  # the models stay loaded
         with stopwatch(results, "second take, other seed"):
             other_seed.render(Job(args.face, speech, tmp / "b.mp4"))
         with stopwatch(results, "same render again"):

@@ -17,23 +17,27 @@ from pathlib import Path
 
 import torch
 
-from hallo3_cli.audio import embed_audio_file
-from hallo3_cli.pipeline import encode_reference
+from hallo3_cli.jobs import embed_audio, encode_reference, reference_from_stage
+from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline, clip_audio, clip_generator
 from hallo3_cli.presets import get_preset
-from hallo3_cli.render import Renderer, RenderSettings, Runtime, clip_audio, clip_generator
+from hallo3_cli.runtime import Runtime
 from hallo3_cli.stages import AUDIO, REFERENCE, load_stage
 
 
-def first_clip(renderer: Renderer, audio, reference, steps: int) -> tuple[torch.Tensor, float]:
-    settings = RenderSettings(seed=1, steps=steps)
-    context = renderer.context(reference)
+def pipeline(preset, **runtime) -> Hallo3Pipeline:
+    return Hallo3Pipeline.from_preset(preset, Runtime(device="cpu", dtype="float32", **runtime), lazy=True)
+
+
+def first_clip(pipe: Hallo3Pipeline, audio, reference, steps: int) -> tuple[torch.Tensor, float]:
+    """The first clip's denoising, through the pipeline's own methods (timed: ``denoise`` only)."""
+    context = pipe.prepare_context(reference_from_stage(reference))
     image = reference["image"].float()
     motion = image[None].expand(2, -1, -1, -1)
-    generator = clip_generator(settings.seed, 0)
-    condition = renderer.condition_latent(image, motion, generator)
-    features = clip_audio(audio["features"], 0, renderer.preset.clip_length, renderer.preset.motion_frames)[None]
+    generator = clip_generator(1, 0)
+    condition = pipe.prepare_condition(image, motion, generator)
+    features = clip_audio(audio["features"], 0, pipe.clip_length, pipe.config.motion_frames)[None]
     start = time.perf_counter()
-    latents = renderer.denoise_clip(condition, features, context, settings, generator)
+    latents = pipe.denoise(condition, features, context, generator, steps, pipe.config.default_guidance_scale)
     return latents, time.perf_counter() - start
 
 
@@ -50,10 +54,10 @@ def main() -> None:
         with wave.open(str(tmp / "s.wav"), "wb") as dst:
             dst.setparams(params)
             dst.writeframes(frames)
-        audio = load_stage(embed_audio_file(tmp / "s.wav", tmp / "a.safetensors", model=args.model, progress=False), AUDIO)
+        audio = load_stage(embed_audio(tmp / "s.wav", tmp / "a.safetensors", model=args.model, progress=False), AUDIO)
         reference = load_stage(encode_reference(media / "face_0001.jpg", tmp / "r.safetensors", model=args.model), REFERENCE)
 
-    baseline_renderer = Renderer(preset, "cpu", "float32")
+    baseline_renderer = pipeline(preset)
     first_clip(baseline_renderer, audio, reference, 2)  # warm-up
     reference_latents, reference_time = first_clip(baseline_renderer, audio, reference, 50)
     rows = [("50 steps (reference)", reference_time, 0.0)]
@@ -61,10 +65,10 @@ def main() -> None:
         latents, seconds = first_clip(baseline_renderer, audio, reference, steps)
         rows.append((f"{steps} steps", seconds, (latents - reference_latents).abs().max().item()))
     for threshold in (0.05, 0.1, 0.2):
-        renderer = Renderer(preset, "cpu", "float32", Runtime(cache=threshold))
+        renderer = pipeline(preset, cache=threshold)
         latents, seconds = first_clip(renderer, audio, reference, 50)
         rows.append((f"--cache {threshold} (50 steps)", seconds, (latents - reference_latents).abs().max().item()))
-    renderer = Renderer(preset, "cpu", "float32", Runtime(compile=True))
+    renderer = pipeline(preset, compile=True)
     start = time.perf_counter()
     first_clip(renderer, audio, reference, 2)
     compile_seconds = time.perf_counter() - start
