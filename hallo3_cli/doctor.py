@@ -117,14 +117,13 @@ def _disk(home: Path) -> dict:
 
 
 def _resolve(report: dict, device: str, dtype: str) -> tuple[str, str]:
-    names = [d["device"] for d in report["devices"]]
-    if device == "auto":
-        device = next((n for n in names if n.startswith("cuda")), "mps" if "mps" in names else "cpu")
-    elif device == "cuda":
+    """The device and dtype a render would use (``runtime``'s resolution), named as in the report."""
+    from hallo3_cli.runtime import dtype_name, resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    if device == "cuda":
         device = "cuda:0"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, dtype
+    return device, dtype_name(resolve_dtype(dtype, device))
 
 
 def _fit(preset, report: dict, device: str, dtype: str) -> dict:
