@@ -18,20 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_render import cut_wav  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 MEDIA = HERE.parent / "shared" / "fixtures" / "media"
-
-
-def cut_wav(source: Path, target: Path, seconds: float) -> Path:
-    with wave.open(str(source)) as src:
-        params, frames = src.getparams(), src.readframes(int(seconds * src.getframerate()))
-    with wave.open(str(target), "wb") as dst:
-        dst.setparams(params)
-        dst.writeframes(frames)
-    return target
 
 
 def render(checkout: Path, face: Path, speech: Path, out: Path, model: str) -> float:

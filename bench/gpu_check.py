@@ -2,11 +2,11 @@
 
 Measures, on one CUDA GPU (made for an H100/H200; about 5 minutes there, budget 8):
 
-- seconds per denoising step (one batch-2 CFG call of the main DiT) in bf16: eager,
+- seconds per denoising step (``Hallo3Pipeline.guided_velocity``: one batch-2 CFG call of the main DiT) in bf16: eager,
   ``compile_repeated_blocks`` (``--compile``) and First Block Cache at 0.1 (``--cache 0.1``);
 - which SDPA kernel ran (the aten op recorded by the profiler);
 - peak device memory of one denoising step and of one VAE decode per offload mode (``none``, ``model``,
-  ``group``, ``sequential``, placed by the renderer's own ``place``) against ``hallo3_cli.plan.plan``'s
+  ``group``, ``sequential``, placed by the renderer's own ``runtime.Placement``) against ``hallo3_cli.plan.plan``'s
   prediction for the same steps;
 - the bf16-vs-fp32 drift of one step (the same weights: the bf16 model upcast in place).
 
@@ -105,26 +105,58 @@ def build(args, device: str, dtype):
     return model, vae, preset, latent
 
 
-def cfg_inputs(model, latent, device, dtype, seed: int = 0) -> dict:
-    """The batch-2 CFG call the renderer makes per step (precomputed audio/face tokens, shared bank)."""
-    import torch
+class CfgCall:
+    """One denoising step exactly as the renderer makes it: ``Hallo3Pipeline.guided_velocity`` (the batch-2 CFG
+    call of the DiT + guidance) on random inputs of the render's shapes (context, condition, audio tokens
+    projected once per clip, a shared reference bank)."""
 
-    g = torch.Generator(device).manual_seed(seed)
-    c = model.config
-    frames, h, w = latent
+    def __init__(self, model, latent, device, dtype, placement=None, seed: int = 0, _tensors: dict | None = None):
+        import torch
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+        from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
+        from hallo3_cli.runtime import Placement, Runtime, dtype_name
+        from hallo3_cli.scheduling_hallo3 import Hallo3DPMSolverSDEScheduler
 
-    return dict(
-        hidden_states=randn(2, frames, c.in_channels, h, w),
-        encoder_hidden_states=torch.cat([torch.zeros(1, c.max_text_seq_length, c.text_embed_dim, device=device, dtype=dtype),
-                                         randn(1, c.max_text_seq_length, c.text_embed_dim)]),
-        timestep=torch.tensor([500.0, 500.0], device=device),
-        audio_tokens=randn(2, frames, c.audio_context_tokens, c.audio_cross_attention_dim),
-        face_tokens=randn(2, c.face_tokens, c.face_cross_attention_dim),
-        ref_states=[randn(1, h * w // c.patch_size**2, c.num_attention_heads * c.attention_head_dim) for _ in range(c.num_layers)],
-    )
+        self.pipe = Hallo3Pipeline(transformer=model, vae=None, scheduler=Hallo3DPMSolverSDEScheduler())
+        self.pipe.placement = placement or Placement(Runtime(device=device, dtype=dtype_name(dtype), offload="none"))
+        if _tensors is None:
+            g = torch.Generator(device).manual_seed(seed)
+            c = model.config
+            frames, h, w = latent
+
+            def randn(*shape, keep=False):
+                x = torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+                return x if keep else x.to(dtype)
+
+            text = randn(1, c.max_text_seq_length, c.text_embed_dim)
+            _tensors = {
+                "latents": randn(1, frames, 16, h, w, keep=True),  # the sampler state is float32
+                "condition": randn(1, frames, 16, h, w),
+                "tokens": randn(2, frames, c.audio_context_tokens, c.audio_cross_attention_dim),
+                "context": {
+                    "text": torch.cat([torch.zeros_like(text), text]),
+                    "face": randn(2, c.face_tokens, c.face_cross_attention_dim),
+                    "bank": [randn(1, h * w // c.patch_size**2, c.num_attention_heads * c.attention_head_dim)
+                             for _ in range(c.num_layers)],
+                },
+            }
+        self.tensors = _tensors
+
+    def __call__(self, latents=None, timestep: float = 500.0):
+        import torch
+
+        t = self.tensors
+        latents = t["latents"] if latents is None else latents
+        return self.pipe.guided_velocity(latents, torch.tensor(timestep), t["condition"], t["tokens"], t["context"], 3.5)
+
+    def upcast(self, model, device):
+        """The same inputs in float32 (bf16 values are exact in fp32), for ``model`` upcast in place."""
+        import torch
+
+        def up(x):
+            return [up(v) for v in x] if isinstance(x, list) else {k: up(v) for k, v in x.items()} if isinstance(x, dict) else x.float()
+
+        return CfgCall(model, None, device, torch.float32, _tensors=up(self.tensors))
 
 
 def _sync(device: str) -> None:
@@ -134,17 +166,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_seconds(model, inputs, device, repeats: int) -> list[float]:
-    import torch
-
+def step_seconds(call: CfgCall, device, repeats: int) -> list[float]:
     times = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            model(**inputs, return_dict=False)
-            _sync(device)
-            times.append(time.perf_counter() - start)
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        times.append(time.perf_counter() - start)
     return times
 
 
@@ -156,11 +185,11 @@ def phase_eager(args, device, dtype) -> dict:
     import torch
 
     model, _, _, latent = build(args, device, dtype)
-    inputs = cfg_inputs(model, latent, device, dtype)
-    warm = step_seconds(model, inputs, device, 1)[0]
-    times = step_seconds(model, inputs, device, args.repeats)
+    call = CfgCall(model, latent, device, dtype)
+    warm = step_seconds(call, device, 1)[0]
+    times = step_seconds(call, device, args.repeats)
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = model(**inputs, return_dict=False)[0]
+        out = call()
     ops = sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key or "attention" in e.key.lower()})
     return {"first_call_s": warm, "step_s": min(times), "step_s_all": times, "sdpa_ops": ops,
             "finite": bool(torch.isfinite(out).all()), "tokens": out.shape[1] * out.shape[3] * out.shape[4] // 4}
@@ -172,18 +201,15 @@ def phase_cache(args, device, dtype) -> dict:
     from diffusers.hooks import FirstBlockCacheConfig
 
     model, _, _, latent = build(args, device, dtype)
-    inputs = cfg_inputs(model, latent, device, dtype)
-    model.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    call = CfgCall(model, latent, device, dtype)
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.1))  # guided_velocity enters its cache context
     times = []
-    x = inputs["hidden_states"]
+    x = call.tensors["latents"]
     with torch.no_grad():
         for step in range(args.repeats + 3):
-            inputs["hidden_states"] = x * (1 - 0.002 * step)
-            inputs["timestep"] = torch.full((2,), 900.0 - 20 * step, device=device)
             _sync(device)
             start = time.perf_counter()
-            with model.cache_context("cfg"):
-                model(**inputs, return_dict=False)
+            call(x * (1 - 0.002 * step), 900.0 - 20 * step)
             _sync(device)
             times.append(time.perf_counter() - start)
     return {"threshold": 0.1, "step_s_all": times, "mean_after_first_s": sum(times[1:]) / len(times[1:])}
@@ -191,12 +217,12 @@ def phase_cache(args, device, dtype) -> dict:
 
 def phase_compile(args, device, dtype) -> dict:
     model, _, _, latent = build(args, device, dtype)
-    inputs = cfg_inputs(model, latent, device, dtype)
+    call = CfgCall(model, latent, device, dtype)
     model.compile_repeated_blocks(fullgraph=False, dynamic=False)
     start = time.perf_counter()
-    step_seconds(model, inputs, device, 1)
+    step_seconds(call, device, 1)
     compile_s = time.perf_counter() - start
-    times = step_seconds(model, inputs, device, args.repeats)
+    times = step_seconds(call, device, args.repeats)
     return {"first_call_with_compile_s": compile_s, "step_s": min(times), "step_s_all": times}
 
 
@@ -205,15 +231,14 @@ def phase_drift(args, device, dtype) -> dict:
     import torch
 
     model, _, _, latent = build(args, device, torch.bfloat16)
-    inputs = cfg_inputs(model, latent, device, torch.bfloat16)
+    call = CfgCall(model, latent, device, torch.bfloat16)
     with torch.no_grad():
-        low = model(**inputs, return_dict=False)[0].float()
+        low = call().float()
         model.float()
-        high_inputs = {k: ([x.float() for x in v] if isinstance(v, list) else v.float()) for k, v in inputs.items()}
         matmul = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            high = model(**high_inputs, return_dict=False)[0]
+            high = call.upcast(model, device)()
         finally:
             torch.backends.cuda.matmul.allow_tf32 = matmul
     diff = (low - high).abs()
@@ -221,14 +246,10 @@ def phase_drift(args, device, dtype) -> dict:
             "mean_abs_diff_over_mean_abs": (diff.mean() / high.abs().mean()).item(), "max_abs_fp32": high.abs().max().item()}
 
 
-def _renderer(preset, device, dtype, offload):
-    try:  # the lead is moving Runtime/Renderer; accept either home
-        from hallo3_cli.runtime import Runtime  # type: ignore[import-not-found]
-    except ImportError:
-        from hallo3_cli.render import Runtime
-    from hallo3_cli.render import Renderer
+def _placement(device, dtype, offload):
+    from hallo3_cli.runtime import Placement, Runtime, dtype_name
 
-    return Renderer(preset, device=device, dtype=dtype, runtime=Runtime(offload=offload))
+    return Placement(Runtime(device=device, dtype=dtype_name(dtype), offload=offload))
 
 
 def _predicted(preset_name: str, offload: str, device_kind: str) -> dict:
@@ -251,14 +272,14 @@ def phase_offload(args, device, dtype, offload: str) -> dict:
         model, vae = model.to("cpu"), vae.to("cpu")
         if cuda:
             torch.cuda.empty_cache()
-    renderer = _renderer(preset, device, dtype, offload)
-    model = renderer.place(model)
-    vae = renderer.place(vae, blocks=False)
-    inputs = cfg_inputs(model, latent, device, dtype)
+    placement = _placement(device, dtype, offload)  # the renderer's own placement (runtime.Placement)
+    model = placement.place(model)
+    vae = placement.place(vae, blocks=False)
+    call = CfgCall(model, latent, device, dtype, placement=placement)
     decode_frames = args.decode_frames or latent[0]
     result = {"decoded_latent_frames": decode_frames}
     with torch.no_grad():
-        for name, run in (("denoise", lambda: model(**inputs, return_dict=False)),
+        for name, run in (("denoise", call),
                           ("decode", lambda: vae.decode(torch.randn(1, 16, decode_frames, *latent[1:], device=device, dtype=dtype)))):
             if cuda:
                 torch.cuda.synchronize()
@@ -268,7 +289,7 @@ def phase_offload(args, device, dtype, offload: str) -> dict:
             _sync(device)
             result[f"{name}_s"] = time.perf_counter() - start
             result[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
-            renderer.done_with(model if name == "denoise" else vae)
+            placement.done_with(model if name == "denoise" else vae)
     predicted = _predicted(preset.name, offload, "cuda" if cuda else "cpu")
     result.update(predicted)
     if cuda and "plan_denoise_bytes" in predicted:
