@@ -166,7 +166,7 @@ def test_syncnet_weight_conversion_and_release_loading(tmp_path, monkeypatch):
     monkeypatch.setattr("hallo3_cli.evaluate.syncnet.SyncNetModel", lambda: SyncNetModel(**TINY))
     loaded = load_syncnet(patched)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in original.state_dict().items())
-    torch.save({"net": original}, folder / "syncnet_v2.model")  # a pickled module: refused, never unpickled
+    torch.save({"net": torch.nn.Linear(2, 2)}, folder / "syncnet_v2.model")  # a pickled module: refused
     digest = hashlib.sha256((folder / "syncnet_v2.model").read_bytes()).hexdigest()
     patched.table["components"]["syncnet"]["sha256"]["syncnet_v2.model"] = digest
     with pytest.raises(ModelError, match="weights_only"):
@@ -244,7 +244,7 @@ def test_identity_equals_direct_computation(face_analyzer, tmp_path, media_dir):
     data = report.to_dict()
     assert data["identity_reference"] == "portrait" and data["face_crop"] == "scrfd"
     assert len(data["per_second"]["identity_similarity"]) == len(data["per_second"]["sync_confidence"]) == 2
-    assert data["per_second"]["face_ratio"] == [0.25, 0.25]
+    assert data["per_second"]["face_ratio"] == [7 / 25, 3 / 15]  # faces on frames 0, 4, ..., 36
 
     alone = evaluate_video(video, model="tiny-random", device="cpu", analyzer=face_analyzer, syncnet=syncnet)
     first = next(f for f in faces if f.found).embedding  # without --ref: against the first face found
@@ -257,7 +257,7 @@ def test_identity_equals_direct_computation(face_analyzer, tmp_path, media_dir):
 def test_faceless_video_and_portrait_are_input_errors(face_analyzer, tmp_path, media_dir):
     from hallo3_cli.evaluate import evaluate_video
 
-    blank = [np.full((320, 320, 3), 60, np.uint8)] * 12
+    blank = [np.full((320, 320, 3), 60, np.uint8)] * 15
     video = _write_video(tmp_path / "blank.mp4", blank, media_dir / "speech_0003.wav")
     syncnet = randomize_(SyncNetModel(**TINY), seed=1).eval()
     with pytest.raises(InputError, match="no face found in any frame") as err:
@@ -294,19 +294,17 @@ def talking(media_dir, tmp_path_factory):
     return _write_video(path, [portrait] * 75, media_dir / "speech_0001.wav")
 
 
-def test_eval_command_json_table_plot_and_errors(talking, tmp_path):
+def test_eval_command_json_table_plot_and_errors(talking, tmp_path, monkeypatch, capsys):
     from test_cli import assert_one_line_error, run_together
+
+    from hallo3_cli.cli import main
 
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(talking.read_bytes()[:3000])
-    home = tmp_path / "home"
-    offline = {"HALLO3_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     plot = tmp_path / "scores.png"
-    as_json, table, broken, missing = run_together(
+    as_json, broken = run_together(  # as a user runs it: a subprocess each
         (["eval", str(talking), "--model", "tiny-random", "--json", "--plot", str(plot)], None),
-        (["eval", str(talking), "--model", "tiny-random", "--audio", str(talking), "-q"], None),
         (["eval", str(corrupt), "--model", "tiny-random"], None),
-        (["eval", str(talking)], offline),
         cwd=tmp_path,
     )
     assert as_json.returncode == 0, as_json.stderr
@@ -319,12 +317,21 @@ def test_eval_command_json_table_plot_and_errors(talking, tmp_path):
     assert data["sync_confidence"] >= 0 and data["sync_distance"] > 0
     with Image.open(plot) as image:
         assert image.format == "PNG" and image.size == (1000, 650)
-        assert len(set(image.convert("RGB").getdata())) > 20  # drawn, not blank
-    assert table.returncode == 0 and "Sync-C" in table.stdout and "Sync-D" in table.stdout
-    assert f"{data['sync_confidence']:.3f}" in table.stdout
-
+        assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 20  # drawn, not blank
     assert_one_line_error(broken, str(corrupt), code=3)
-    assert_one_line_error(missing, "hallo3 download --model hallo3", code=5)
+
+    main(["eval", str(talking), "--model", "tiny-random", "--audio", str(talking), "-q"])  # in-process: the table
+    table = capsys.readouterr().out
+    assert "Sync-C" in table and "Sync-D" in table and f"{data['sync_confidence']:.3f}" in table
+
+    home = tmp_path / "home"  # the release's weights are not installed, and offline: exit 5 with the command
+    monkeypatch.setenv("HALLO3_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(talking)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 5 and err.count("\n") == 0 and "run: hallo3 download --model hallo3" in err
     assert not home.exists() or not any(home.rglob("*.model"))
 
 
