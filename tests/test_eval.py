@@ -196,7 +196,7 @@ def _face_frames(count: int, seed: int, face_every: int = 1) -> list[np.ndarray]
     for index in range(count):
         image = (smooth_image(320, 320, seed=seed + index) // 3).astype(np.uint8)
         if index % face_every == 0:
-            paint_cell(image, 8 + index % 3, 9, 2.0, (255, 40 + 5 * index, 0))
+            paint_cell(image, 8 + index % 3, 9, 2.0, (255, 40 + 5 * (index % 40), 0))
         frames.append(image)
     return frames
 
@@ -347,3 +347,32 @@ def test_evaluate_render_writes_json_next_to_the_video(talking, tmp_path, media_
     assert data["video"] == str(video) and data["audio"] == str(media_dir / "speech_0001.wav")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.eval.json", "out.mp4"]
     assert os.stat(written).st_size > 100
+
+
+@pytest.mark.parametrize("frames,samples", [(50, 28_000), (40, 50 * 640)], ids=["audio-limited", "video-limited"])
+def test_streaming_equals_the_whole_computation_in_bounded_memory(frames, samples):
+    """Many batches: the streamed distances equal one computation over all windows at once, and the
+    scorer never holds more than a few batches of features."""
+    net = randomize_(SyncNetModel(**TINY), seed=5).eval()
+    crops = _random_crops(frames, seed=7)
+    pcm = np.random.default_rng(8).normal(0, 3000, samples).astype(np.int16)
+    scorer = SyncScorer(net, pcm, batch_size=8)
+    held = 0
+    for crop in crops:
+        scorer.add(crop)
+        held = max(held, len(scorer._lip) + len(scorer._audio) * scorer.batch_size + len(scorer._batch))
+    result = scorer.finish()
+
+    windows = min(frames, samples // 640) - 5
+    with torch.no_grad():
+        video = torch.from_numpy(np.stack(crops)).permute(3, 0, 1, 2).float()[None]
+        lips = net.forward_lip(torch.cat([video[:, :, i : i + 5] for i in range(windows)]))
+        coefficients = torch.from_numpy(mfcc(pcm).T.astype(np.float32))[None, None]
+        audio = net.forward_audio(torch.cat([coefficients[..., 4 * i : 4 * i + 20] for i in range(windows)]))
+    padded = torch.nn.functional.pad(audio, (0, 0, 15, 15))
+    expected = torch.stack([torch.nn.functional.pairwise_distance(lips[[i]].repeat(31, 1), padded[i : i + 31])
+                            for i in range(windows)])
+    assert result.windows == windows and np.allclose(result.distances, expected.numpy(), rtol=1e-5, atol=1e-5)
+    mean = expected.mean(0)
+    assert result.offset == 15 - int(torch.argmin(mean)) and result.distance == pytest.approx(float(mean.min()), abs=1e-5)
+    assert held <= 8 * 8  # (vshift + batch) lip features and a few audio batches, whatever the length

@@ -12,6 +12,7 @@ from hallo3_cli.fsutil import atomic_path
 WIDTH, HEIGHT = 1000, 650
 LEFT, RIGHT = 80, 30
 BLUE, ORANGE, GREEN, GREY, INK, GRID = (31, 119, 180), (255, 127, 14), (44, 160, 44), (200, 200, 200), (30, 30, 30), (228, 228, 228)
+PALE = (214, 230, 244)
 
 
 def _font(size: int):
@@ -98,13 +99,11 @@ class _Panel:
             self.draw.rectangle([self.x(x + 0.1), self.y(y), self.x(x + 0.9), self.y(self.y_range[0])], fill=colour)
 
     def legend(self, entries) -> None:
+        """One row right-aligned above the panel (never over the data)."""
         x1, y0 = self.box[2], self.box[1]
-        width = max(self.draw.textlength(text, font=self.small) for text, _, _ in entries) + 44
-        top = y0 + 8
-        self.draw.rectangle([x1 - width - 8, top, x1 - 8, top + 8 + 20 * len(entries)], fill=(255, 255, 255), outline=GREY)
-        for k, (text, colour, kind) in enumerate(entries):
-            y = top + 14 + 20 * k
-            left = x1 - width
+        widths = [self.draw.textlength(text, font=self.small) + 32 for text, _, _ in entries]
+        left, y = x1 - sum(widths) - 16 * (len(entries) - 1), y0 - 14
+        for (text, colour, kind), width in zip(entries, widths):
             if kind == "bar":
                 self.draw.rectangle([left, y - 6, left + 24, y + 6], fill=colour)
             elif kind == "dash":
@@ -112,7 +111,9 @@ class _Panel:
                 self.draw.line([(left + 14, y), (left + 24, y)], fill=colour, width=2)
             else:
                 self.draw.line([(left, y), (left + 24, y)], fill=colour, width=3)
-            self.draw.text((left + 32, y), text, fill=INK, font=self.small, anchor="lm")
+                self.draw.ellipse([left + 8.5, y - 3.5, left + 15.5, y + 3.5], fill=colour)
+            self.draw.text((left + 30, y), text, fill=INK, font=self.small, anchor="lm")
+            left += width + 16
 
 
 def plot_scores(report, path: str | Path) -> Path:
@@ -141,16 +142,18 @@ def plot_scores(report, path: str | Path) -> Path:
     top.series(xs, conf, BLUE)
     top.legend([("per second", BLUE, "line"), (f"whole video {report.sync.confidence:.2f}", ORANGE, "dash")])
 
-    bottom = _Panel(draw, (LEFT, 392, WIDTH - RIGHT, 592), x_range, (0.0, 1.0),
+    similar = [v for v in seconds.get("identity_similarity", []) if v is not None and math.isfinite(v)]
+    floor = min([0.0] + [math.floor(v * 10) / 10 for v in similar])  # cosines can be negative
+    bottom = _Panel(draw, (LEFT, 392, WIDTH - RIGHT, 592), x_range, (floor, 1.0),
                     "Identity: ArcFace cosine similarity per second (higher is closer)", "similarity", fonts)
     if ident is None:
         draw.text(((LEFT + WIDTH - RIGHT) / 2, 492), "identity not measured (no face models in this preset)",
                   fill=INK, font=fonts[1], anchor="mm")
     else:
-        bottom.bars(range(count), seconds.get("face_ratio", []), (222, 235, 247))
+        bottom.bars(range(count), seconds.get("face_ratio", []), PALE)
         bottom.series(xs, seconds.get("identity_similarity", []), GREEN)
         against = "portrait" if ident.reference == "portrait" else "first face"
-        bottom.legend([(f"similarity to the {against}", GREEN, "line"), ("share of frames with a face", (198, 219, 239), "bar")])
+        bottom.legend([(f"similarity to the {against}", GREEN, "line"), ("share of frames with a face", PALE, "bar")])
     draw.text(((LEFT + WIDTH - RIGHT) / 2, 630), "time (s)", fill=INK, font=fonts[0], anchor="mm")
     draw.text(((LEFT + WIDTH - RIGHT) / 2, 336), "time (s)", fill=INK, font=fonts[0], anchor="mm")
 
