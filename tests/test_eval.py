@@ -376,3 +376,40 @@ def test_streaming_equals_the_whole_computation_in_bounded_memory(frames, sample
     mean = expected.mean(0)
     assert result.offset == 15 - int(torch.argmin(mean)) and result.distance == pytest.approx(float(mean.min()), abs=1e-5)
     assert held <= 8 * 8  # (vshift + batch) lip features and a few audio batches, whatever the length
+
+
+def _write_webm(path: Path, frames: list[np.ndarray], speech: Path) -> Path:
+    """VP8 + Opus in WebM, as browsers and screen recorders write them (not our own writer)."""
+    import av
+
+    from hallo3_cli.audio_io import load_audio
+
+    samples = load_audio(speech, 48000)[: round(len(frames) / 25 * 48000)]
+    with av.open(str(path), "w", format="webm") as container:
+        video = container.add_stream("libvpx", rate=25)
+        video.width, video.height, video.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        audio = container.add_stream("libopus", rate=48000, layout="mono")
+        for image in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(video.encode(None))
+        for start in range(0, len(samples), 960):
+            block = np.zeros((1, 960), np.float32)
+            chunk = samples[start : start + 960]
+            block[0, : len(chunk)] = chunk
+            frame = av.AudioFrame.from_ndarray(block, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 48000, start
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode(None))
+    return path
+
+
+def test_webm_from_another_tool(media_dir, tmp_path):
+    from hallo3_cli.evaluate import evaluate_video
+
+    portrait = np.asarray(Image.open(media_dir / "face_0003.jpg").convert("RGB").resize((160, 160)))
+    video = _write_webm(tmp_path / "talk.webm", [np.roll(portrait, k, axis=1) for k in range(40)], media_dir / "speech_0008.wav")
+    report = evaluate_video(video, model="tiny-random", device="cpu")
+    from hallo3_cli.audio_io import load_audio
+
+    assert report.frames == 40 and report.sync.windows == min(40, len(load_audio(video, 16000)) // 640) - 5 >= 30
+    assert report.crop == "whole_frame" and report.identity is None and np.isfinite(report.sync.confidence)
