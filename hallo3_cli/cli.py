@@ -340,6 +340,8 @@ def render_cmd(
       hallo3 render --audio speech.audio.safetensors --ref face.ref.safetensors -o clips.safetensors
       hallo3 render --batch jobs.txt --out-dir videos/
     """
+    if eval_after and (batch is not None or audio is not None or ref is not None):
+        raise typer.BadParameter("--eval scores an mp4: use it with FACE SPEECH -o OUT.mp4", param_hint="--eval")
     runtime = _runtime(device, dtype, offload, weights_dtype, vae_tiling, compile, cache)
     _setup(quiet)
     from hallo3_cli import jobs
@@ -378,7 +380,7 @@ def render_cmd(
     if eval_after:  # hallo3 eval of the finished video: OUT.eval.json next to it
         from hallo3_cli.evaluate import evaluate_render
 
-        emit(evaluate_render(video, speech, face, model=model or "hallo3", device=device))
+        emit(evaluate_render(video, speech, face, model=model or "hallo3", device=device, allow_download=not no_download))
 
 
 @app.command("stitch")

@@ -223,7 +223,7 @@ def _write_video(path: Path, frames: list[np.ndarray], speech: Path | None) -> P
 def test_identity_equals_direct_computation(face_analyzer, tmp_path, media_dir):
     from hallo3_cli.evaluate import evaluate_video
 
-    video = _write_video(tmp_path / "faces.mp4", _face_frames(40, seed=1, face_every=4), media_dir / "speech_0003.wav")
+    video = _write_video(tmp_path / "faces.mp4", _face_frames(32, seed=1, face_every=4), media_dir / "speech_0003.wav")
     portrait = tmp_path / "portrait.png"
     Image.fromarray(_face_frames(1, seed=99)[0]).save(portrait)
     syncnet = randomize_(SyncNetModel(**TINY), seed=1).eval()
@@ -236,7 +236,7 @@ def test_identity_equals_direct_computation(face_analyzer, tmp_path, media_dir):
     expected = [float(np.dot(f.embedding, reference) / np.linalg.norm(f.embedding) / np.linalg.norm(reference))
                 for i, f in enumerate(faces) if f.found and i % 2 == 0]
     identity = report.identity
-    assert identity.face_ratio == sum(f.found for f in faces) / len(faces) == 10 / 40
+    assert identity.face_ratio == sum(f.found for f in faces) / len(faces) == 8 / 32
     assert identity.sampled == [i for i, f in enumerate(faces) if f.found and i % 2 == 0]
     assert np.allclose(identity.similarities, expected, atol=1e-6) and len(set(np.round(expected, 4))) > 1
     assert identity.mean == pytest.approx(np.mean(expected), abs=1e-6)
@@ -244,7 +244,7 @@ def test_identity_equals_direct_computation(face_analyzer, tmp_path, media_dir):
     data = report.to_dict()
     assert data["identity_reference"] == "portrait" and data["face_crop"] == "scrfd"
     assert len(data["per_second"]["identity_similarity"]) == len(data["per_second"]["sync_confidence"]) == 2
-    assert data["per_second"]["face_ratio"] == [7 / 25, 3 / 15]  # faces on frames 0, 4, ..., 36
+    assert data["per_second"]["face_ratio"] == [7 / 25, 1 / 7]  # faces on frames 0, 4, ..., 28
 
     alone = evaluate_video(video, model="tiny-random", device="cpu", analyzer=face_analyzer, syncnet=syncnet)
     first = next(f for f in faces if f.found).embedding  # without --ref: against the first face found
@@ -288,10 +288,10 @@ def test_frame_rate_resampling_holds_frames(tmp_path):
 
 @pytest.fixture(scope="module")
 def talking(media_dir, tmp_path_factory):
-    """A real recording muxed with a still portrait (3 s)."""
+    """A real recording muxed with a still portrait (2 s)."""
     portrait = np.asarray(Image.open(media_dir / "face_0001.jpg").convert("RGB"))[:480, :480]
     path = tmp_path_factory.mktemp("eval_media") / "still.mp4"
-    return _write_video(path, [portrait] * 75, media_dir / "speech_0001.wav")
+    return _write_video(path, [portrait] * 50, media_dir / "speech_0001.wav")
 
 
 def test_eval_command_json_table_plot_and_errors(talking, tmp_path, monkeypatch, capsys):
@@ -311,9 +311,9 @@ def test_eval_command_json_table_plot_and_errors(talking, tmp_path, monkeypatch,
     data = json.loads(as_json.stdout)
     for key in ("sync_confidence", "sync_distance", "av_offset_frames", "identity_similarity", "face_ratio", "per_second"):
         assert key in data
-    assert data["frames"] == 75 and data["windows"] == 70 and data["face_crop"] == "whole_frame"
+    assert data["frames"] == 50 and data["windows"] == 45 and data["face_crop"] == "whole_frame"
     assert data["identity_similarity"] is None and "no face models" in as_json.stderr
-    assert len(data["per_second"]["sync_confidence"]) == 3 and -15 <= data["av_offset_frames"] <= 15
+    assert len(data["per_second"]["sync_confidence"]) == 2 and -15 <= data["av_offset_frames"] <= 15
     assert data["sync_confidence"] >= 0 and data["sync_distance"] > 0
     with Image.open(plot) as image:
         assert image.format == "PNG" and image.size == (1000, 650)
@@ -323,6 +323,10 @@ def test_eval_command_json_table_plot_and_errors(talking, tmp_path, monkeypatch,
     main(["eval", str(talking), "--model", "tiny-random", "--audio", str(talking), "-q"])  # in-process: the table
     table = capsys.readouterr().out
     assert "Sync-C" in table and "Sync-D" in table and f"{data['sync_confidence']:.3f}" in table
+
+    with pytest.raises(SystemExit) as exit_info:  # render --eval only scores an mp4 render
+        main(["render", "--batch", str(tmp_path / "jobs.txt"), "--out-dir", str(tmp_path / "out"), "--eval"])
+    assert exit_info.value.code == 2 and "--eval" in capsys.readouterr().err
 
     home = tmp_path / "home"  # the release's weights are not installed, and offline: exit 5 with the command
     monkeypatch.setenv("HALLO3_HOME", str(home))
@@ -407,9 +411,9 @@ def test_webm_from_another_tool(media_dir, tmp_path):
     from hallo3_cli.evaluate import evaluate_video
 
     portrait = np.asarray(Image.open(media_dir / "face_0003.jpg").convert("RGB").resize((160, 160)))
-    video = _write_webm(tmp_path / "talk.webm", [np.roll(portrait, k, axis=1) for k in range(40)], media_dir / "speech_0008.wav")
+    video = _write_webm(tmp_path / "talk.webm", [np.roll(portrait, k, axis=1) for k in range(32)], media_dir / "speech_0008.wav")
     report = evaluate_video(video, model="tiny-random", device="cpu")
     from hallo3_cli.audio_io import load_audio
 
-    assert report.frames == 40 and report.sync.windows == min(40, len(load_audio(video, 16000)) // 640) - 5 >= 30
+    assert report.frames == 32 and report.sync.windows == min(32, len(load_audio(video, 16000)) // 640) - 5 >= 25
     assert report.crop == "whole_frame" and report.identity is None and np.isfinite(report.sync.confidence)

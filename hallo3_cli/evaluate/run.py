@@ -184,6 +184,7 @@ def evaluate_video(
     scorer = SyncScorer(syncnet, pcm, device=device)
     count = 0
     for index, frame in enumerate(vf.iter_frames(video)):
+        _progress("lip sync", index)
         bgr = frame[..., ::-1]
         if track is None:
             crop = vf.whole_frame_crop(np.ascontiguousarray(bgr))
@@ -219,18 +220,23 @@ def evaluate_video(
     return report
 
 
-def evaluate_render(video, speech, portrait, model: str = "hallo3", device: str = "auto") -> Path:
+def evaluate_render(video, speech, portrait, model: str = "hallo3", device: str = "auto", allow_download: bool = True) -> Path:
     """Score a finished render and write the JSON next to it (``out.mp4`` -> ``out.eval.json``)."""
     video = Path(video)
     target = video.with_suffix(".eval.json")
     check_output_path(target)
-    report = evaluate_video(video, audio=speech, ref=portrait, model=model, device=device)
+    report = evaluate_video(video, audio=speech, ref=portrait, model=model, device=device, allow_download=allow_download)
     with atomic_path(target) as tmp:
         tmp.write_text(report.to_json() + "\n")
     return target
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _progress(what: str, index: int, every: int = 60 * FPS) -> None:
+    if index and index % every == 0:
+        log.info("%s: %d s of video done", what, index // FPS)
 
 
 def _load_portrait(path: Path) -> np.ndarray:
@@ -244,6 +250,7 @@ def _face_pass(video: Path, analyzer, reference, stride: int):
     boxes, has_face, sampled, similarities = [], [], [], []
     reference_frame = None
     for index, frame in enumerate(vf.iter_frames(video)):
+        _progress("faces", index)
         faces = analyzer.detector.detect(frame)
         if len(faces) == 0:
             boxes.append(np.full(4, np.nan))
