@@ -125,7 +125,8 @@ def evaluate_video(
     """Score ``video`` (lip sync against ``audio``, default its own track; identity against the
     portrait ``ref``). ``analyzer`` / ``syncnet`` override the preset's models (tests, notebooks)."""
     from hallo3_cli.audio_io import load_audio
-    from hallo3_cli.presets import get_preset, resolve_device
+    from hallo3_cli.presets import get_preset
+    from hallo3_cli.runtime import resolve_device
 
     if identity_stride < 1:
         raise ValueError(f"identity_stride must be >= 1, got {identity_stride}")
