@@ -166,7 +166,8 @@ _RANDOM_SALT = 6  # after loading.py's transformer..wav2vec salts
 def load_syncnet(preset, device="cpu") -> SyncNetModel:
     """The preset's SyncNet in eval mode.
 
-    Random presets: the architecture at the widths of ``[<preset>.syncnet]`` in models.toml, seeded
+    Random presets: the architecture at the widths of ``[<preset>.syncnet]`` in models.toml (the
+    release's widths where the preset has no such table), seeded
     weights (:func:`randomize_`). The release: ``<model home>/<preset>/syncnet/syncnet_v2.model``,
     checked against the sha256 pinned in models.toml, then read with ``torch.load(weights_only=True)``
     (the file is a pickled state dict; only tensors and plain containers are admitted).
