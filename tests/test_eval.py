@@ -324,6 +324,12 @@ def test_eval_command_json_table_plot_and_errors(talking, tmp_path, monkeypatch,
     table = capsys.readouterr().out
     assert "Sync-C" in table and "Sync-D" in table and f"{data['sync_confidence']:.3f}" in table
 
+    for bad in (tmp_path / "scores.jpg", talking):  # not a PNG name; an input of the command
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", str(talking), "--model", "tiny-random", "--plot", str(bad)])
+        assert exit_info.value.code == 4 and str(bad) in capsys.readouterr().err
+    assert not (tmp_path / "scores.jpg").exists()
+
     with pytest.raises(SystemExit) as exit_info:  # render --eval only scores an mp4 render
         main(["render", "--batch", str(tmp_path / "jobs.txt"), "--out-dir", str(tmp_path / "out"), "--eval"])
     assert exit_info.value.code == 2 and "--eval" in capsys.readouterr().err

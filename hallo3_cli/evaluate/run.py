@@ -27,7 +27,7 @@ from hallo3_cli.errors import InputError
 from hallo3_cli.evaluate import frames as vf
 from hallo3_cli.evaluate.mfcc import SAMPLE_RATE, to_pcm16
 from hallo3_cli.evaluate.scores import FPS, IdentityResult, SyncResult, SyncScorer, check_audio_length, cosine, summarise_seconds
-from hallo3_cli.fsutil import atomic_path, check_output_path, require_file
+from hallo3_cli.fsutil import atomic_path, check_outputs, require_file
 
 log = logging.getLogger("hallo3")
 
@@ -136,8 +136,7 @@ def evaluate_video(
         raise InputError("has no audio track; give the speech with --audio", video)
     audio_path = require_file(audio) if audio is not None else video
     ref_path = require_file(ref) if ref is not None else None
-    if plot is not None:
-        check_output_path(plot)
+    check_outputs([(plot, (".png",))], inputs=[video, audio_path, ref_path])
     preset = get_preset(model)
     device = resolve_device(device)
 
@@ -225,7 +224,7 @@ def evaluate_render(video, speech, portrait, model: str = "hallo3", device: str 
     """Score a finished render and write the JSON next to it (``out.mp4`` -> ``out.eval.json``)."""
     video = Path(video)
     target = video.with_suffix(".eval.json")
-    check_output_path(target)
+    check_outputs([(target, (".json",))], inputs=[video, speech, portrait])
     report = evaluate_video(video, audio=speech, ref=portrait, model=model, device=device, allow_download=allow_download)
     with atomic_path(target) as tmp:
         tmp.write_text(report.to_json() + "\n")
