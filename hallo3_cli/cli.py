@@ -329,6 +329,7 @@ def render_cmd(
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tiled VAE encode/decode (less memory; tile seams differ slightly)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the repeated DiT block (slow first clip, faster after)."),
     cache: Optional[float] = typer.Option(None, "--cache", callback=_number(0, 1, low_open=True, high_open=True), help="First Block Cache threshold, e.g. 0.05: skip most blocks on steps whose first block barely changed (faster, approximate)."),
+    eval_after: bool = typer.Option(False, "--eval", help="Then score the video (hallo3 eval) into OUT.eval.json next to it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Render the talking video clip by clip (resumable: rerun the same command after an interruption).
@@ -339,6 +340,8 @@ def render_cmd(
       hallo3 render --audio speech.audio.safetensors --ref face.ref.safetensors -o clips.safetensors
       hallo3 render --batch jobs.txt --out-dir videos/
     """
+    if eval_after and (batch is not None or audio is not None or ref is not None):
+        raise typer.BadParameter("--eval scores an mp4: use it with FACE SPEECH -o OUT.mp4", param_hint="--eval")
     runtime = _runtime(device, dtype, offload, weights_dtype, vae_tiling, compile, cache)
     _setup(quiet)
     from hallo3_cli import jobs
@@ -369,11 +372,15 @@ def render_cmd(
     if face is None or speech is None:
         raise typer.BadParameter("give FACE and SPEECH (or --audio and --ref, or --batch)", param_hint="FACE SPEECH")
     emit(
-        jobs.render_video(
+        video := jobs.render_video(
             face, speech, output, model=model or "hallo3", prompt=prompt, cache_dir=cache_dir,
             separate_vocals=separate_vocals, progress=not quiet, **common,
         )
     )
+    if eval_after:  # hallo3 eval of the finished video: OUT.eval.json next to it
+        from hallo3_cli.evaluate import evaluate_render
+
+        emit(evaluate_render(video, speech, face, model=model or "hallo3", device=device, allow_download=not no_download))
 
 
 @app.command("stitch")
@@ -393,6 +400,31 @@ def stitch_cmd(
     from hallo3_cli.jobs import stitch
 
     emit(stitch(clips, output, audio=audio, progress=not quiet, runtime=_runtime(device, offload=offload)))
+
+
+@app.command("eval")
+def eval_cmd(
+    video: Path = typer.Argument(..., help="Talking video to score (mp4, mov, webm, mkv, ...)."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="Speech to check the lips against (default: the video's own track)."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Portrait for identity similarity (default: the video's first face)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of lip-sync confidence and identity similarity per second."),
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    device: str = typer.Option("auto", "--device", help="torch device: auto, cpu, cuda, cuda:1, mps."),
+    identity_stride: int = typer.Option(5, "--identity-stride", min=1, help="Embed the face of every N-th frame for identity."),
+    no_download: bool = typer.Option(False, "--no-download", help="Never fetch missing weights; fail with the download command instead."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
+) -> None:
+    """Lip-sync (SyncNet Sync-C, Sync-D, AV offset) and identity (ArcFace) scores of any talking video.
+
+    Example: hallo3 eval out.mp4 --ref face.png --plot scores.png
+    """
+    _setup(quiet)
+    from hallo3_cli.evaluate import evaluate_video, format_table
+
+    report = evaluate_video(video, audio=audio, ref=ref, model=model, device=device, plot=plot,
+                            identity_stride=identity_stride, allow_download=not no_download)
+    print(report.to_json() if json_output else format_table(report))
 
 
 # --------------------------------------------------------------------------------------------

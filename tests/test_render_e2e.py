@@ -246,3 +246,22 @@ def test_batch_output_folder_that_cannot_be_made(tmp_path):
     with pytest.raises(OutputError) as err:
         render_batch(jobs, blocker / "videos", model=MODEL)
     assert str(blocker / "videos") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_render_eval_scores_the_finished_video(one_shot, inputs, tmp_path):
+    """``render --eval`` (here a cached render, so it only decodes) runs ``hallo3 eval`` on the
+    tiny-random video and writes OUT.eval.json next to it."""
+    import json
+
+    from hallo3_cli.audio_io import load_audio
+
+    out = tmp_path / "scored.mp4"
+    result = run("render", str(inputs["square_face"]), str(inputs["two_clips"]), "-o", str(out), "--model", MODEL,
+                 "--seed", "3", "--cache-dir", str(one_shot[1]), "--eval", "-q")
+    scores = tmp_path / "scored.eval.json"
+    assert result.stdout.split() == [str(out), str(scores)]
+    data = json.loads(scores.read_text())
+    frames = read_video(out)[0].shape[0]
+    assert data["frames"] == frames and data["model"] == MODEL and data["audio"] == str(inputs["two_clips"])
+    assert data["windows"] == min(frames, len(load_audio(inputs["two_clips"])) // 640) - 5
+    assert data["sync_distance"] > 0 and len(data["per_second"]["sync_confidence"]) == math.ceil(data["windows"] / 25)

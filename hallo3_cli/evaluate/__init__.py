@@ -1,0 +1,10 @@
+"""``hallo3 eval``: lip-sync (SyncNet Sync-C / Sync-D / AV offset) and identity (ArcFace) scores.
+
+    from hallo3_cli.evaluate import evaluate_video
+    report = evaluate_video("out.mp4", ref="face.png")
+    print(report.sync.confidence, report.identity.mean)
+"""
+
+from hallo3_cli.evaluate.run import EvalReport, evaluate_render, evaluate_video, format_table
+
+__all__ = ["EvalReport", "evaluate_render", "evaluate_video", "format_table"]
