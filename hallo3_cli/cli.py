@@ -20,7 +20,7 @@ import typer
 
 from hallo3_cli import __version__
 from hallo3_cli.errors import Hallo3Error
-from hallo3_cli.runtime import DTYPE_CHOICES, OFFLOAD_MODES, WEIGHTS_DTYPE_CHOICES
+from hallo3_cli.runtime import DEVICE_KINDS, DTYPE_CHOICES, OFFLOAD_MODES, WEIGHTS_DTYPE_CHOICES
 
 app = typer.Typer(
     name="hallo3",
@@ -56,7 +56,7 @@ def _runtime(device="auto", dtype="auto", offload="auto", weights_dtype="auto", 
 
 OFFLOAD_CHOICES = ("auto", *OFFLOAD_MODES)
 WEIGHTS_CHOICES = WEIGHTS_DTYPE_CHOICES
-DEVICE_KIND_CHOICES = ("cuda", "cpu")
+DEVICE_KIND_CHOICES = DEVICE_KINDS
 
 
 def _one_of(*choices: str):

@@ -46,10 +46,9 @@ from torch.utils._pytree import tree_map
 from hallo3_cli import tracing
 from hallo3_cli.errors import Hallo3Error
 from hallo3_cli.presets import Preset, get_preset
-from hallo3_cli.runtime import OFFLOAD_MODES, WEIGHTS_DTYPE_CHOICES, resolve_dtype, storage_dtype
+from hallo3_cli.runtime import DEVICE_KINDS, OFFLOAD_MODES, WEIGHTS_DTYPE_CHOICES, resolve_dtype, storage_dtype
 
 WEIGHTS_DTYPES = WEIGHTS_DTYPE_CHOICES
-DEVICE_KINDS = ("cuda", "cpu")
 #: Longest span the wav2vec2 encoder attends over at once (``audio.WINDOW_SECONDS``; longer inputs are windowed).
 AUDIO_SECONDS = 30.0
 #: Networks that ``runtime.Placement.place`` treats as block networks (layerwise casting, group offloading).

@@ -29,6 +29,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 DTYPE_CHOICES = ("auto", *DTYPES)
 #: Memory modes, fastest first.
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
+#: What ``plan`` plans for: a CUDA device (bfloat16) or the CPU (float32, device memory = host memory).
+DEVICE_KINDS = ("cuda", "cpu")
 #: DiT weight storage (``auto`` = the compute dtype) and their torch names.
 WEIGHTS_DTYPES = {"auto": None, "bf16": "bfloat16", "fp8": "float8_e4m3fn"}
 WEIGHTS_DTYPE_CHOICES = tuple(WEIGHTS_DTYPES)
