@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hallo3_cli.errors import InputError, ModelError
+from hallo3_cli.errors import InputError, ModelError, OutputError
 
 MAIN_PREFIX = "model.diffusion_model."
 REF_PREFIX = "ref_model.diffusion_model."
@@ -404,9 +404,8 @@ def convert_checkpoint(
     """
     from hallo3_cli.models import Hallo3ReferenceNet, Hallo3Transformer3DModel
 
+    dest = _check_destination(Path(dest))
     sd = load_official_state_dict(src)
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     jobs = []
     for folder, prefix, model_cls, main in (
         ("transformer", MAIN_PREFIX, Hallo3Transformer3DModel, True),
@@ -426,13 +425,38 @@ def convert_checkpoint(
 
         total = sum(m.nbytes for _, _, _, mapped in jobs for m in mapped)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr)
+    created = not dest.exists()
     try:
+        dest.mkdir(parents=True, exist_ok=True)
         written = {}
         for folder, model_cls, config, mapped in jobs:
             written[folder] = write_diffusers_folder(
                 dest / folder, model_cls, config, mapped, shard_bytes, bar.update if bar else None
             )
+    except BaseException:
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)  # nothing of ours is left behind
+        raise
     finally:
         if bar is not None:
             bar.close()
     return written
+
+
+def _check_destination(dest: Path) -> Path:
+    """``dest`` must be (or become) a folder whose ``transformer/`` and ``reference/`` are absent or earlier
+    conversions (replaced); anything else there is the user's and is refused before any work."""
+    if dest.exists() and not dest.is_dir():
+        raise OutputError("exists and is not a folder; give a folder for transformer/ and reference/", dest)
+    for folder, cls in (("transformer", "Hallo3Transformer3DModel"), ("reference", "Hallo3ReferenceNet")):
+        target = dest / folder
+        if target.is_symlink() or (target.exists() and not _converted_by_us(target, cls)):
+            raise OutputError(f"exists and is not a {cls} conversion; remove it or choose another destination", target)
+    return dest
+
+
+def _converted_by_us(folder: Path, cls: str) -> bool:
+    try:
+        return folder.is_dir() and json.loads((folder / "config.json").read_text()).get("_class_name") == cls
+    except (OSError, ValueError, AttributeError):
+        return False

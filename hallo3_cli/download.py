@@ -296,6 +296,9 @@ def download(
     preset = get_preset(model)
     root = Path(dest).expanduser() if dest is not None else model_home()
     preset_dir = root / preset.name
+    for folder in (root, preset_dir):
+        if folder.exists() and not folder.is_dir():
+            raise OutputError("exists and is not a folder; --dest takes the folder to install into", folder)
     command = f"hallo3 download --model {preset.name}" + (f" --dest {dest}" if dest is not None else "")
     report = DownloadReport(preset.name, preset_dir, dry_run=dry_run, command=command,
                             from_dir=Path(from_dir) if from_dir is not None else None)

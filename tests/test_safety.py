@@ -472,3 +472,28 @@ def test_bad_jobs_file_leaves_no_output_folder(tmp_path, capsys):
     one_line_error(*cli("render", "--batch", str(jobs_file), "--out-dir", str(tmp_path / "videos"), "--model", "tiny-random",
                         capsys=capsys), 3, "jobs.txt", "line 1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.txt"]
+
+
+def test_convert_and_download_destinations_are_checked(tmp_path):
+    """convert/download write folders: an existing file, or a folder of the user's where ours would go, is
+    refused before any work (exit 4), and a failed conversion leaves no destination behind."""
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(2)}, str(checkpoint))
+    result = subprocess.run([sys.executable, "-m", "hallo3_cli", "convert", str(checkpoint), str(checkpoint)],
+                            capture_output=True, text=True)
+    assert result.returncode == 4 and "not a folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    mine = tmp_path / "d" / "transformer"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "hallo3_cli", "convert", str(checkpoint), str(tmp_path / "d")],
+                            capture_output=True, text=True)
+    assert result.returncode == 4 and (mine / "notes.txt").read_text() == "mine" and sorted(mine.iterdir()) == [mine / "notes.txt"]
+    result = subprocess.run([sys.executable, "-m", "hallo3_cli", "convert", str(checkpoint), str(tmp_path / "new")],
+                            capture_output=True, text=True)
+    assert result.returncode == 5 and not (tmp_path / "new").exists()  # no model keys: nothing left behind
+    result = subprocess.run([sys.executable, "-m", "hallo3_cli", "download", "--dest", str(checkpoint), "--dry-run"],
+                            capture_output=True, text=True)
+    assert result.returncode == 4 and "not a folder" in result.stderr
