@@ -63,8 +63,12 @@ def require_weights(preset: Preset, kinds: tuple[stages.StageKind, ...], allow_d
     ensure_weights(preset, needed, allow_download=allow_download, progress=progress)
 
 
+_WARNED: set[str] = set()
+
+
 def _warn_random(preset: Preset) -> None:
-    if preset.is_random:
+    if preset.is_random and preset.name not in _WARNED:  # once per process
+        _WARNED.add(preset.name)
         log.warning("model preset %r has RANDOM weights: its output is noise (for tests and trials only)", preset.name)
 
 
@@ -437,13 +441,14 @@ class VideoRenderer:
         ``on_step(clip_index, step, num_steps)`` each denoising step (raise from either to cancel: finished
         clips stay in the cache and the same render resumes from them)."""
         from hallo3_cli.audio_io import audio_info
-        from hallo3_cli.image_io import crop_box_for_output
+        from hallo3_cli.image_io import crop_box_for_output, load_image
         from hallo3_cli.video_io import VideoWriter
 
         fsutil.require_file(job.image)
         fsutil.require_file(job.speech)
         (output,) = fsutil.check_outputs([(job.output, fsutil.VIDEO_SUFFIXES)], inputs=[job.image, job.speech])
         audio_info(job.speech)
+        load_image(job.image)  # both inputs readable before anything is computed or cached
         cache = fsutil.ensure_output_folder(self.cache_for(output))
         audio = self.audio_stage(job.speech, cache)
         reference = self.reference_stage(job.image, job.prompt, cache)
