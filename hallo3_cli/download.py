@@ -174,6 +174,7 @@ def _tree_size(path: Path) -> int:
 
 
 def _is_installed(preset_dir: Path, folder: str) -> bool:
+    """(``Preset.is_installed`` for a model home given as a folder: the same test.)"""
     return component_state(preset_dir, folder).state == "complete"
 
 
@@ -702,7 +703,7 @@ def _install_files(source: Source, preset_dir: Path, files: dict[str, Path], inf
             destination.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(path, destination, move=move)
         verify_folder(target)
-        _write_marker(target, component=folder, **info)
+        write_marker(target, component=folder, **info)
         _publish(target, preset_dir / folder)
 
 
@@ -716,7 +717,7 @@ def _install_converted(source: Source, preset_dir: Path, checkpoint: Path, info:
             if folder not in written:
                 raise ModelError(f"converting the checkpoint did not produce {folder}/", checkpoint)
             verify_converted(written[folder], CONVERTED_CLASSES.get(folder))
-            _write_marker(written[folder], component=folder, **info)
+            write_marker(written[folder], component=folder, **info)
         for folder in source.produces:
             if not _is_installed(preset_dir, folder):
                 _publish(written[folder], preset_dir / folder)
@@ -759,7 +760,7 @@ def _link_or_copy(src: Path, dst: Path, move: bool) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_marker(folder: Path, **info) -> None:
+def write_marker(folder: Path, **info) -> None:
     files = {
         str(p.relative_to(folder)): p.stat().st_size
         for p in sorted(folder.rglob("*"))

@@ -111,17 +111,27 @@ class Preset:
         """Local folder of a component (``transformer``, ``vae``, ``wav2vec``...)."""
         return self.home / component
 
+    def is_installed(self, component: str) -> bool:
+        """The one meaning of "installed": the folder's ``.complete`` marker lists files that are all there
+        with their sizes (``download.component_state``)."""
+        from hallo3_cli.download import component_state
+
+        return not self.is_random and component_state(self.home, component).state == "complete"
+
     def require(self, component: str) -> Path:
         """The component's folder, or a ModelError telling the user how to get it."""
         if self.is_random:
             raise Hallo3Error(f"preset {self.name!r} has no files; its {component} is generated in memory")
-        path = self.component_dir(component)
-        if not (path / ".complete").exists():
+        from hallo3_cli.download import component_state
+
+        state = component_state(self.home, component)
+        if state.state != "complete":
+            detail = f" ({state.state}: {state.detail})" if state.detail else ""
             raise ModelError(
-                f"the {component} weights of preset {self.name!r} are not installed in {path}; "
+                f"the {component} weights of preset {self.name!r} are not installed in {state.path}{detail}; "
                 f"run: hallo3 download --model {self.name}"
             )
-        return path
+        return state.path
 
     # fingerprints ------------------------------------------------------------------------------
     def fingerprint(self, *components: str) -> str:

@@ -427,7 +427,7 @@ def _check_weights(stage: Stage) -> None:
         return  # a render's own parts: bound to it by their render_key
     preset = get_preset(stage.model)
     components = weights_components(stage.kind, preset, stage.params)
-    if not preset.is_random and not all((preset.component_dir(c) / ".complete").exists() for c in components):
+    if not preset.is_random and not all(preset.is_installed(c) for c in components):
         return  # not installed here: nothing to compare with (the fingerprint still keys the render cache)
     if stage.weights != preset.fingerprint(*components):
         raise ValueError(

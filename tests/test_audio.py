@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from hallo3_cli.download import write_marker
 from hallo3_cli import audio, stages, vocals
 from hallo3_cli.jobs import embed_audio
 from hallo3_cli.loading import load_audio_encoder, load_feature_extractor
@@ -218,7 +219,7 @@ def test_release_encoder_loads_from_the_model_home(tmp_path, monkeypatch, tiny_r
     folder = preset.component_dir("wav2vec")
     tiny_random.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({"sampling_rate": 16000, "do_normalize": True}))
-    (folder / ".complete").touch()
+    write_marker(folder)  # installed: its files listed with their sizes
     model = load_audio_encoder(preset)
     assert load_feature_extractor(preset).do_normalize is True
     speech = speechlike(2.0)
@@ -226,6 +227,9 @@ def test_release_encoder_loads_from_the_model_home(tmp_path, monkeypatch, tiny_r
         audio.compute_features(speech, model)[0], audio.compute_features(speech, tiny_random)[0], atol=0, rtol=0
     )
     (folder / "preprocessor_config.json").write_text(json.dumps({"sampling_rate": 8000}))
+    with pytest.raises(ModelError, match="damaged"):  # an edited file is not installed any more...
+        load_feature_extractor(preset)
+    write_marker(folder)  # ...until installed again
     with pytest.raises(ModelError, match="8000 Hz"):
         load_feature_extractor(preset)
 
@@ -274,7 +278,7 @@ def test_separate_vocals_needs_release_weights(tmp_path, monkeypatch):
     folder = get_preset("hallo3").component_dir("audio_separator")
     (folder / "audio_separator").mkdir(parents=True)
     (folder / "audio_separator" / "Kim_Vocal_2.onnx").write_bytes(b"x")
-    (folder / ".complete").touch()
+    write_marker(folder)  # installed: its files listed with their sizes
     assert vocals.find_separator_model(get_preset("hallo3")).name == "Kim_Vocal_2.onnx"
 
 

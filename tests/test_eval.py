@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hallo3_cli.download import write_marker
 from hallo3_cli.errors import InputError, ModelError
 from hallo3_cli.evaluate import frames as vf
 from hallo3_cli.evaluate.mfcc import mfcc, to_pcm16
@@ -152,7 +153,7 @@ def test_syncnet_weight_conversion_and_release_loading(tmp_path, monkeypatch):
     folder = home / "hallo3" / "syncnet"
     folder.mkdir(parents=True)
     torch.save(state, folder / "syncnet_v2.model")
-    (folder / ".complete").write_text("{}")
+    write_marker(folder)  # installed: its files listed with their sizes
     monkeypatch.setenv("HALLO3_HOME", str(home))
     preset = get_preset("hallo3")
     with pytest.raises(ModelError, match="checksum mismatch"):
@@ -167,6 +168,7 @@ def test_syncnet_weight_conversion_and_release_loading(tmp_path, monkeypatch):
     loaded = load_syncnet(patched)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in original.state_dict().items())
     torch.save({"net": torch.nn.Linear(2, 2)}, folder / "syncnet_v2.model")  # a pickled module: refused
+    write_marker(folder)
     digest = hashlib.sha256((folder / "syncnet_v2.model").read_bytes()).hexdigest()
     patched.table["components"]["syncnet"]["sha256"]["syncnet_v2.model"] = digest
     with pytest.raises(ModelError, match="weights_only"):

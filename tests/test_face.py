@@ -12,6 +12,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from hallo3_cli.download import write_marker
 from hallo3_cli import face  # noqa: E402
 from hallo3_cli.errors import ModelError  # noqa: E402
 
@@ -486,7 +487,7 @@ def test_from_dir_and_presets(tmp_path, models, monkeypatch):
         face.load_face_analyzer(get_preset("hallo3"))
     component = tmp_path / "home" / "hallo3" / "face_analysis"
     component.mkdir(parents=True)
-    (component / ".complete").touch()
     for name in (face.DETECTOR_FILE, face.RECOGNIZER_FILE):
         (component / name).write_bytes(release.joinpath(name).read_bytes())
+    write_marker(component)  # installed: its files listed with their sizes
     assert isinstance(face.load_face_analyzer(get_preset("hallo3")), face.FaceAnalyzer)
