@@ -357,6 +357,24 @@ class Hallo3Pipeline(DiffusionPipeline):
         return float(self.component("vae").config.scaling_factor)
 
     # -- memory helpers -------------------------------------------------------------------------
+    # Once the caller moves or offloads the networks the diffusers way, the preset's placement no longer
+    # says where they are: the pipeline then asks diffusers (``_execution_device``), like any pipeline.
+    def to(self, *args, **kwargs):
+        self.placement = None
+        return super().to(*args, **kwargs)
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        self.placement = None
+        return super().enable_model_cpu_offload(*args, **kwargs)
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        self.placement = None
+        return super().enable_sequential_cpu_offload(*args, **kwargs)
+
+    def enable_group_offload(self, *args, **kwargs):
+        self.placement = None
+        return super().enable_group_offload(*args, **kwargs)
+
     def enable_vae_tiling(self) -> None:
         self.component("vae").enable_tiling()
 
