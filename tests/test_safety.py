@@ -408,7 +408,8 @@ def test_readme_xargs_line_runs_as_written(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shim = bin_dir / "hallo3"  # stands in for the heavy part: records its arguments
-    shim.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s|" "$a"; done >> "$ARGV_LOG"; echo >> "$ARGV_LOG"\n')
+    # one write per call (xargs -P 2 runs two at once: piecewise writes would interleave)
+    shim.write_text('#!/bin/sh\nline=""\nfor a in "$@"; do line="$line$a|"; done\nprintf "%s\\n" "$line" >> "$ARGV_LOG"\n')
     shim.chmod(0o755)
     (tmp_path / "speeches").mkdir()
     (tmp_path / "videos").mkdir()
