@@ -315,6 +315,28 @@ def stitch_cmd(
     emit(stitch(clips, output, audio=audio, progress=not quiet, runtime=_runtime(device, offload=offload)))
 
 
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; any other than 127.0.0.1/localhost/::1 needs --auth-file."),
+    port: int = typer.Option(7860, "--port", help="TCP port."),
+    auth_file: Optional[Path] = typer.Option(None, "--auth-file", help="Logins, one 'user:password' per line; must not be readable by others."),
+    max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", help="Largest accepted upload in MB."),
+    max_speech_seconds: float = typer.Option(600.0, "--max-speech-seconds", help="Longest accepted speech recording in seconds."),
+    cache_dir: Path = typer.Option(Path(".hallo3-cache"), "--cache-dir", help="Stage files and finished clips (shared by all sessions, as 'render' uses it)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No logs on stderr."),
+) -> None:
+    """The whole render as a web page (Gradio; pip install "hallo3-cli[web]"). Prints its URL; Ctrl-C stops it.
+
+    Example: hallo3 serve --model tiny-random --port 7860
+    """
+    _setup(quiet)
+    from hallo3_cli.web import serve
+
+    serve(model, host=host, port=port, auth_file=auth_file, max_upload_mb=max_upload_mb,
+          max_speech_seconds=max_speech_seconds, cache_dir=cache_dir)
+
+
 # --------------------------------------------------------------------------------------------
 # entry point
 
