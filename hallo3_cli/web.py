@@ -15,6 +15,7 @@ and the one GPU: one render at a time, the others wait in Gradio's queue with th
 
 # No ``from __future__ import annotations``: Gradio reads the handlers' annotations (gr.Request) at runtime.
 
+import contextlib
 import logging
 import math
 import os
@@ -177,7 +178,15 @@ def framing_preview(pipe, image: str | os.PathLike):
             else "**no face detected**: the whole image is the face region (zero face embedding)")
     caption = (f"{portrait.source_width}×{portrait.source_height} → {pipe.width}×{pipe.height} frame ({how}); "
                f"video {crop[2] - crop[0]}×{crop[3] - crop[1]}; {face}, box {portrait.face_box.tolist()}")
-    return picture, Image.fromarray(video), caption
+    return _enlarged(picture), _enlarged(Image.fromarray(video)), caption
+
+
+def _enlarged(picture, short_side: int = 240):
+    """Tiny test frames scaled up for the page (nearest neighbour: every pixel stays visible as it is)."""
+    from PIL import Image
+
+    factor = math.ceil(short_side / min(picture.size))
+    return picture if factor <= 1 else picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
 
 
 class Cancelled(Exception):
@@ -191,6 +200,7 @@ class Session:
 
     folder: Path
     jobs: set = field(default_factory=set)  # a threading.Event per running job: set = cancel it
+    uploads: set = field(default_factory=set)  # Gradio's copies of this session's uploads
     renders: dict[str, Path] = field(default_factory=dict)  # label → mp4 in ``folder``
 
     def cancel(self) -> None:
@@ -229,13 +239,22 @@ class Studio:
             return self._sessions[key]
 
     def end_session(self, session_id: str | None) -> None:
-        """The tab closed: stop its render and delete its folder."""
+        """The tab closed: stop its render, delete its folder and the uploads no other session holds."""
         key = re.sub(r"[^A-Za-z0-9_-]", "", session_id or "") or "anonymous"
         with self._sessions_lock:
             session = self._sessions.pop(key, None)
-        if session is not None:
-            session.cancel()
-            shutil.rmtree(session.folder, ignore_errors=True)
+            held = set().union(*(other.uploads for other in self._sessions.values()))
+        if session is None:
+            return
+        session.cancel()
+        shutil.rmtree(session.folder, ignore_errors=True)
+        uploads = (self.root / "uploads").resolve()
+        for name in session.uploads - held:  # Gradio keys uploads by content: another tab may hold the same file
+            path = Path(name).resolve()
+            if path.is_relative_to(uploads) and path.is_file():
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
 
     # -- models -------------------------------------------------------------------------------
     def renderer(self, memory: str, vae_tiling: bool):
@@ -495,7 +514,8 @@ def build_page(studio: Studio):
         return gr.Error(one_line(err, {str(p): Path(str(p)).name for p in paths if p}), print_exception=False)
 
     def on_preview(face, request: gr.Request):
-        studio.session(request.session_hash)
+        if face is not None:
+            studio.session(request.session_hash).uploads.add(str(face))
         try:
             return studio.preview(face)
         except Hallo3Error as err:
@@ -507,6 +527,7 @@ def build_page(studio: Studio):
     def render(face, speech, prompt=preset.default_prompt, seed=42, steps=preset.steps, cfg=preset.cfg,
                memory="auto", vae_tiling=False, request: gr.Request = None, progress=gr.Progress()):
         session = studio.session(request.session_hash if request is not None else None)
+        session.uploads.update(str(path) for path in (face, speech) if path is not None)
         try:
             for video, clips, status, name in studio.render(session, face, speech, prompt, seed, steps, cfg, memory,
                                                              vae_tiling, progress):
@@ -554,7 +575,7 @@ def build_page(studio: Studio):
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
             with gr.Column():
                 with gr.Row():
-                    framed = gr.Image(label="Model frame: face box, mask, video crop", type="pil", format="png",
+                    framed = gr.Image(label="Model frame (face box, mask, crop)", type="pil", format="png",
                                       interactive=False, elem_id="framing", height=200)
                     cropped = gr.Image(label="Video crop", type="pil", format="png", interactive=False,
                                        elem_id="video_crop", height=200)

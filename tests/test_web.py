@@ -171,6 +171,29 @@ def video_frames(speech: Path) -> int:
     return math.ceil(len(load_audio(speech)) / 16000 * 25)
 
 
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.slow
+def test_default_bind_is_loopback_only(server):
+    assert server.url == f"http://127.0.0.1:{server.port}/"
+    address = non_loopback_address()
+    if address is not None:
+        with socket.socket() as probe, pytest.raises(OSError):
+            probe.settimeout(2)
+            probe.connect((address, server.port))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+        pass
+
+
 @pytest.mark.slow
 def test_api_render_gives_the_cli_render(server, inputs, tmp_path):
     """The issue's call, verbatim; the page renders the latents of ``hallo3 render`` with the same inputs."""
@@ -281,7 +304,7 @@ def browser(server):
         chromium.close()
 
 
-def open_page(browser, server, inputs, requests: list | None = None):
+def open_page(browser, server, inputs, requests: list | None = None, speech: Path | None = None):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(60_000)
@@ -289,7 +312,7 @@ def open_page(browser, server, inputs, requests: list | None = None):
         page.on("request", lambda request: requests.append(request.url))
     page.goto(server.url)
     page.locator("#face input[type=file]").set_input_files(str(inputs["face"]))
-    page.locator("#speech input[type=file]").set_input_files(str(inputs["speech"]))
+    page.locator("#speech input[type=file]").set_input_files(str(speech or inputs["speech"]))
     page.wait_for_selector("#framing img")  # the framing preview, before any GPU work
     return page
 
@@ -326,9 +349,11 @@ def test_browser_render(server, browser, inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_browser_two_sessions_queue(server, browser, inputs):
-    first = open_page(browser, server, inputs)
-    second = open_page(browser, server, inputs)
+def test_browser_two_sessions_queue(server, browser, inputs, tmp_path):
+    speech = tmp_path / "queue.wav"  # uploaded by these two tabs only
+    shutil.copy(inputs["speech"], speech)
+    first = open_page(browser, server, inputs, speech=speech)
+    second = open_page(browser, server, inputs, speech=speech)
     sessions_before = len(list((server.root / "sessions").iterdir()))
     first.locator("#steps input").fill("10")
     first.click("#render")
@@ -340,11 +365,15 @@ def test_browser_two_sessions_queue(server, browser, inputs):
         assert abs(video_duration(page) - 2.2) <= 0.08
     # each tab has its own renders; closing a tab deletes its folder
     assert first.locator("#renders input").input_value() != second.locator("#renders input").input_value()
+    assert list((server.root / "uploads").rglob("queue.wav"))
     first.context.close()
     second.context.close()
     deadline = time.monotonic() + 20
     while len(list((server.root / "sessions").iterdir())) > sessions_before - 2:
         assert time.monotonic() < deadline, "closed tabs kept their session folders"
+        time.sleep(0.2)
+    while list((server.root / "uploads").rglob("queue.wav")):
+        assert time.monotonic() < deadline, "closed tabs kept their uploads"
         time.sleep(0.2)
 
 
