@@ -100,7 +100,7 @@ def test_auth_file_format_and_permissions(tmp_path):
 class Server:
     """``hallo3 serve`` in a subprocess; ``url`` once it listens, ``root`` its private session folder."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, *extra: str):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -110,7 +110,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hallo3_cli", "serve", "--model", MODEL, "--port", str(self.port),
              "--cache-dir", str(self.cache), "--max-upload-mb", str(MAX_UPLOAD_MB),
-             "--max-speech-seconds", str(MAX_SPEECH_SECONDS)],
+             "--max-speech-seconds", str(MAX_SPEECH_SECONDS), *extra],
             stdout=subprocess.PIPE, stderr=self.stderr_path.open("w"), text=True, env=env, cwd=tmp,
         )
         lines: list[str] = []
@@ -247,7 +247,7 @@ def test_api_cancel_keeps_finished_clips_and_resumes(server, inputs):
     from hallo3_cli.video_io import read_video
 
     client = Client(server.url, verbose=False)
-    args = dict(face=handle_file(str(inputs["face"])), speech=handle_file(str(inputs["speech"])), seed=8, steps=20,
+    args = dict(face=handle_file(str(inputs["face"])), speech=handle_file(str(inputs["speech"])), seed=8, steps=12,
                 api_name="/render")
     job = client.submit(**args)
     deadline = time.monotonic() + 90
@@ -287,6 +287,38 @@ def test_api_bad_uploads_get_the_cli_message(server, inputs):
     with pytest.raises(Exception):  # over --max-upload-mb: refused at upload
         client.predict(face=face, speech=handle_file(str(inputs["big"])), api_name="/render")
     assert server.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_auth_file_guards_the_page_and_the_api(tmp_path):
+    pytest.importorskip("gradio", reason="hallo3 serve needs the web extra: pip install -e '.[web]'")
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from gradio_client import Client
+
+    def status(url: str, form: dict | None = None) -> int:
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        try:
+            with urllib.request.urlopen(url, data=data, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    users = tmp_path / "users"
+    users.write_text("ana:correct horse\n")
+    users.chmod(0o600)
+    guarded = Server(tmp_path, "--auth-file", str(users))
+    try:
+        assert status(guarded.url + "config") in (401, 403)
+        with pytest.raises(Exception):
+            Client(guarded.url, verbose=False)
+        assert status(guarded.url + "login", {"username": "ana", "password": "wrong"}) >= 400
+        client = Client(guarded.url, auth=("ana", "correct horse"), verbose=False)
+        assert "/render" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    finally:
+        guarded.stop()
 
 
 # ---------------------------------------------------------------------------------------------
