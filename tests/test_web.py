@@ -26,7 +26,9 @@ PRESETS = Path(__file__).with_name("presets_test.toml")
 MODEL = "tiny-test"
 CHROMIUM = os.environ.get("HALLO3_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 # a microphone that plays a file (set per module, see ``browser``)
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
 MAX_SPEECH_SECONDS = 3
 MAX_UPLOAD_MB = 1
 
@@ -321,30 +323,52 @@ def test_auth_file_guards_the_page_and_the_api(tmp_path):
         guarded.stop()
 
 
+@pytest.mark.slow
+def test_api_framing_preview(server, inputs):
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    client = Client(server.url, verbose=False)
+    frame, crop, caption = client.predict(handle_file(str(inputs["face"])), api_name="/framing")
+    frame, crop = Image.open(frame), Image.open(crop)
+    assert frame.width * 2 == frame.height * 3 and crop.width == crop.height  # 96×64 frame, square video
+    assert "480×480 → 96×64 frame" in caption
+    with pytest.raises(Exception, match="face.jpg: not an image file"):
+        client.predict(handle_file(str(inputs["text_face"])), api_name="/framing")
+
+
 # ---------------------------------------------------------------------------------------------
 # a real browser
 
 
 @pytest.fixture(scope="module")
-def browser(server):
+def browser(server, inputs):
     playwright = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the test extra)")
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium, or set HALLO3_CHROMIUM)")
     with playwright.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        microphone = f"--use-file-for-fake-audio-capture={inputs['speech']}"
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, microphone])
         yield chromium
         chromium.close()
 
 
-def open_page(browser, server, inputs, requests: list | None = None, speech: Path | None = None):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+def open_page(browser, server, inputs, requests: list | None = None, speech: Path | None = None, record: bool = False):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, permissions=["microphone"])
     page = context.new_page()
     page.set_default_timeout(60_000)
     if requests is not None:
         page.on("request", lambda request: requests.append(request.url))
     page.goto(server.url)
     page.locator("#face input[type=file]").set_input_files(str(inputs["face"]))
-    page.locator("#speech input[type=file]").set_input_files(str(speech or inputs["speech"]))
+    if record:  # the microphone: Record, two seconds, Stop
+        page.click("#speech button[aria-label='Record audio']")
+        page.locator("#speech button", has_text="Record").first.click()
+        page.wait_for_timeout(2000)
+        page.locator("#speech button", has_text="Stop").first.click()
+        page.wait_for_selector("#speech button[aria-label='Play']")
+    else:
+        page.locator("#speech input[type=file]").set_input_files(str(speech or inputs["speech"]))
     page.wait_for_selector("#framing img")  # the framing preview, before any GPU work
     return page
 
@@ -358,8 +382,11 @@ def video_duration(page) -> float:
 
 @pytest.mark.slow
 def test_browser_render(server, browser, inputs, tmp_path):
+    """Upload a portrait, record the speech with the (fake) microphone, render."""
+    from hallo3_cli.audio_io import audio_info
+
     requests: list[str] = []
-    page = open_page(browser, server, inputs, requests)
+    page = open_page(browser, server, inputs, requests, record=True)
     caption = page.locator("#framing_caption").inner_text()
     assert "480×480 → 96×64 frame" in caption and "video 64×64" in caption
     assert page.locator("#video_crop img").count() == 1
@@ -367,8 +394,14 @@ def test_browser_render(server, browser, inputs, tmp_path):
     page.click("#render")
     page.wait_for_function("document.querySelector('#status').innerText.includes('done')")
     page.wait_for_selector("#result video")
-    assert abs(video_duration(page) - 2.2) <= 0.08  # the speech's duration (55 frames at 25 fps: 2.2 s)
-    assert page.locator("#clips video, #clips img").count() >= 2
+    # the video lasts as long as the recording the server received (whole frames at 25 fps)
+    stem = page.locator("#status").inner_text().split("— face_0003-", 1)[1].split("-seed", 1)[0]
+    recordings = [p for p in (server.root / "uploads").rglob(f"{stem}.*") if p.suffix != ".mp4"]
+    assert len(recordings) == 1
+    seconds = audio_info(recordings[0]).duration
+    assert 1.0 < seconds < 10
+    assert abs(video_duration(page) - math.ceil(seconds * 25) / 25) <= 0.08
+    assert page.locator("#clips video, #clips img").count() >= 1
     shot = tmp_path / "serve.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
