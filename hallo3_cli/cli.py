@@ -321,7 +321,7 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; any other than 127.0.0.1/localhost/::1 needs --auth-file."),
     port: int = typer.Option(7860, "--port", help="TCP port."),
     auth_file: Optional[Path] = typer.Option(None, "--auth-file", help="Logins, one 'user:password' per line; must not be readable by others."),
-    max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", help="Largest accepted upload in MB."),
+    max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", help="Largest accepted upload in MB (2^20 bytes)."),
     max_speech_seconds: float = typer.Option(600.0, "--max-speech-seconds", help="Longest accepted speech recording in seconds."),
     cache_dir: Path = typer.Option(Path(".hallo3-cache"), "--cache-dir", help="Stage files and finished clips (shared by all sessions, as 'render' uses it)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No logs on stderr."),

@@ -1,7 +1,7 @@
 """``hallo3 serve``: the whole render as a Gradio web page (the optional extra ``pip install "hallo3-cli[web]"``).
 
 The page drives :class:`hallo3_cli.jobs.VideoRenderer`, exactly what ``hallo3 render`` runs, on the same
-stage cache: the same inputs, seed and settings give the same frames as the CLI, finished clips are kept
+stage cache: the same inputs, seed and settings give the same latents as the CLI, finished clips are kept
 (a cancelled render resumes), and another seed on the same portrait and speech reuses their stage files.
 
 Security model: the server binds 127.0.0.1 unless told otherwise, and refuses any other address without
@@ -361,7 +361,7 @@ class Studio:
         face, speech = str(face), str(speech)
         from hallo3_cli.image_io import load_image
 
-        load_image(face)  # a bad portrait fails here, in one line, before anything queues behind it
+        load_image(face)  # bad inputs fail here, in one line, before any model work
         check_speech(speech, self.max_speech_seconds)
         settings = self.settings(seed, steps, cfg)
         prompt = prompt.strip() if isinstance(prompt, str) and prompt.strip() else None
@@ -521,6 +521,15 @@ def build_page(studio: Studio):
         except Hallo3Error as err:
             raise error(err, face) from None
 
+    def on_speech(speech):
+        if speech is None:
+            return ""
+        try:
+            seconds = check_speech(speech, studio.max_speech_seconds)
+        except Hallo3Error as err:
+            raise error(err, speech) from None
+        return f"speech: {seconds:.1f} s"
+
     def on_memory(memory, vae_tiling):
         return memory_verdict(preset, memory, bool(vae_tiling))
 
@@ -587,6 +596,8 @@ def build_page(studio: Studio):
 
         face.change(on_preview, face, [framed, cropped, framing_caption], concurrency_limit=2,
                     concurrency_id="preview", api_name="framing")
+        speech.change(on_speech, speech, status, concurrency_limit=2, concurrency_id="preview",
+                      api_visibility="private")
         memory.change(on_memory, [memory, vae_tiling], verdict, api_visibility="private", queue=False)
         vae_tiling.change(on_memory, [memory, vae_tiling], verdict, api_visibility="private", queue=False)
         page.load(on_memory, [memory, vae_tiling], verdict, api_visibility="private")
@@ -619,11 +630,12 @@ def serve(model: str = "hallo3", *, host: str = DEFAULT_HOST, port: int = DEFAUL
         page.queue(default_concurrency_limit=1)
         log.info("session files in %s (removed when the server stops)", root)
         try:
-            page.launch(server_name=host, server_port=port, auth=users, max_file_size=f"{max_upload_mb:g}mb",
+            page.launch(server_name=host, server_port=port, auth=users, max_file_size=int(max_upload_mb * (1 << 20)),
                         prevent_thread_lock=True, quiet=True, show_error=True, ssr_mode=False, pwa=False,
                         mcp_server=False, enable_monitoring=False, css=CSS, theme=gr.themes.Default())
         except OSError as err:
-            raise Hallo3Error(f"cannot listen on {host}:{port} ({err})") from None
+            raise Hallo3Error(f"cannot listen on {host}:{port}: the port is taken or the address is not this "
+                              "machine's (choose another with --port or --host)") from None
         print(page.local_url if host in LOCAL_HOSTS else f"http://{host}:{port}/", flush=True)
         try:
             while page.is_running:

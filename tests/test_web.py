@@ -154,11 +154,12 @@ def inputs(media_dir, tmp_path_factory):
     big.write_bytes(os.urandom(int(MAX_UPLOAD_MB * 1.5 * 1024 * 1024)))
     (root / "speech.txt").write_text("not a recording\n")
     (root / "face.jpg").write_text("not an image\n")
+    (root / "noise.wav").write_text("not a recording either\n")
     return {
         "face": media_dir / "face_0003.jpg",  # 480×480
         "speech": cut_wav(media_dir / "speech_0001.wav", root / "two.wav", 2.2),  # 55 frames: 2 clips
         "long": cut_wav(media_dir / "speech_0003.wav", root / "long.wav", MAX_SPEECH_SECONDS + 0.5),
-        "big": big, "text_speech": root / "speech.txt", "text_face": root / "face.jpg",
+        "big": big, "text_speech": root / "speech.txt", "text_face": root / "face.jpg", "text_wav": root / "noise.wav",
     }
 
 
@@ -411,6 +412,23 @@ def test_browser_render(server, browser, inputs, tmp_path):
     foreign = [url for url in requests if not url.startswith((server.url, "blob:", "data:"))]
     assert requests and not foreign, foreign
     page.context.close()
+
+
+@pytest.mark.slow
+def test_browser_bad_uploads_show_the_one_line_message(server, browser, inputs):
+    """Files whose type the page accepts but whose content is bad get the CLI's message as soon as they
+    are uploaded (a .txt as speech is already refused by the browser side, by type)."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(server.url)
+    page.locator("#face input[type=file]").set_input_files(str(inputs["text_face"]))
+    page.locator("#speech input[type=file]").set_input_files(str(inputs["text_wav"]))
+    for expected in ("face.jpg: not an image file", "noise.wav: is not a readable audio file"):
+        toast = page.locator(".toast-body", has_text=expected).first
+        toast.wait_for()
+        assert "Traceback" not in toast.inner_text() and str(server.root) not in toast.inner_text()
+    context.close()
 
 
 @pytest.mark.slow
