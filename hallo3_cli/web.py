@@ -386,7 +386,7 @@ class Studio:
 
         worker = threading.Thread(target=work, name="hallo3-render", daemon=True)
         started = time.monotonic()
-        total, steps_done, clips, resumed = None, 0, [], 0
+        total, clips, resumed = None, [], 0
         stepping_since, fresh_steps = None, 0
         status = "waiting for the GPU"
         current = None
@@ -633,7 +633,7 @@ def serve(model: str = "hallo3", *, host: str = DEFAULT_HOST, port: int = DEFAUL
             page.launch(server_name=host, server_port=port, auth=users, max_file_size=int(max_upload_mb * (1 << 20)),
                         prevent_thread_lock=True, quiet=True, show_error=True, ssr_mode=False, pwa=False,
                         mcp_server=False, enable_monitoring=False, css=CSS, theme=gr.themes.Default())
-        except OSError as err:
+        except OSError:
             raise Hallo3Error(f"cannot listen on {host}:{port}: the port is taken or the address is not this "
                               "machine's (choose another with --port or --host)") from None
         print(page.local_url if host in LOCAL_HOSTS else f"http://{host}:{port}/", flush=True)
