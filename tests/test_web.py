@@ -325,6 +325,24 @@ def test_auth_file_guards_the_page_and_the_api(tmp_path):
 
 
 @pytest.mark.slow
+def test_server_files_are_not_served_by_path(server):
+    """Gradio's file route serves its own copies of uploads and results only: not the stage cache (in the
+    server's working folder here), not a session's folder, not any other file of the machine."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    stage = next(server.cache.glob("*.ref.safetensors"))  # written by the renders above
+    targets = [stage, Path("/etc/passwd"), server.stderr_path, *server.root.glob("sessions/*/renders/*.mp4")]
+    for target in targets:
+        for route in ("gradio_api/file=", "file="):
+            url = server.url + route + urllib.parse.quote(str(target))
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(url, timeout=10).close()
+            assert err.value.code in (403, 404), (url, err.value.code)
+
+
+@pytest.mark.slow
 def test_api_framing_preview(server, inputs):
     from gradio_client import Client, handle_file
     from PIL import Image
