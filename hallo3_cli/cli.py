@@ -409,8 +409,8 @@ def eval_cmd(
     ref: Optional[Path] = typer.Option(None, "--ref", help="Portrait for identity similarity (default: the video's first face)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of lip-sync confidence and identity similarity per second."),
-    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP),
-    device: str = typer.Option("auto", "--device", help="torch device: auto, cpu, cuda, cuda:1, mps."),
+    model: str = typer.Option("hallo3", "--model", "-m", callback=_model, help=MODEL_HELP),
+    device: str = typer.Option("auto", "--device", callback=_device, help="torch device: auto, cpu, cuda, cuda:1, mps."),
     identity_stride: int = typer.Option(5, "--identity-stride", min=1, help="Embed the face of every N-th frame for identity."),
     no_download: bool = typer.Option(False, "--no-download", help="Never fetch missing weights; fail with the download command instead."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
@@ -425,6 +425,27 @@ def eval_cmd(
     report = evaluate_video(video, audio=audio, ref=ref, model=model, device=device, plot=plot,
                             identity_stride=identity_stride, allow_download=not no_download)
     print(report.to_json() if json_output else format_table(report))
+
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option("hallo3", "--model", "-m", callback=_model, help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; any other than 127.0.0.1/localhost/::1 needs --auth-file."),
+    port: int = typer.Option(7860, "--port", callback=_number(1, 65535), help="TCP port."),
+    auth_file: Optional[Path] = typer.Option(None, "--auth-file", help="Logins, one 'user:password' per line; must not be readable by others."),
+    max_upload_mb: float = typer.Option(50.0, "--max-upload-mb", callback=_number(0, 1e6, low_open=True), help="Largest accepted upload in MB (2^20 bytes)."),
+    max_speech_seconds: float = typer.Option(600.0, "--max-speech-seconds", callback=_number(0, 86400, low_open=True), help="Longest accepted speech recording in seconds."),
+    cache_dir: Path = typer.Option(Path(".hallo3-cache"), "--cache-dir", help="Stage files and finished clips (shared by all sessions, as 'render' uses it)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No logs on stderr."),
+) -> None:
+    """The whole render as a web page (Gradio; pip install "hallo3-cli[web]"). Prints its URL; Ctrl-C stops it.
+
+    Example: hallo3 serve --model tiny-random --port 7860
+    """
+    _setup(quiet)
+    from hallo3_cli.web import serve
+
+    serve(model, host=host, port=port, auth_file=auth_file, max_upload_mb=max_upload_mb,
+          max_speech_seconds=max_speech_seconds, cache_dir=cache_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -256,9 +256,9 @@ def _resize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
     return F.interpolate(pixels[None], size=size, mode=mode, align_corners=False, antialias=True)[0]
 
 
-def write_preview(path: str | Path, framed: torch.Tensor, inside: torch.Tensor, box: list[int]) -> Path:
-    """The framed image with the face box drawn and the area outside the face mask dimmed (PNG)."""
-    from PIL import Image, ImageDraw
+def preview_image(framed: torch.Tensor, inside: torch.Tensor, box: list[int]) -> Image.Image:
+    """The framed image with the face box drawn and the area outside the face mask dimmed."""
+    from PIL import ImageDraw
 
     image = ((framed.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     inside = inside.numpy()
@@ -266,8 +266,14 @@ def write_preview(path: str | Path, framed: torch.Tensor, inside: torch.Tensor, 
     picture = Image.fromarray(image)
     draw = ImageDraw.Draw(picture)
     draw.rectangle([box[0], box[1], max(box[0], box[2] - 1), max(box[1], box[3] - 1)], outline=(0, 255, 0), width=2)
+    return picture
+
+
+def write_preview(path: str | Path, framed: torch.Tensor, inside: torch.Tensor, box: list[int]) -> Path:
+    """:func:`preview_image` written as a PNG (atomically)."""
     from hallo3_cli import fsutil
 
+    picture = preview_image(framed, inside, box)
     with fsutil.atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
     return Path(path)

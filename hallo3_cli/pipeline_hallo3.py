@@ -117,6 +117,24 @@ class Hallo3Audio:
 
 
 @dataclass
+class Hallo3Portrait:
+    """A portrait framed for the model, before any network (:meth:`Hallo3Pipeline.frame_portrait`).
+
+    ``image`` (3, H, W) framed, in [-1, 1]; ``masked`` the same with everything outside the face mask black
+    (what the reference latent encodes); ``mask`` (H, W) bool, inside the face mask; ``face_box`` (4,) int32
+    in the frame; ``face`` the detector's result on the source; ``framing`` ``pad`` or ``crop``."""
+
+    image: torch.Tensor
+    masked: torch.Tensor
+    mask: torch.Tensor
+    face_box: torch.Tensor
+    face: Any
+    framing: str
+    source_width: int
+    source_height: int
+
+
+@dataclass
 class Hallo3Reference:
     """The identity of one portrait (= the tensors and metadata of a reference stage file).
 
@@ -435,17 +453,16 @@ class Hallo3Pipeline(DiffusionPipeline):
         self._done(network)
         return bank
 
-    @torch.no_grad()
-    def encode_reference(self, image, prompt: str | None = None) -> Hallo3Reference:
-        """Portrait (path, PIL image or uint8 RGB array) → its identity: face analysis on the original image
-        (as the official code), the face-masked image and the image framed to the model's size (SPEC §7.1),
-        the masked image's VAE latent, the prompt embedding, and the reference network's bank."""
+    def frame_portrait(self, image) -> Hallo3Portrait:
+        """Portrait (path, PIL image or uint8 RGB array) → its framing, before any network runs: face analysis
+        on the original image (as the official code), the face mask, the image and the face-masked image
+        framed to the model's size (SPEC §7.1), the face box in the frame. Cheap (CPU, no GPU work): what a
+        preview shows before a render."""
         from PIL import Image
 
         from hallo3_cli.face import FaceResult, face_mask
         from hallo3_cli.image_io import frame_box, frame_image, load_image
 
-        prompt = self.config.default_prompt if prompt is None else prompt
         label = f"{image}: " if isinstance(image, (str, os.PathLike)) else ""
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image)
@@ -461,21 +478,31 @@ class Hallo3Pipeline(DiffusionPipeline):
         mask = torch.from_numpy(face_mask(face.box, height, width))
         framed, framing = frame_image(pixels, self.height, self.width)
         framed_ref, _ = frame_image(pixels * mask, self.height, self.width)
-        ref_latent = self.encode_reference_latent(framed_ref)
-        prompt_embeds = self.encode_prompt(prompt)
-        self._release_one_shot("text_encoder")  # T5-XXL is not needed again: free it before the reference DiT loads
-        bank = self.reference_features(ref_latent, prompt_embeds.to(self.execution_device))
-        self._release_one_shot("reference_net")
-
         box = frame_box(tuple(float(v) for v in face.box), width, height, self.height, self.width)
         box = torch.tensor([int(np.floor(box[0])), int(np.floor(box[1])), int(np.ceil(box[2])), int(np.ceil(box[3]))],
                            dtype=torch.int32)
         framed_mask, _ = frame_image(mask.expand(3, -1, -1), self.height, self.width)
+        return Hallo3Portrait(image=framed, masked=framed_ref, mask=framed_mask[0] > 0, face_box=box, face=face,
+                              framing=framing, source_width=width, source_height=height)
+
+    @torch.no_grad()
+    def encode_reference(self, image, prompt: str | None = None) -> Hallo3Reference:
+        """Portrait (path, PIL image or uint8 RGB array) → its identity: :meth:`frame_portrait`, then the
+        masked image's VAE latent, the prompt embedding, and the reference network's bank."""
+        prompt = self.config.default_prompt if prompt is None else prompt
+        portrait = self.frame_portrait(image)
+        ref_latent = self.encode_reference_latent(portrait.masked)
+        prompt_embeds = self.encode_prompt(prompt)
+        self._release_one_shot("text_encoder")  # T5-XXL is not needed again: free it before the reference DiT loads
+        bank = self.reference_features(ref_latent, prompt_embeds.to(self.execution_device))
+        self._release_one_shot("reference_net")
+        face = portrait.face
         return Hallo3Reference(
-            image=framed, ref_latent=ref_latent[0, 0].float().cpu(),
-            face_embedding=torch.from_numpy(np.asarray(face.embedding, np.float32)), face_box=box,
-            prompt_embeds=prompt_embeds, ref_bank=bank.cpu(), framing=framing, source_width=width,
-            source_height=height, face_found=bool(face.found), prompt=prompt, mask=framed_mask[0] > 0,
+            image=portrait.image, ref_latent=ref_latent[0, 0].float().cpu(),
+            face_embedding=torch.from_numpy(np.asarray(face.embedding, np.float32)), face_box=portrait.face_box,
+            prompt_embeds=prompt_embeds, ref_bank=bank.cpu(), framing=portrait.framing,
+            source_width=portrait.source_width, source_height=portrait.source_height, face_found=bool(face.found),
+            prompt=prompt, mask=portrait.mask,
         )
 
     # -- stage: clips ---------------------------------------------------------------------------

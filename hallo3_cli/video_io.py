@@ -35,6 +35,9 @@ def tensor_to_uint8(frames: torch.Tensor) -> np.ndarray:
     return values.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+ENCODER_THREADS = 2
+
+
 class VideoWriter:
     """Write frames to an H.264 mp4, optionally muxing a speech recording as AAC.
 
@@ -110,7 +113,10 @@ class VideoWriter:
         container_format = _CONTAINER_FORMATS.get(self.path.suffix.lower(), "mp4")
         options = {"movflags": "+faststart"} if container_format in ("mp4", "mov") else {}
         self._container = av.open(str(self._tmp), "w", format=container_format, options=options)
-        video = self._container.add_stream("libx264", rate=self.fps, options={"crf": str(crf), "preset": preset})
+        # A fixed thread count: x264's output depends on it, and "auto" follows the machine (and the
+        # process's CPU set), so identical frames would not always give identical files.
+        video = self._container.add_stream("libx264", rate=self.fps,
+                                           options={"crf": str(crf), "preset": preset, "threads": str(ENCODER_THREADS)})
         video.width, video.height = self.output_size
         video.pix_fmt = "yuv420p"
         video.codec_context.time_base = 1 / self.fps

@@ -1,0 +1,646 @@
+"""``hallo3 serve``: the whole render as a Gradio web page (the optional extra ``pip install "hallo3-cli[web]"``).
+
+The page drives :class:`hallo3_cli.jobs.VideoRenderer`, exactly what ``hallo3 render`` runs, on the same
+stage cache: the same inputs, seed and settings give the same latents as the CLI, finished clips are kept
+(a cancelled render resumes), and another seed on the same portrait and speech reuses their stage files.
+
+Security model: the server binds 127.0.0.1 unless told otherwise, and refuses any other address without
+an auth file (lines ``user:password``, not readable by others). Users only upload files (no path typed in
+the page is ever opened); uploads are limited in size and speech duration; each browser session has its own
+folder in a private temporary directory (removed when the session ends and when the server stops) for
+its renders and clip previews; bad inputs show the CLI's one-line message. Shared between sessions: the
+stage cache (``--cache-dir``; stage files and finished clips, keyed by content, never shown or served)
+and the one GPU: one render at a time, the others wait in Gradio's queue with their position shown.
+"""
+
+# No ``from __future__ import annotations``: Gradio reads the handlers' annotations (gr.Request) at runtime.
+
+import contextlib
+import logging
+import math
+import os
+import queue
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hallo3_cli.errors import Hallo3Error, InputError, UsageError
+
+log = logging.getLogger("hallo3")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_MAX_UPLOAD_MB = 50.0
+DEFAULT_MAX_SPEECH_SECONDS = 600.0
+#: Addresses that only this machine can reach: serving there needs no auth file.
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+MEMORY_MODES = ("auto", "none", "model", "group", "sequential")
+INSTALL_HINT = 'the web page needs Gradio, an optional extra: pip install "hallo3-cli[web]"'
+#: Seconds between two progress updates sent to the page (tiny models step far faster than a browser repaints).
+UPDATE_INTERVAL = 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# start-up checks (no Gradio needed)
+
+
+def check_host(host: str, auth_file: str | os.PathLike | None) -> None:
+    """Only a local address may be served without an auth file."""
+    if host not in LOCAL_HOSTS and auth_file is None:
+        raise UsageError(f"--host {host} opens the page to the network: give --auth-file FILE (lines user:password), "
+                         f"or keep the default {DEFAULT_HOST}")
+
+
+def read_auth_file(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``user:password`` lines (blank lines and ``#`` comments ignored; the password is everything after the
+    first colon). Refused if others may read it (``chmod 600 FILE``), if a line is malformed, or if empty."""
+    from hallo3_cli.fsutil import require_file
+
+    path = require_file(path)
+    mode = path.stat().st_mode
+    if os.name == "posix" and mode & (stat.S_IROTH | stat.S_IWOTH):
+        raise InputError(f"holds passwords but is readable or writable by others (mode {stat.S_IMODE(mode):o}); "
+                         "run chmod 600 on it", path)
+    users = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read the auth file ({err})", path) from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user.strip() or not password:
+            raise InputError(f"line {number}: expected user:password", path)
+        users.append((user.strip(), password))
+    if not users:
+        raise InputError("has no user:password line", path)
+    return users
+
+
+def require_gradio():
+    """The gradio module, or a one-line error saying how to install it."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home, at import or at page load
+    try:
+        import gradio
+    except ImportError:
+        raise Hallo3Error(INSTALL_HINT) from None
+    return gradio
+
+
+# ---------------------------------------------------------------------------------------------
+# the page's work, without Gradio (testable functions)
+
+
+def one_line(err: BaseException, names: dict[str, str]) -> str:
+    """The CLI's one-line message, with the server's upload paths replaced by the uploaded files' names."""
+    if isinstance(err, Hallo3Error):
+        message = str(err)
+    else:  # as the CLI's main() reports an unexpected error
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        message = f"{type(err).__name__}: {text}"
+    for path, name in sorted(names.items(), key=lambda item: -len(item[0])):
+        message = message.replace(path, name)
+    return message
+
+
+def safe_stem(path: str | os.PathLike, fallback: str) -> str:
+    """A file-name-safe short stem of an uploaded file's name."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(path).stem).strip("_")[:40]
+    return stem or fallback
+
+
+def check_speech(path: str | os.PathLike, max_seconds: float) -> float:
+    """The recording's duration; a one-line error for an unreadable or too long one."""
+    from hallo3_cli.audio_io import audio_info
+
+    duration = audio_info(path).duration
+    if duration > max_seconds:
+        raise InputError(f"is {duration:.1f} s long; this server accepts at most {max_seconds:g} s of speech "
+                         "(hallo3 serve --max-speech-seconds)", path)
+    return duration
+
+
+def memory_verdict(preset, memory: str, vae_tiling: bool) -> str:
+    """What ``plan`` predicts for this memory mode on this machine's device, in one line."""
+    from hallo3_cli.doctor import _cpu_device
+    from hallo3_cli.download import human_size
+    from hallo3_cli.plan import plan
+    from hallo3_cli.runtime import DEVICE_RESERVE, Runtime, choose_memory_mode, free_device_memory, resolve_device
+
+    device = resolve_device("auto")
+    try:
+        if device.startswith("cuda"):
+            free = free_device_memory(device)
+            offload, tiling = memory, vae_tiling
+            prefix = ""
+            if memory == "auto":
+                chosen = choose_memory_mode(Runtime(offload="auto", vae_tiling=vae_tiling), preset, free)
+                offload, tiling = chosen.offload, chosen.vae_tiling
+                prefix = f"auto → {offload}{' + VAE tiling' if tiling else ''}: "
+            need = plan(preset, offload=offload, vae_tiling=tiling, device_kind="cuda").peak_device_bytes
+            if free is None:
+                return f"{prefix}{device}: planned peak {human_size(need)}; free memory unknown"
+            fits = "fits" if need + DEVICE_RESERVE <= free else "does NOT fit"
+            return f"{prefix}{device}: planned peak {human_size(need)} of {human_size(free)} free — {fits}"
+        planned = plan(preset, offload="none", vae_tiling=vae_tiling, device_kind="cpu")
+        free = _cpu_device()["free"]
+        available = f" of {human_size(free)} available" if free else ""
+        return (f"{device}: memory is shared with the host, offloading moves nothing; planned peak "
+                f"{human_size(planned.peak_host_bytes)} of RAM{available}")
+    except Hallo3Error as err:
+        return f"plan unavailable: {err}"
+
+
+def framing_preview(pipe, image: str | os.PathLike):
+    """What the model will see, before any GPU work: (the model frame with the face box in green, the area
+    outside the face mask dimmed and the video's crop in yellow; the first video frame's crop; a caption)."""
+    from PIL import ImageDraw
+
+    from hallo3_cli.image_io import crop_box_for_output, preview_image
+
+    portrait = pipe.frame_portrait(image)
+    picture = preview_image(portrait.image, portrait.mask, portrait.face_box.tolist())
+    crop = crop_box_for_output(portrait.framing, pipe.height, pipe.width)
+    video = ((portrait.image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    video = video[crop[1]:crop[3], crop[0]:crop[2]]
+    ImageDraw.Draw(picture).rectangle([crop[0], crop[1], crop[2] - 1, crop[3] - 1], outline=(255, 220, 0), width=1)
+    from PIL import Image
+
+    how = ("square portrait: padded to the frame, the video is the centre square" if portrait.framing == "pad"
+           else "resized to cover the frame and centre-cropped")
+    face = ("face found" if portrait.face.found
+            else "**no face detected**: the whole image is the face region (zero face embedding)")
+    caption = (f"{portrait.source_width}×{portrait.source_height} → {pipe.width}×{pipe.height} frame ({how}); "
+               f"video {crop[2] - crop[0]}×{crop[3] - crop[1]}; {face}, box {portrait.face_box.tolist()}")
+    return _enlarged(picture), _enlarged(Image.fromarray(video)), caption
+
+
+def _enlarged(picture, short_side: int = 240):
+    """Tiny test frames scaled up for the page (nearest neighbour: every pixel stays visible as it is)."""
+    from PIL import Image
+
+    factor = math.ceil(short_side / min(picture.size))
+    return picture if factor <= 1 else picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
+
+
+class Cancelled(Exception):
+    """Raised from the step hook when the session's Cancel was pressed."""
+
+
+@dataclass
+class Session:
+    """One browser tab (Gradio session): its private folder, the cancel flags of its running jobs and its
+    finished renders."""
+
+    folder: Path
+    jobs: set = field(default_factory=set)  # a threading.Event per running job: set = cancel it
+    uploads: set = field(default_factory=set)  # Gradio's copies of this session's uploads
+    renders: dict[str, Path] = field(default_factory=dict)  # label → mp4 in ``folder``
+
+    def cancel(self) -> None:
+        for flag in list(self.jobs):
+            flag.set()
+
+
+class Studio:
+    """The server's state: the models (kept loaded between jobs), the sessions, the one-GPU lock."""
+
+    def __init__(self, model: str, *, cache_dir: str | os.PathLike, root: str | os.PathLike,
+                 max_speech_seconds: float = DEFAULT_MAX_SPEECH_SECONDS):
+        from hallo3_cli.jobs import require_weights
+        from hallo3_cli.presets import get_preset
+
+        self.preset = get_preset(model)
+        require_weights(self.preset, ("embed-audio", "encode-ref", "render"), allow_download=True)
+        self.cache_dir = Path(cache_dir)
+        self.root = Path(root)
+        self.max_speech_seconds = float(max_speech_seconds)
+        self.gpu = threading.Lock()  # Gradio's queue runs one render at a time; this makes it a fact
+        self._sessions: dict[str, Session] = {}
+        self._sessions_lock = threading.Lock()
+        self._renderer = None  # (memory, vae_tiling, VideoRenderer): models stay loaded between jobs
+        self._framer = None
+        self._framer_lock = threading.Lock()
+
+    # -- sessions -----------------------------------------------------------------------------
+    def session(self, session_id: str | None) -> Session:
+        key = re.sub(r"[^A-Za-z0-9_-]", "", session_id or "") or "anonymous"
+        with self._sessions_lock:
+            if key not in self._sessions:
+                folder = self.root / "sessions" / key
+                folder.mkdir(parents=True, exist_ok=True)
+                self._sessions[key] = Session(folder)
+            return self._sessions[key]
+
+    def end_session(self, session_id: str | None) -> None:
+        """The tab closed: stop its render, delete its folder and the uploads no other session holds."""
+        key = re.sub(r"[^A-Za-z0-9_-]", "", session_id or "") or "anonymous"
+        with self._sessions_lock:
+            session = self._sessions.pop(key, None)
+            held = set().union(*(other.uploads for other in self._sessions.values()))
+        if session is None:
+            return
+        session.cancel()
+        shutil.rmtree(session.folder, ignore_errors=True)
+        uploads = (self.root / "uploads").resolve()
+        for name in session.uploads - held:  # Gradio keys uploads by content: another tab may hold the same file
+            path = Path(name).resolve()
+            if path.is_relative_to(uploads) and path.is_file():
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
+
+    # -- models -------------------------------------------------------------------------------
+    def renderer(self, memory: str, vae_tiling: bool):
+        """The VideoRenderer for this memory setting, kept for the next job. Another setting replaces it (two
+        copies of the release's models would not fit next to each other)."""
+        from hallo3_cli.jobs import VideoRenderer
+        from hallo3_cli.runtime import Runtime
+
+        if memory not in MEMORY_MODES:
+            raise UsageError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+        if self._renderer is not None and self._renderer[:2] == (memory, bool(vae_tiling)):
+            return self._renderer[2]
+        self._renderer = None
+        renderer = VideoRenderer(self.preset.name, cache_dir=self.cache_dir, progress=False,
+                                 runtime=Runtime(offload=memory, vae_tiling=bool(vae_tiling)))
+        self._renderer = (memory, bool(vae_tiling), renderer)
+        return renderer
+
+    def framer(self):
+        """A CPU pipeline for framing previews (only its face models ever load)."""
+        from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
+        from hallo3_cli.runtime import Runtime
+
+        if self._framer is None:
+            self._framer = Hallo3Pipeline.from_preset(self.preset, Runtime(device="cpu"), lazy=True)
+        return self._framer
+
+    def preview(self, face: str | None):
+        if face is None:
+            return None, None, ""
+        with self._framer_lock:
+            return framing_preview(self.framer(), face)
+
+    # -- rendering ----------------------------------------------------------------------------
+    def settings(self, seed, steps, cfg):
+        from hallo3_cli.jobs import RenderSettings
+
+        try:
+            seed, steps = int(seed), int(steps)
+            cfg = float(cfg)
+        except (TypeError, ValueError):
+            raise UsageError(f"seed and steps must be whole numbers and CFG a number, got {seed!r}, {steps!r}, {cfg!r}") from None
+        if not 1 <= steps <= 1000:
+            raise UsageError(f"steps must be from 1 to 1000, got {steps}")
+        if not (math.isfinite(cfg) and -100 <= cfg <= 100):
+            raise UsageError(f"CFG must be a finite number between -100 and 100, got {cfg}")
+        return RenderSettings.for_preset(self.preset, seed, steps, cfg)
+
+    def render_events(self, session: Session, face: str, speech: str, prompt: str | None, settings, memory: str,
+                      vae_tiling: bool, events: "queue.Queue", cancel: threading.Event):
+        """The render itself (runs in a worker thread): puts ``(kind, ...)`` events for the page."""
+        from hallo3_cli.image_io import crop_box_for_output
+        from hallo3_cli.jobs import Job
+        from hallo3_cli.pipeline_hallo3 import num_clips
+        from hallo3_cli.video_io import VideoWriter
+
+        preset = self.preset
+        with self.gpu:
+            events.put(("status", "loading the models"))
+            renderer = self.renderer(memory, vae_tiling)
+            renderer.settings = settings  # one job at a time (self.gpu): the kept renderer takes this job's settings
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            events.put(("status", "embedding the speech"))
+            audio = renderer.audio_stage(Path(speech), self.cache_dir)
+            num_frames = audio.meta["num_frames"]
+            events.put(("total", num_clips(num_frames, preset.clip_length, preset.motion_frames)))
+            if cancel.is_set():
+                raise Cancelled
+            events.put(("status", "encoding the portrait"))
+            reference = renderer.reference_stage(Path(face), prompt, self.cache_dir)
+            crop = crop_box_for_output(reference.meta["framing"], preset.height, preset.width)
+            name = (f"{safe_stem(face, 'face')}-{safe_stem(speech, 'speech')}-seed{settings.seed}"
+                    f"-steps{settings.steps}-cfg{settings.cfg:g}")
+            output = session.folder / "renders" / f"{name}.mp4"
+            clips_dir = session.folder / "clips" / name
+            clips_dir.mkdir(parents=True, exist_ok=True)
+            output.parent.mkdir(parents=True, exist_ok=True)
+
+            def on_step(clip_index, step, num_steps):
+                if cancel.is_set():
+                    raise Cancelled
+                events.put(("step", clip_index, step, num_steps))
+
+            def on_clip(clip):
+                new = preset.clip_length - preset.motion_frames
+                frames = clip.frames[preset.motion_frames:][: num_frames - clip.index * new]
+                path = clips_dir / f"clip_{clip.index + 1:05d}.mp4"
+                with VideoWriter(path, preset.width, preset.height, fps=preset.fps, crop=crop) as writer:
+                    writer.write(frames)
+                events.put(("clip", clip.index, clip.num_clips, path))
+                if cancel.is_set():
+                    raise Cancelled
+
+            renderer.render(Job(Path(face), Path(speech), output, prompt), on_clip=on_clip, on_step=on_step)
+            return name, output
+
+    def render(self, session: Session, face, speech, prompt, seed, steps, cfg, memory, vae_tiling, progress=None):
+        """Generator for the page: yields ``(video, clips, status, renders)`` updates (``None`` = unchanged);
+        the last one has the mp4. Raises :class:`Hallo3Error` with the one-line message for bad inputs."""
+        if face is None:
+            raise UsageError("upload a portrait first")
+        if speech is None:
+            raise UsageError("upload or record the speech first")
+        face, speech = str(face), str(speech)
+        from hallo3_cli.image_io import load_image
+
+        load_image(face)  # bad inputs fail here, in one line, before any model work
+        check_speech(speech, self.max_speech_seconds)
+        settings = self.settings(seed, steps, cfg)
+        prompt = prompt.strip() if isinstance(prompt, str) and prompt.strip() else None
+
+        events: queue.Queue = queue.Queue()
+        outcome: dict = {}
+        cancel = threading.Event()
+        session.jobs.add(cancel)
+
+        def work():
+            try:
+                outcome["result"] = self.render_events(session, face, speech, prompt, settings, memory, vae_tiling,
+                                                       events, cancel)
+            except Cancelled:
+                outcome["cancelled"] = True
+            except BaseException as err:  # reported to the page in one line
+                if not isinstance(err, Hallo3Error):
+                    log.exception("render failed")
+                outcome["error"] = err
+            finally:
+                events.put(("end",))
+
+        worker = threading.Thread(target=work, name="hallo3-render", daemon=True)
+        started = time.monotonic()
+        total, clips, resumed = None, [], 0
+        stepping_since, fresh_steps = None, 0
+        status = "waiting for the GPU"
+        current = None
+        worker.start()
+        try:
+            last = 0.0
+            ended = False
+            while not ended:
+                try:
+                    event = events.get(timeout=UPDATE_INTERVAL)
+                except queue.Empty:
+                    event = None
+                while event is not None:
+                    kind = event[0]
+                    if kind == "end":
+                        ended = True
+                    elif kind == "status":
+                        status = event[1]
+                    elif kind == "total":
+                        total = event[1]
+                    elif kind == "step":
+                        _, clip_index, step, num_steps = event
+                        if stepping_since is None:
+                            stepping_since = time.monotonic()
+                        fresh_steps += 1
+                        current = (clip_index, step, num_steps)
+                    elif kind == "clip":
+                        _, index, total, path = event
+                        clips.append((str(path), f"clip {index + 1}/{total}"))
+                        if stepping_since is None:
+                            resumed += 1
+                    try:
+                        event = events.get_nowait()
+                    except queue.Empty:
+                        event = None
+                now = time.monotonic()
+                if ended or now - last >= UPDATE_INTERVAL:
+                    last = now
+                    text = self._progress_text(status, total, clips, resumed, current, stepping_since, fresh_steps, settings.steps, now)
+                    if progress is not None and total and current is not None:
+                        done = (current[0] * settings.steps + current[1] + 1) / (total * settings.steps)
+                        progress(min(done, 1.0), desc=text)
+                    if not ended:
+                        yield None, list(clips), text, None
+        finally:
+            if worker.is_alive():  # the page went away (or Gradio cancelled): stop at the next step
+                cancel.set()
+                worker.join()
+            session.jobs.discard(cancel)
+        elapsed = time.monotonic() - started
+        if outcome.get("cancelled"):
+            message = (f"cancelled: {len(clips)} of {total or '?'} clips finished and kept; "
+                       "render again with the same settings to resume")
+            yield None, list(clips), message, None
+            raise Hallo3Error(message)
+        if "error" in outcome:
+            raise outcome["error"]
+        name, output = outcome["result"]
+        session.renders[name] = output
+        kept = f", {resumed} resumed from the cache" if resumed else ""
+        text = f"done: {len(clips)} clip{'s' if len(clips) != 1 else ''}{kept} in {elapsed:.1f} s — {output.name}"
+        yield str(output), list(clips), text, name
+
+    @staticmethod
+    def _progress_text(status, total, clips, resumed, current, stepping_since, fresh_steps, steps, now) -> str:
+        if current is None:
+            return status + ("" if not clips else f" ({len(clips)} clips from the cache)")
+        clip_index, step, num_steps = current
+        text = f"clip {clip_index + 1}/{total} · step {step + 1}/{num_steps}"
+        if resumed:
+            text += f" · {resumed} resumed"
+        if total and fresh_steps:
+            per_step = (now - stepping_since) / fresh_steps
+            left = (total - clip_index - 1) * steps + (num_steps - step - 1)
+            text += f" · ETA {_duration(per_step * left)}"
+        return text
+
+    def reopen(self, session: Session, name: str | None) -> str | None:
+        """A past render of this session, by its name in the list (never a path from the page)."""
+        if not name:
+            return None
+        path = session.renders.get(name)
+        if path is None or not path.is_file():
+            raise UsageError(f"no render named {name!r} in this session")
+        return str(path)
+
+    def cancel(self, session: Session) -> str:
+        running = bool(session.jobs)
+        session.cancel()
+        return ("cancelled after the current denoising step: finished clips are kept, Render resumes from them"
+                if running else "nothing to cancel")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+
+CSS = "#status {min-height: 2.5em} footer {display: none !important}"
+
+
+def build_page(studio: Studio):
+    """The Gradio Blocks of the page (``/render`` is its API)."""
+    import gradio as gr
+
+    preset = studio.preset
+
+    def portrait_file(payload):
+        """The portrait's preprocess: the uploaded file untouched (gr.Image would open it with PIL first), so the
+        render decodes it as the CLI does and a bad file gets the CLI's message. (An instance attribute, not a
+        subclass: Gradio writes a .pyi stub next to the module of every component subclass.)"""
+        return None if payload is None or not payload.path else str(payload.path)
+
+    def error(err: BaseException, *paths) -> Exception:
+        return gr.Error(one_line(err, {str(p): Path(str(p)).name for p in paths if p}), print_exception=False)
+
+    def on_preview(face, request: gr.Request):
+        if face is not None:
+            studio.session(request.session_hash).uploads.add(str(face))
+        try:
+            return studio.preview(face)
+        except Hallo3Error as err:
+            raise error(err, face) from None
+
+    def on_speech(speech):
+        if speech is None:
+            return ""
+        try:
+            seconds = check_speech(speech, studio.max_speech_seconds)
+        except Hallo3Error as err:
+            raise error(err, speech) from None
+        return f"speech: {seconds:.1f} s"
+
+    def on_memory(memory, vae_tiling):
+        return memory_verdict(preset, memory, bool(vae_tiling))
+
+    def render(face, speech, prompt=preset.default_prompt, seed=42, steps=preset.steps, cfg=preset.cfg,
+               memory="auto", vae_tiling=False, request: gr.Request = None, progress=gr.Progress()):
+        session = studio.session(request.session_hash if request is not None else None)
+        session.uploads.update(str(path) for path in (face, speech) if path is not None)
+        try:
+            for video, clips, status, name in studio.render(session, face, speech, prompt, seed, steps, cfg, memory,
+                                                             vae_tiling, progress):
+                renders = gr.skip() if name is None else gr.update(choices=list(session.renders), value=name)
+                yield (gr.skip() if video is None else video), clips, status, renders
+        except Exception as err:  # noqa: BLE001 - the page shows one line, the server log the traceback
+            if not isinstance(err, Hallo3Error):
+                log.error("render failed: %s", one_line(err, {}))
+            raise error(err, face, speech) from None
+
+    def cancel(request: gr.Request):
+        return studio.cancel(studio.session(request.session_hash))
+
+    def reopen(name, request: gr.Request):
+        try:
+            return studio.reopen(studio.session(request.session_hash), name)
+        except Hallo3Error as err:
+            raise error(err) from None
+
+    def unload(request: gr.Request):
+        studio.end_session(request.session_hash)
+
+    with gr.Blocks(title="Hallo3", analytics_enabled=False, delete_cache=(3600, 6 * 3600)) as page:
+        gr.Markdown(f"## Hallo3 — talking portrait\nModel **{preset.name}**"
+                    + (" (random weights: the output is noise)" if preset.is_random else "")
+                    + f" · {preset.width}×{preset.height}, {preset.fps} fps · one render at a time, others queue")
+        with gr.Row():
+            with gr.Column():
+                face = gr.Image(label="Portrait", type="filepath", sources=["upload"],
+                                elem_id="face", height=260)
+                face.preprocess = portrait_file
+                speech = gr.Audio(label="Speech (upload or record)", type="filepath", sources=["upload", "microphone"],
+                                  elem_id="speech")
+                prompt = gr.Textbox(label="Prompt", value=preset.default_prompt, lines=2, elem_id="prompt")
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=42, precision=0, elem_id="seed")
+                    steps = gr.Number(label="Steps", value=preset.steps, precision=0, minimum=1, maximum=1000, elem_id="steps")
+                    cfg = gr.Number(label="CFG scale", value=preset.cfg, minimum=-100, maximum=100, elem_id="cfg")
+                with gr.Row():
+                    memory = gr.Dropdown(MEMORY_MODES, value="auto", label="Memory mode", elem_id="memory")
+                    vae_tiling = gr.Checkbox(label="VAE tiling", value=False, elem_id="vae_tiling")
+                verdict = gr.Markdown(elem_id="verdict")
+                with gr.Row():
+                    go = gr.Button("Render", variant="primary", elem_id="render")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            with gr.Column():
+                with gr.Row():
+                    framed = gr.Image(label="Model frame (face box, mask, crop)", type="pil", format="png",
+                                      interactive=False, elem_id="framing", height=200)
+                    cropped = gr.Image(label="Video crop", type="pil", format="png", interactive=False,
+                                       elem_id="video_crop", height=200)
+                framing_caption = gr.Markdown(elem_id="framing_caption")
+                status = gr.Markdown(label="Status", elem_id="status")
+                clips = gr.Gallery(label="Clips so far", columns=4, height=170, elem_id="clips", interactive=False)
+                result = gr.Video(label="Result", elem_id="result", interactive=False, height=360)
+                renders = gr.Dropdown([], label="Past renders (this session)", elem_id="renders", interactive=True)
+
+        face.change(on_preview, face, [framed, cropped, framing_caption], concurrency_limit=2,
+                    concurrency_id="preview", api_name="framing")
+        speech.change(on_speech, speech, status, concurrency_limit=2, concurrency_id="preview",
+                      api_visibility="private")
+        memory.change(on_memory, [memory, vae_tiling], verdict, api_visibility="private", queue=False)
+        vae_tiling.change(on_memory, [memory, vae_tiling], verdict, api_visibility="private", queue=False)
+        page.load(on_memory, [memory, vae_tiling], verdict, api_visibility="private")
+        rendering = go.click(render, [face, speech, prompt, seed, steps, cfg, memory, vae_tiling], [result, clips, status, renders],
+                 concurrency_limit=1, concurrency_id="gpu", api_name="render", show_progress_on=[status])
+        # Cancel stops a running render within one step (its flag) and takes a waiting one out of the queue.
+        stop.click(cancel, None, status, queue=False, api_name="cancel")
+        stop.click(None, None, None, cancels=[rendering], api_visibility="private")
+        renders.select(reopen, renders, result, api_name="reopen")
+        page.unload(unload)
+    return page
+
+
+def serve(model: str = "hallo3", *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          auth_file: str | os.PathLike | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+          max_speech_seconds: float = DEFAULT_MAX_SPEECH_SECONDS, cache_dir: str | os.PathLike = ".hallo3-cache") -> None:
+    """Run the page until interrupted; prints its URL on stdout once it listens."""
+    check_host(host, auth_file)
+    if not (max_upload_mb > 0 and math.isfinite(max_upload_mb)):
+        raise UsageError(f"--max-upload-mb must be a positive number, got {max_upload_mb}")
+    if not (max_speech_seconds > 0 and math.isfinite(max_speech_seconds)):
+        raise UsageError(f"--max-speech-seconds must be a positive number, got {max_speech_seconds}")
+    users = read_auth_file(auth_file) if auth_file is not None else None
+    root = Path(tempfile.mkdtemp(prefix="hallo3-serve-"))  # 0700: this user's only
+    os.environ["GRADIO_TEMP_DIR"] = str(root / "uploads")  # Gradio's own copies of the uploads
+    try:
+        gr = require_gradio()
+        studio = Studio(model, cache_dir=cache_dir, root=root, max_speech_seconds=max_speech_seconds)
+        page = build_page(studio)
+        page.queue(default_concurrency_limit=1)
+        log.info("session files in %s (removed when the server stops)", root)
+        try:
+            page.launch(server_name=host, server_port=port, auth=users, max_file_size=int(max_upload_mb * (1 << 20)),
+                        prevent_thread_lock=True, quiet=True, show_error=True, ssr_mode=False, pwa=False,
+                        mcp_server=False, enable_monitoring=False, css=CSS, theme=gr.themes.Default())
+        except OSError:
+            raise Hallo3Error(f"cannot listen on {host}:{port}: the port is taken or the address is not this "
+                              "machine's (choose another with --port or --host)") from None
+        print(page.local_url if host in LOCAL_HOSTS else f"http://{host}:{port}/", flush=True)
+        try:
+            while page.is_running:
+                time.sleep(0.2)
+        finally:
+            page.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

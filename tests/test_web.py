@@ -1,0 +1,484 @@
+"""``hallo3 serve``: the page end to end, through ``gradio_client`` and a real browser (Playwright driving
+Debian's chromium headless), on the ``tiny-test`` preset.
+
+One server (a subprocess on 127.0.0.1 and a free port) serves the whole module; the last test stops it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = Path(__file__).with_name("presets_test.toml")
+MODEL = "tiny-test"
+CHROMIUM = os.environ.get("HALLO3_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 # a microphone that plays a file (set per module, see ``browser``)
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+MAX_SPEECH_SECONDS = 3
+MAX_UPLOAD_MB = 1
+
+
+def cut_wav(source: Path, target: Path, seconds: float) -> Path:
+    with wave.open(str(source)) as src:
+        params = src.getparams()
+        frames = src.readframes(int(seconds * src.getframerate()))
+    with wave.open(str(target), "wb") as dst:
+        dst.setparams(params)
+        dst.writeframes(frames)
+    return target
+
+
+def hallo3(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HALLO3_PRESETS": str(PRESETS), "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "hallo3_cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)
+
+
+# ---------------------------------------------------------------------------------------------
+# start-up refusals and the auth file (no server, no Gradio needed)
+
+
+def test_network_host_without_auth_file_is_refused():
+    result = hallo3("serve", "--host", "0.0.0.0", "--model", MODEL)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--auth-file" in lines[0] and "0.0.0.0" in lines[0]
+    assert result.stdout == ""
+
+
+def test_without_gradio_the_command_says_how_to_install(tmp_path):
+    shim = tmp_path / "shim" / "gradio"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named gradio')\n")
+    result = hallo3("serve", "--model", MODEL, env={"PYTHONPATH": f"{shim.parent}{os.pathsep}{REPO}"})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "hallo3-cli[web]"' in lines[0]
+
+
+def test_auth_file_format_and_permissions(tmp_path):
+    from hallo3_cli.errors import InputError
+    from hallo3_cli.web import read_auth_file
+
+    good = tmp_path / "users"
+    good.write_text("# team logins\nana:s3cret:with:colons\n\n bo : pw \n")
+    good.chmod(0o600)
+    assert read_auth_file(good) == [("ana", "s3cret:with:colons"), ("bo", " pw ")]
+    good.chmod(0o644)
+    with pytest.raises(InputError, match="readable or writable by others"):
+        read_auth_file(good)
+    bad = tmp_path / "bad"
+    bad.write_text("ana:pw\njust-a-name\n")
+    bad.chmod(0o600)
+    with pytest.raises(InputError, match="line 2: expected user:password"):
+        read_auth_file(bad)
+    empty = tmp_path / "empty"
+    empty.write_text("# nobody\n")
+    empty.chmod(0o600)
+    with pytest.raises(InputError, match="no user:password"):
+        read_auth_file(empty)
+    assert stat.S_IMODE(good.stat().st_mode) == 0o644  # reading never changes the file
+
+
+# ---------------------------------------------------------------------------------------------
+# the server
+
+
+class Server:
+    """``hallo3 serve`` in a subprocess; ``url`` once it listens, ``root`` its private session folder."""
+
+    def __init__(self, tmp: Path, *extra: str):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.cache = tmp / "cache"
+        self.stderr_path = tmp / "server.err"
+        env = {**os.environ, "HALLO3_PRESETS": str(PRESETS), "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hallo3_cli", "serve", "--model", MODEL, "--port", str(self.port),
+             "--cache-dir", str(self.cache), "--max-upload-mb", str(MAX_UPLOAD_MB),
+             "--max-speech-seconds", str(MAX_SPEECH_SECONDS), *extra],
+            stdout=subprocess.PIPE, stderr=self.stderr_path.open("w"), text=True, env=env, cwd=tmp,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=120)
+        if not lines or not lines[0].strip():
+            self.stop()
+            pytest.fail(f"the server did not start: {self.stderr_path.read_text()[-2000:]}")
+        self.url = lines[0].strip()
+        marker = "session files in "
+        line = next(l for l in self.stderr_path.read_text().splitlines() if marker in l)
+        self.root = Path(line.split(marker, 1)[1].split(" (", 1)[0])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("gradio", reason="hallo3 serve needs the web extra: pip install -e '.[web]'")
+    pytest.importorskip("gradio_client", reason="the API tests need gradio_client (the test extra)")
+    running = Server(tmp_path_factory.mktemp("serve"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def inputs(media_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("web_inputs")
+    big = root / "big.wav"
+    big.write_bytes(os.urandom(int(MAX_UPLOAD_MB * 1.5 * 1024 * 1024)))
+    (root / "speech.txt").write_text("not a recording\n")
+    (root / "face.jpg").write_text("not an image\n")
+    (root / "noise.wav").write_text("not a recording either\n")
+    return {
+        "face": media_dir / "face_0003.jpg",  # 480×480
+        "speech": cut_wav(media_dir / "speech_0001.wav", root / "two.wav", 2.2),  # 55 frames: 2 clips
+        "long": cut_wav(media_dir / "speech_0003.wav", root / "long.wav", MAX_SPEECH_SECONDS + 0.5),
+        "big": big, "text_speech": root / "speech.txt", "text_face": root / "face.jpg", "text_wav": root / "noise.wav",
+    }
+
+
+def video_path(value) -> Path:
+    """gradio_client returns a Video output as a dict (``{"video": path, ...}``) or a path."""
+    return Path(value["video"] if isinstance(value, dict) else value)
+
+
+def video_frames(speech: Path) -> int:
+    from hallo3_cli.audio_io import load_audio
+
+    return math.ceil(len(load_audio(speech)) / 16000 * 25)
+
+
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.slow
+def test_default_bind_is_loopback_only(server):
+    assert server.url == f"http://127.0.0.1:{server.port}/"
+    address = non_loopback_address()
+    if address is not None:
+        with socket.socket() as probe, pytest.raises(OSError):
+            probe.settimeout(2)
+            probe.connect((address, server.port))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+        pass
+
+
+@pytest.mark.slow
+def test_api_render_gives_the_cli_render(server, inputs, tmp_path):
+    """The issue's call, verbatim; the page renders the latents of ``hallo3 render`` with the same inputs."""
+    from gradio_client import Client, handle_file
+    from safetensors.torch import load_file
+
+    from hallo3_cli.video_io import read_video
+
+    cli_out, cli_cache = tmp_path / "cli.mp4", tmp_path / "cli-cache"
+    env = {**os.environ, "HALLO3_PRESETS": str(PRESETS), "PYTHONPATH": str(REPO)}
+    cli = subprocess.Popen([sys.executable, "-m", "hallo3_cli", "render", str(inputs["face"]), str(inputs["speech"]),
+                            "-o", str(cli_out), "--seed", "7", "--model", MODEL, "--cache-dir", str(cli_cache), "-q"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    client = Client(server.url, verbose=False)
+    result = client.predict(face=handle_file(str(inputs["face"])), speech=handle_file(str(inputs["speech"])), seed=7,
+                            api_name="/render")
+    page_video = video_path(result[0])
+    assert page_video.suffix == ".mp4"
+    _, stderr = cli.communicate(timeout=120)
+    assert cli.returncode == 0, stderr[-2000:]
+
+    # Same render key (inputs, seed, settings, weights, runtime) and bit-identical clip latents.
+    ours = sorted(server.cache.glob("*.parts/clip_*.safetensors"))
+    theirs = sorted(cli_cache.glob("*.parts/clip_*.safetensors"))
+    assert [p.relative_to(server.cache) for p in ours] == [p.relative_to(cli_cache) for p in theirs]
+    assert len(ours) == 2
+    for a, b in zip(ours, theirs):
+        assert load_file(a)["latents"].equal(load_file(b)["latents"])
+
+    # The videos: same length and sound, the same frames (x264 runs with a fixed thread count).
+    page_frames, fps, audio_seconds = read_video(page_video)
+    cli_frames, _, _ = read_video(cli_out)
+    assert page_frames.shape == cli_frames.shape == (video_frames(inputs["speech"]), 64, 64, 3) and fps == 25
+    assert abs(audio_seconds - 2.2) <= 1 / 25
+    assert np.array_equal(page_frames, cli_frames)
+    assert "done: 2 clips" in result[2]
+    assert [clip["caption"] for clip in result[1]] == ["clip 1/2", "clip 2/2"]  # the growing preview
+
+    # Past renders reopen in their own session only.
+    name = result[3]["value"]
+    assert read_video(video_path(client.predict(name, api_name="/reopen")))[0].shape == page_frames.shape
+    with pytest.raises(Exception):
+        Client(server.url, verbose=False).predict(name, api_name="/reopen")
+
+
+@pytest.mark.slow
+def test_api_cancel_keeps_finished_clips_and_resumes(server, inputs):
+    from gradio_client import Client, handle_file
+
+    from hallo3_cli.video_io import read_video
+
+    client = Client(server.url, verbose=False)
+    args = dict(face=handle_file(str(inputs["face"])), speech=handle_file(str(inputs["speech"])), seed=8, steps=12,
+                api_name="/render")
+    job = client.submit(**args)
+    deadline = time.monotonic() + 90
+    while not any("clip 2/2" in (out[2] or "") for out in job.outputs()):
+        assert time.monotonic() < deadline and not job.done(), "the render never reached clip 2"
+        time.sleep(0.05)
+    assert "cancelled" in client.predict(api_name="/cancel")
+    with pytest.raises(Exception, match=r"cancelled: 1 of 2 clips finished and kept"):
+        job.result(timeout=60)
+
+    result = client.predict(**args)
+    assert "1 resumed" in result[2]
+    assert read_video(video_path(result[0]))[0].shape[0] == video_frames(inputs["speech"])
+    # another seed (7 above, 8 here) on the same portrait and speech reused their stage files
+    assert len(list(server.cache.glob("*.audio.safetensors"))) == 1
+    assert len(list(server.cache.glob("*.ref.safetensors"))) == 1
+
+
+@pytest.mark.slow
+def test_api_bad_uploads_get_the_cli_message(server, inputs):
+    from gradio_client import Client, handle_file
+
+    client = Client(server.url, verbose=False)
+    face, speech = handle_file(str(inputs["face"])), handle_file(str(inputs["speech"]))
+    cases = [
+        (dict(face=face, speech=handle_file(str(inputs["text_speech"]))), "speech.txt: is not a readable audio file"),
+        (dict(face=handle_file(str(inputs["text_face"])), speech=speech), "face.jpg: not an image file"),
+        (dict(face=face, speech=handle_file(str(inputs["long"]))), f"at most {MAX_SPEECH_SECONDS} s of speech"),
+        (dict(face=face, speech=speech, steps=0), "less than minimum value 1"),  # Gradio checks the bounds
+    ]
+    for kwargs, expected in cases:
+        with pytest.raises(Exception) as err:
+            client.predict(**kwargs, api_name="/render")
+        message = str(err.value)
+        assert expected in message
+        assert "\n" not in message.strip() and str(server.root) not in message and "Traceback" not in message
+    with pytest.raises(Exception):  # over --max-upload-mb: refused at upload
+        client.predict(face=face, speech=handle_file(str(inputs["big"])), api_name="/render")
+    assert server.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_auth_file_guards_the_page_and_the_api(tmp_path):
+    pytest.importorskip("gradio", reason="hallo3 serve needs the web extra: pip install -e '.[web]'")
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from gradio_client import Client
+
+    def status(url: str, form: dict | None = None) -> int:
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        try:
+            with urllib.request.urlopen(url, data=data, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    users = tmp_path / "users"
+    users.write_text("ana:correct horse\n")
+    users.chmod(0o600)
+    guarded = Server(tmp_path, "--auth-file", str(users))
+    try:
+        assert status(guarded.url + "config") in (401, 403)
+        with pytest.raises(Exception):
+            Client(guarded.url, verbose=False)
+        assert status(guarded.url + "login", {"username": "ana", "password": "wrong"}) >= 400
+        client = Client(guarded.url, auth=("ana", "correct horse"), verbose=False)
+        assert "/render" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    finally:
+        guarded.stop()
+
+
+@pytest.mark.slow
+def test_server_files_are_not_served_by_path(server):
+    """Gradio's file route serves its own copies of uploads and results only: not the stage cache (in the
+    server's working folder here), not a session's folder, not any other file of the machine."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    stage = next(server.cache.glob("*.ref.safetensors"))  # written by the renders above
+    targets = [stage, Path("/etc/passwd"), server.stderr_path, *server.root.glob("sessions/*/renders/*.mp4")]
+    for target in targets:
+        for route in ("gradio_api/file=", "file="):
+            url = server.url + route + urllib.parse.quote(str(target))
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(url, timeout=10).close()
+            assert err.value.code in (403, 404), (url, err.value.code)
+
+
+@pytest.mark.slow
+def test_api_framing_preview(server, inputs):
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    client = Client(server.url, verbose=False)
+    frame, crop, caption = client.predict(handle_file(str(inputs["face"])), api_name="/framing")
+    frame, crop = Image.open(frame), Image.open(crop)
+    assert frame.width * 2 == frame.height * 3 and crop.width == crop.height  # 96×64 frame, square video
+    assert "480×480 → 96×64 frame" in caption
+    with pytest.raises(Exception, match="face.jpg: not an image file"):
+        client.predict(handle_file(str(inputs["text_face"])), api_name="/framing")
+
+
+# ---------------------------------------------------------------------------------------------
+# a real browser
+
+
+@pytest.fixture(scope="module")
+def browser(server, inputs):
+    playwright = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (the test extra)")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium, or set HALLO3_CHROMIUM)")
+    with playwright.sync_playwright() as p:
+        microphone = f"--use-file-for-fake-audio-capture={inputs['speech']}"
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, microphone])
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, server, inputs, requests: list | None = None, speech: Path | None = None, record: bool = False):
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, permissions=["microphone"])
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    if requests is not None:
+        page.on("request", lambda request: requests.append(request.url))
+    page.goto(server.url)
+    page.locator("#face input[type=file]").set_input_files(str(inputs["face"]))
+    if record:  # the microphone: Record, two seconds, Stop
+        page.click("#speech button[aria-label='Record audio']")
+        page.locator("#speech button", has_text="Record").first.click()
+        page.wait_for_timeout(2000)
+        page.locator("#speech button", has_text="Stop").first.click()
+        page.wait_for_selector("#speech button[aria-label='Play']")
+    else:
+        page.locator("#speech input[type=file]").set_input_files(str(speech or inputs["speech"]))
+    page.wait_for_selector("#framing img")  # the framing preview, before any GPU work
+    return page
+
+
+def video_duration(page) -> float:
+    return page.evaluate("""async () => {
+        const v = document.querySelector('#result video');
+        if (!(v.duration > 0)) await new Promise(r => v.addEventListener('loadedmetadata', r, {once: true}));
+        return v.duration; }""")
+
+
+@pytest.mark.slow
+def test_browser_render(server, browser, inputs, tmp_path):
+    """Upload a portrait, record the speech with the (fake) microphone, render."""
+    from hallo3_cli.audio_io import audio_info
+
+    requests: list[str] = []
+    page = open_page(browser, server, inputs, requests, record=True)
+    caption = page.locator("#framing_caption").inner_text()
+    assert "480×480 → 96×64 frame" in caption and "video 64×64" in caption
+    assert page.locator("#video_crop img").count() == 1
+    page.wait_for_function("document.querySelector('#verdict').innerText.includes('memory is shared')")
+    page.click("#render")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('done')")
+    page.wait_for_selector("#result video")
+    # the video lasts as long as the recording the server received (whole frames at 25 fps)
+    stem = page.locator("#status").inner_text().split("— face_0003-", 1)[1].split("-seed", 1)[0]
+    recordings = [p for p in (server.root / "uploads").rglob(f"{stem}.*") if p.suffix != ".mp4"]
+    assert len(recordings) == 1
+    seconds = audio_info(recordings[0]).duration
+    assert 1.0 < seconds < 10
+    assert abs(video_duration(page) - math.ceil(seconds * 25) / 25) <= 0.08
+    assert page.locator("#clips video, #clips img").count() >= 1
+    shot = tmp_path / "serve.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("HALLO3_UPDATE_SCREENSHOT") == "1":
+        shutil.copy(shot, REPO / "docs" / "serve.png")
+    # nothing came from anywhere but the server (no CDN, no analytics)
+    foreign = [url for url in requests if not url.startswith((server.url, "blob:", "data:"))]
+    assert requests and not foreign, foreign
+    page.context.close()
+
+
+@pytest.mark.slow
+def test_browser_bad_uploads_show_the_one_line_message(server, browser, inputs):
+    """Files whose type the page accepts but whose content is bad get the CLI's message as soon as they
+    are uploaded (a .txt as speech is already refused by the browser side, by type)."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(server.url)
+    page.locator("#face input[type=file]").set_input_files(str(inputs["text_face"]))
+    page.locator("#speech input[type=file]").set_input_files(str(inputs["text_wav"]))
+    for expected in ("face.jpg: not an image file", "noise.wav: is not a readable audio file"):
+        toast = page.locator(".toast-body", has_text=expected).first
+        toast.wait_for()
+        assert "Traceback" not in toast.inner_text() and str(server.root) not in toast.inner_text()
+    context.close()
+
+
+@pytest.mark.slow
+def test_browser_two_sessions_queue(server, browser, inputs, tmp_path):
+    speech = tmp_path / "queue.wav"  # uploaded by these two tabs only
+    shutil.copy(inputs["speech"], speech)
+    first = open_page(browser, server, inputs, speech=speech)
+    second = open_page(browser, server, inputs, speech=speech)
+    sessions_before = len(list((server.root / "sessions").iterdir()))
+    first.locator("#steps input").fill("10")
+    first.click("#render")
+    first.wait_for_function("document.querySelector('#status').innerText.includes('step')")
+    second.click("#render")
+    second.wait_for_function("document.querySelector('#status').innerText.includes('queue')", timeout=20_000)
+    for page in (first, second):
+        page.wait_for_function("document.querySelector('#status').innerText.includes('done')")
+        assert abs(video_duration(page) - 2.2) <= 0.08
+    # each tab has its own renders; closing a tab deletes its folder
+    assert first.locator("#renders input").input_value() != second.locator("#renders input").input_value()
+    assert list((server.root / "uploads").rglob("queue.wav"))
+    first.context.close()
+    second.context.close()
+    deadline = time.monotonic() + 20
+    while len(list((server.root / "sessions").iterdir())) > sessions_before - 2:
+        assert time.monotonic() < deadline, "closed tabs kept their session folders"
+        time.sleep(0.2)
+    while list((server.root / "uploads").rglob("queue.wav")):
+        assert time.monotonic() < deadline, "closed tabs kept their uploads"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_server_stop_removes_its_files(server):
+    assert server.root.is_dir()
+    server.stop()
+    assert not server.root.exists()
