@@ -20,7 +20,7 @@ import typer
 
 from hallo3_cli import __version__
 from hallo3_cli.errors import Hallo3Error
-from hallo3_cli.runtime import DTYPE_CHOICES, OFFLOAD_MODES, WEIGHTS_DTYPE_CHOICES
+from hallo3_cli.runtime import DTYPE_CHOICES, OFFLOAD_MODES, PARALLEL_MODES, WEIGHTS_DTYPE_CHOICES
 
 app = typer.Typer(
     name="hallo3",
@@ -37,6 +37,10 @@ MODEL_HELP = "Model preset from models.toml: 'hallo3' (the release) or 'tiny-ran
 
 OFFLOAD_HELP = ("Memory mode: auto (model on CUDA, else none), none (all on the device), model (each network on the "
                 "device only while it runs), group (one DiT block at a time), sequential (one layer at a time; slowest, least memory).")
+PARALLEL_HELP = ("Under torchrun: jobs (each process renders its share of the --batch jobs), video (every process "
+                 "shares each denoising step of one video: launch with `torchrun --nproc-per-node N --no-python "
+                 "hallo3 render ... --parallel video`), none (each process renders on its own). auto: jobs with "
+                 "--batch, none otherwise.")
 WEIGHTS_HELP = "DiT weight storage: auto (= --dtype), bf16, or fp8 (float8 storage, computed in --dtype; ~half the memory)."
 
 
@@ -163,7 +167,12 @@ def _setup(quiet: bool) -> None:
 
 
 def emit(result: str | Path) -> None:
-    """Print a command's result (an output path) to stdout."""
+    """Print a command's result (an output path) to stdout (in a ``--parallel video`` render: rank 0 only)."""
+    if "RANK" in os.environ:
+        from hallo3_cli.parallel.session import prints_results
+
+        if not prints_results():
+            return
     print(str(result), flush=True)
 
 
@@ -329,6 +338,10 @@ def render_cmd(
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tiled VAE encode/decode (less memory; tile seams differ slightly)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the repeated DiT block (slow first clip, faster after)."),
     cache: Optional[float] = typer.Option(None, "--cache", callback=_number(0, 1, low_open=True, high_open=True), help="First Block Cache threshold, e.g. 0.05: skip most blocks on steps whose first block barely changed (faster, approximate)."),
+    parallel: str = typer.Option("auto", "--parallel", callback=_one_of(*PARALLEL_MODES), help=PARALLEL_HELP),
+    cfg_parallel: Optional[bool] = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="--parallel video: the two CFG halves on different processes (default: when the process count is even)."),
+    ulysses: Optional[int] = typer.Option(None, "--ulysses", callback=_number(1, 4096), help="--parallel video: processes that split the attention heads (must divide the head count; default: as many as possible)."),
+    ring: Optional[int] = typer.Option(None, "--ring", callback=_number(1, 4096), help="--parallel video: processes that split the queries and gather all keys/values (default: the rest)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Render the talking video clip by clip (resumable: rerun the same command after an interruption).
@@ -338,19 +351,34 @@ def render_cmd(
       hallo3 render face.png speech.wav -o out.mp4
       hallo3 render --audio speech.audio.safetensors --ref face.ref.safetensors -o clips.safetensors
       hallo3 render --batch jobs.txt --out-dir videos/
+      torchrun --nproc-per-node 4 --no-python hallo3 render face.png speech.wav -o out.mp4 --parallel video
     """
     runtime = _runtime(device, dtype, offload, weights_dtype, vae_tiling, compile, cache)
+    from hallo3_cli.runtime import parallel_mode
+
+    try:
+        mode = parallel_mode(parallel, batch=batch is not None)
+    except Hallo3Error as err:
+        raise typer.BadParameter(str(err), param_hint="--parallel") from None
+    if mode != "video" and (cfg_parallel is not None or ulysses is not None or ring is not None):
+        raise typer.BadParameter("--cfg-parallel/--no-cfg-parallel, --ulysses and --ring need --parallel video",
+                                 param_hint="--parallel")
     _setup(quiet)
     from hallo3_cli import jobs
 
     common = dict(seed=seed, steps=steps, cfg=cfg, allow_download=not no_download, runtime=runtime)
+    if mode == "video":
+        from hallo3_cli.parallel.session import VideoParallel
+
+        common["parallel"] = VideoParallel(cfg_parallel=cfg_parallel, ulysses=ulysses, ring=ring)
     if batch is not None:
         if face or speech or audio or ref or output:
             raise typer.BadParameter("--batch takes no FACE/SPEECH/--audio/--ref/-o; use --out-dir", param_hint="--batch")
         if out_dir is None:
             raise typer.BadParameter("--batch needs --out-dir", param_hint="--out-dir")
         written, errors = jobs.render_batch(
-            batch, out_dir, model=model or "hallo3", cache_dir=cache_dir, separate_vocals=separate_vocals, progress=not quiet, **common
+            batch, out_dir, model=model or "hallo3", cache_dir=cache_dir, separate_vocals=separate_vocals, progress=not quiet,
+            shard_jobs=mode != "none", **common
         )
         for path in written:
             emit(path)
@@ -413,8 +441,9 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except Hallo3Error as err:
-        _traceback(debug)
-        print(f"hallo3: error: {err}", file=sys.stderr)
+        if _reports(err):
+            _traceback(debug)
+            print(f"hallo3: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         _interrupted(debug)
@@ -423,10 +452,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         # Typer vendors click: recognise its usage errors by shape rather than by class.
         if hasattr(err, "show") and isinstance(getattr(err, "exit_code", None), int):
-            err.show()
+            if _first_of_many():
+                err.show()
             sys.exit(err.exit_code)
         if type(err).__name__ == "Abort":  # click turns Ctrl-C into Abort
             _interrupted(debug)
+        if not _reports(err):
+            sys.exit(1)
         _traceback(debug)
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         hint = "" if debug else " (rerun with --debug for the traceback)"
@@ -441,14 +473,28 @@ def _traceback(debug: bool) -> None:
         traceback.print_exc()
 
 
+def _reports(err: BaseException) -> bool:
+    """Whether this process prints ``err``: always, except in a ``--parallel video`` render under
+    torchrun, where one rank speaks for all (see ``parallel.session.reports_failure``)."""
+    session = sys.modules.get("hallo3_cli.parallel.session")  # imported only by such a render
+    return session is None or session.reports_failure(err)
+
+
+def _first_of_many() -> bool:
+    """Not a rank > 0 under torchrun: usage errors are the same on every rank (same argv), rank 0 says them."""
+    return os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"
+
+
 def _interrupted(debug: bool) -> None:
-    _traceback(debug)
-    print("hallo3: interrupted", file=sys.stderr)
+    if _reports(KeyboardInterrupt()):
+        _traceback(debug)
+        print("hallo3: interrupted", file=sys.stderr)
     sys.exit(130)
 
 
 def _terminated(signum, frame):
-    print("hallo3: terminated", file=sys.stderr)
+    if _reports(SystemExit(128 + signum)):  # under torchrun: the agent stopping us after another rank failed
+        print("hallo3: terminated", file=sys.stderr)
     raise SystemExit(128 + signum)
 
 
