@@ -246,7 +246,8 @@ def render_parts(pipe, preset: Preset, audio: stages.Stage, reference: stages.St
     """Yield every clip in order (``Hallo3Clip``), rendering with ``pipe`` those not yet persisted in
     ``parts_dir``; each fresh clip is persisted there as soon as it exists (the resume unit).
     ``on_step(clip_index, step, num_steps)`` runs after every denoising step (raise to cancel: the clips
-    finished so far stay persisted). ``session`` (``--parallel video``): every rank renders, rank 0
+    finished so far stay persisted). ``decode_resumed``: the clips' frames are wanted (persisted clips are
+    decoded again, and the last clip too); False: latents only. ``session`` (``--parallel video``): every rank renders, rank 0
     alone persists, and all resume from the clips rank 0 found."""
     from hallo3_cli.pipeline_hallo3 import num_clips
     from hallo3_cli.progress import Progress
@@ -286,6 +287,7 @@ def render_parts(pipe, preset: Preset, audio: stages.Stage, reference: stages.St
             audio_from_stage(audio), reference_from_stage(reference), seed=settings.seed,
             num_inference_steps=settings.steps, guidance_scale=settings.cfg,
             finished=[part["latents"] for part in resumed], decode_finished=decode_resumed,
+            decode_last=decode_resumed,  # frames are wanted (mp4) or only latents (clips file)
             callback_on_step_end=stepped, callback_on_clip_start=started, progress=False,
         )
         for clip in clips:

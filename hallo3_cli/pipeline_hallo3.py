@@ -625,6 +625,7 @@ class Hallo3Pipeline(DiffusionPipeline):
         guidance_scale: float | None = None,
         finished: Sequence[torch.Tensor] = (),
         decode_finished: bool = False,
+        decode_last: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         callback_on_clip_start: Callable | None = None,
@@ -635,7 +636,8 @@ class Hallo3Pipeline(DiffusionPipeline):
         ``finished``: latents of clips already rendered (a resume): they are yielded first (decoded only if
         ``decode_finished``; the last one always, since its frames seed the next clip). Fresh clips come
         with their frames (the decode is needed for the motion frames anyway). ``callback_on_clip_start(pipe,
-        index, num_clips)`` runs before each fresh clip. Under ``--parallel video`` (``self.parallel``) only
+        index, num_clips)`` runs before each fresh clip. ``decode_last=False``: the last clip comes without
+        frames (nothing needs them when only latents are kept: one VAE decode less). Under ``--parallel video`` (``self.parallel``) only
         rank 0 decodes: the other ranks' clips come without frames."""
         steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
         scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
@@ -672,7 +674,8 @@ class Hallo3Pipeline(DiffusionPipeline):
             if bar is not None:
                 bar.close()
             latents = latents.to(self.compute_dtype)[0].cpu()  # what is stored is exactly what is decoded
-            frames = self.decode_latents(latents[None]) if self._decodes else None
+            wanted = decode_last or index < total - 1
+            frames = self.decode_latents(latents[None]) if self._decodes and wanted else None
             if index < total - 1:
                 motion = self._next_motion(frames, motion)
             yield Hallo3Clip(index, total, latents, frames)
