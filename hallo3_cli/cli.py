@@ -97,6 +97,19 @@ def _number(low: float | None = None, high: float | None = None, *, low_open: bo
     return check
 
 
+def _interconnect(value):
+    """Callback: ``nvlink``, ``pcie`` or a one-way bandwidth in GB/s (returned as bytes/s)."""
+    if value is None or value in ("nvlink", "pcie"):
+        return value
+    try:
+        gbps = float(value)
+    except ValueError:
+        gbps = float("nan")
+    if not (math.isfinite(gbps) and gbps > 0):
+        raise typer.BadParameter(f"{value!r} is not nvlink, pcie or a positive bandwidth in GB/s")
+    return gbps * 1e9
+
+
 def _model(value):
     """Callback: a known preset (models.toml and $HALLO3_PRESETS)."""
     if value is None:
@@ -257,17 +270,30 @@ def plan_cmd(
     height: Optional[int] = typer.Option(None, "--height", callback=_number(16, 8192, multiple=16), help="Frame height (default: the preset's, 480)."),
     width: Optional[int] = typer.Option(None, "--width", callback=_number(16, 8192, multiple=16), help="Frame width (default: the preset's, 720)."),
     device_kind: str = typer.Option("cuda", "--device-kind", callback=_one_of(*DEVICE_KIND_CHOICES), help="cuda (bf16) or cpu (float32, device = host memory)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (peak_device_bytes, peak_host_bytes, flops_per_clip, ...)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (peak_device_bytes, peak_host_bytes, flops_per_clip, ...; with --gpus also gpus, comm_bytes_per_step, predicted_speedup)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", callback=_number(1, 4096), help="Plan one video on N GPUs (render --parallel video): memory and FLOPs per rank, bytes sent per denoising step, predicted speed-up."),
+    interconnect: Optional[str] = typer.Option(None, "--interconnect", callback=_interconnect, help="With --gpus: nvlink (450 GB/s one way, the default), pcie (25 GB/s) or a bandwidth in GB/s."),
+    cfg_parallel: Optional[bool] = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="With --gpus: as render --parallel video."),
+    ulysses: Optional[int] = typer.Option(None, "--ulysses", callback=_number(1, 4096), help="With --gpus: as render --parallel video."),
+    ring: Optional[int] = typer.Option(None, "--ring", callback=_number(1, 4096), help="With --gpus: as render --parallel video."),
 ) -> None:
     """Predict peak device and host memory and FLOPs per clip, from the real model traced without memory.
 
-    Example: hallo3 plan --offload group --vae-tiling --json
+    \b
+    Examples:
+      hallo3 plan --offload group --vae-tiling --json
+      hallo3 plan --gpus 8 --interconnect pcie
     """
     _setup(False)
-    from hallo3_cli.plan import format_plan, plan
+    from hallo3_cli.plan import format_plan, plan, plan_parallel
 
+    if gpus is None and (interconnect is not None or cfg_parallel is not None or ulysses is not None or ring is not None):
+        raise typer.BadParameter("--interconnect, --cfg-parallel, --ulysses and --ring need --gpus", param_hint="--gpus")
     result = plan(model, offload=offload, weights_dtype=weights_dtype, vae_tiling=vae_tiling, height=height,
                   width=width, steps=steps, device_kind=device_kind)
+    if gpus is not None:
+        result = plan_parallel(result, gpus, interconnect=interconnect or "nvlink", cfg_parallel=cfg_parallel,
+                               ulysses=ulysses, ring=ring)
     print(result.to_json() if json_output else format_plan(result))
 
 

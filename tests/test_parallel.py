@@ -209,3 +209,40 @@ def test_parallel_call_equals_single_process(ranks, splits, tmp_path):
             assert r["rel"] <= TOLERANCE and r["rel_return_dict"] <= TOLERANCE, (rank, split, r)
             assert r["projection_equal"] and r["restored_equal"], (rank, split, r)
     assert len(digests) == 1  # identical v-prediction on every rank: their sampler steps cannot diverge
+
+
+# -- plan --gpus ----------------------------------------------------------------------------------
+
+
+def test_plan_gpus_is_per_rank_and_follows_the_cost_model():
+    from hallo3_cli.plan import plan, plan_parallel
+
+    single = plan("tiny-random", device_kind="cuda")
+    one = plan_parallel(single, 1)
+    assert one.peak_device_bytes == single.peak_device_bytes and one.comm_bytes_per_step == 0
+    assert one.predicted_speedup == pytest.approx(1.0) and one.flops_per_clip == single.flops_per_clip
+    four = plan_parallel(single, 4, interconnect="pcie")
+    assert four.parallel["cfg"] == 2 and four.parallel["ulysses"] == 2  # tiny-random: 2 heads
+    denoise, alone = four.step("clip", "denoise"), single.step("clip", "denoise")
+    assert denoise.weights_on_device_bytes == alone.weights_on_device_bytes  # the DiT stays whole on every rank
+    assert denoise.tensors_bytes < alone.tensors_bytes and denoise.flops < alone.flops
+    assert four.peak_device_bytes <= single.peak_device_bytes
+    assert four.flops_per_clip == int(single.flops_per_clip - single.flops_per_forward * single.steps * (1 - four.parallel["flops_fraction"]))
+    # PCIe below NVLink (a tiny model computes so little that sending costs more: below 1 here)
+    assert 0 < four.predicted_speedup < plan_parallel(single, 4).predicted_speedup
+    data = json.loads(four.to_json())
+    assert data["gpus"] == 4 and data["comm_bytes_per_step"] == four.comm_bytes_per_step > 0
+    assert data["predicted_speedup"] == four.predicted_speedup
+    assert "gpus" not in json.loads(single.to_json())
+    with pytest.raises(ParallelUsageError, match="valid:"):
+        plan_parallel(single, 3, cfg_parallel=True)
+
+
+def test_plan_command_with_gpus_prints_the_parallel_keys():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "hallo3_cli", "plan", "--model", "tiny-random", "--gpus", "2",
+                          "--interconnect", "100", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    data = json.loads(run.stdout)
+    assert {"gpus", "comm_bytes_per_step", "predicted_speedup", "peak_device_bytes", "flops_per_clip"} <= data.keys()
+    assert data["parallel"]["bandwidth_bytes_per_s"] == 100e9 and data["parallel"]["cfg"] == 2
