@@ -524,11 +524,15 @@ class VideoRenderer:
         from hallo3_cli.image_io import crop_box_for_output
         from hallo3_cli.video_io import VideoWriter
 
-        fsutil.require_file(job.image)
-        fsutil.require_file(job.speech)
-        (output,) = fsutil.check_outputs([(job.output, fsutil.VIDEO_SUFFIXES)], inputs=[job.image, job.speech])
-        audio_info(job.speech)
-        cache = fsutil.ensure_output_folder(self.cache_for(output)) if self.is_main else self.cache_for(output)
+        try:
+            fsutil.require_file(job.image)
+            fsutil.require_file(job.speech)
+            (output,) = fsutil.check_outputs([(job.output, fsutil.VIDEO_SUFFIXES)], inputs=[job.image, job.speech])
+            audio_info(job.speech)
+            cache = fsutil.ensure_output_folder(self.cache_for(output)) if self.is_main else self.cache_for(output)
+        except Hallo3Error as err:
+            err.agreed = True  # (--parallel video) every rank checks the same files: all skip this job together
+            raise
         main = self.is_main
         with self.session.guard() if self.session is not None else contextlib.nullcontext():
             audio, reference = self.stages_for(job, cache)
