@@ -46,7 +46,7 @@ def transformer_heads(preset) -> int:
 
 _PEER_MARKERS = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
                  "communicator was aborted", "nccl error")
-_active: dict[str, object] = {"session": None, "stage": "none"}  # this process's parallel render, if any
+_active = {"stage": "none"}  # where this process's --parallel video render is (see announce)
 
 
 class PeerStopped(Hallo3Error):
