@@ -238,11 +238,37 @@ def test_plan_gpus_is_per_rank_and_follows_the_cost_model():
         plan_parallel(single, 3, cfg_parallel=True)
 
 
-def test_plan_command_with_gpus_prints_the_parallel_keys():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "hallo3_cli", "plan", "--model", "tiny-random", "--gpus", "2",
-                          "--interconnect", "100", "--json"], env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    data = json.loads(run.stdout)
+def test_plan_command_with_gpus_prints_the_parallel_keys(capsys):
+    from hallo3_cli import cli
+
+    cli.main(["plan", "--model", "tiny-random", "--gpus", "2", "--interconnect", "100", "--json"])
+    data = json.loads(capsys.readouterr().out)
     assert {"gpus", "comm_bytes_per_step", "predicted_speedup", "peak_device_bytes", "flops_per_clip"} <= data.keys()
     assert data["parallel"]["bandwidth_bytes_per_s"] == 100e9 and data["parallel"]["cfg"] == 2
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plan", "--model", "tiny-random", "--interconnect", "pcie"])
+    assert exit_.value.code == 2 and "need --gpus" in capsys.readouterr().err
+
+
+def test_one_rank_speaks_for_a_parallel_render(monkeypatch):
+    """Who prints a failure (``hallo3 render --parallel video``): see ``session.reports_failure``."""
+    from hallo3_cli.parallel import session
+
+    monkeypatch.setitem(session._active, "stage", "none")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    peer = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:4084")
+    own = RuntimeError("CUDA out of memory")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setitem(session._active, "stage", "none")
+        assert session.reports_failure(own) and session.prints_results()  # not a --parallel video render
+        monkeypatch.setitem(session._active, "stage", "preflight")  # checks every rank makes alike
+        assert session.reports_failure(ParallelUsageError("bad split")) == (rank == "0")
+        monkeypatch.setitem(session._active, "stage", "render")
+        assert session.reports_failure(own)  # this rank's own failure
+        assert not session.reports_failure(peer) and not session.reports_failure(session.PeerStopped("x"))
+        assert not session.reports_failure(SystemExit(143))  # torchrun's SIGTERM after another rank failed
+        assert session.reports_failure(KeyboardInterrupt()) == (rank == "0")
+        assert session.prints_results() == (rank == "0")
+    monkeypatch.delenv("RANK")
+    assert session.reports_failure(peer) and session.prints_results()  # outside torchrun: everything
