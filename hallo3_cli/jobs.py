@@ -247,8 +247,8 @@ def render_parts(pipe, preset: Preset, audio: stages.Stage, reference: stages.St
     ``parts_dir``; each fresh clip is persisted there as soon as it exists (the resume unit).
     ``on_step(clip_index, step, num_steps)`` runs after every denoising step (raise to cancel: the clips
     finished so far stay persisted). ``decode_resumed``: the clips' frames are wanted (persisted clips are
-    decoded again, and the last clip too); False: latents only. ``session`` (``--parallel video``): every rank renders, rank 0
-    alone persists, and all resume from the clips rank 0 found."""
+    decoded again, and the last clip too); False: latents only. ``session`` (``--parallel video``): every
+    rank renders, rank 0 alone persists, and all resume from the clips rank 0 found."""
     from hallo3_cli.pipeline_hallo3 import num_clips
     from hallo3_cli.progress import Progress
 

@@ -743,7 +743,7 @@ class Hallo3Pipeline(DiffusionPipeline):
                                         callback_on_step_end=callback_on_step_end,
                                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs):
             latents.append(clip.latents)
-            if output_type != "latent":
+            if output_type != "latent" and self._decodes:  # (ranks > 0 of a parallel render decode nothing)
                 new = clip.frames[self.config.motion_frames:][:remaining]
                 remaining -= len(new)
                 pieces.append(new[:, :, crop[1]:crop[3], crop[0]:crop[2]].cpu())
@@ -752,7 +752,7 @@ class Hallo3Pipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         stacked = torch.stack(latents)
         frames = None
-        if output_type != "latent":
+        if output_type != "latent" and self._decodes:
             from hallo3_cli.video_io import tensor_to_uint8
 
             video = torch.cat(pieces)
