@@ -221,14 +221,11 @@ def phase_drift(args, device, dtype) -> dict:
             "mean_abs_diff_over_mean_abs": (diff.mean() / high.abs().mean()).item(), "max_abs_fp32": high.abs().max().item()}
 
 
-def _renderer(preset, device, dtype, offload):
-    try:  # the lead is moving Runtime/Renderer; accept either home
-        from hallo3_cli.runtime import Runtime  # type: ignore[import-not-found]
-    except ImportError:
-        from hallo3_cli.render import Runtime
-    from hallo3_cli.render import Renderer
+def _placement(device, dtype, offload):
+    """What the renderer places networks with (``runtime.Placement``) for one memory mode."""
+    from hallo3_cli.runtime import Placement, Runtime, dtype_name
 
-    return Renderer(preset, device=device, dtype=dtype, runtime=Runtime(offload=offload))
+    return Placement(Runtime(device=device, dtype=dtype_name(dtype), offload=offload))
 
 
 def _predicted(preset_name: str, offload: str, device_kind: str) -> dict:
@@ -251,7 +248,7 @@ def phase_offload(args, device, dtype, offload: str) -> dict:
         model, vae = model.to("cpu"), vae.to("cpu")
         if cuda:
             torch.cuda.empty_cache()
-    renderer = _renderer(preset, device, dtype, offload)
+    renderer = _placement(device, dtype, offload)
     model = renderer.place(model)
     vae = renderer.place(vae, blocks=False)
     inputs = cfg_inputs(model, latent, device, dtype)
