@@ -20,7 +20,7 @@ import typer
 
 from hallo3_cli import __version__
 from hallo3_cli.errors import Hallo3Error
-from hallo3_cli.runtime import DEVICE_KINDS, DTYPE_CHOICES, OFFLOAD_MODES, WEIGHTS_DTYPE_CHOICES
+from hallo3_cli.runtime import DEVICE_KINDS, DTYPE_CHOICES, OFFLOAD_MODES, PARALLEL_MODES, WEIGHTS_DTYPE_CHOICES
 
 app = typer.Typer(
     name="hallo3",
@@ -37,6 +37,10 @@ MODEL_HELP = "Model preset from models.toml: 'hallo3' (the release) or 'tiny-ran
 
 OFFLOAD_HELP = ("Memory mode: auto (model on CUDA, else none), none (all on the device), model (each network on the "
                 "device only while it runs), group (one DiT block at a time), sequential (one layer at a time; slowest, least memory).")
+PARALLEL_HELP = ("Under torchrun: jobs (each process renders its share of the --batch jobs), video (every process "
+                 "shares each denoising step of one video: launch with `torchrun --nproc-per-node N --no-python "
+                 "hallo3 render ... --parallel video`), none (each process renders on its own). auto: jobs with "
+                 "--batch, none otherwise.")
 WEIGHTS_HELP = "DiT weight storage: auto (= --dtype), bf16, or fp8 (float8 storage, computed in --dtype; ~half the memory)."
 
 
@@ -91,6 +95,19 @@ def _number(low: float | None = None, high: float | None = None, *, low_open: bo
         return value
 
     return check
+
+
+def _interconnect(value):
+    """Callback: ``nvlink``, ``pcie`` or a one-way bandwidth in GB/s (returned as bytes/s)."""
+    if value is None or value in ("nvlink", "pcie"):
+        return value
+    try:
+        gbps = float(value)
+    except ValueError:
+        gbps = float("nan")
+    if not (math.isfinite(gbps) and gbps > 0):
+        raise typer.BadParameter(f"{value!r} is not nvlink, pcie or a positive bandwidth in GB/s")
+    return gbps * 1e9
 
 
 def _model(value):
@@ -163,7 +180,12 @@ def _setup(quiet: bool) -> None:
 
 
 def emit(result: str | Path) -> None:
-    """Print a command's result (an output path) to stdout."""
+    """Print a command's result (an output path) to stdout (in a ``--parallel video`` render: rank 0 only)."""
+    if "RANK" in os.environ:
+        from hallo3_cli.parallel.session import prints_results
+
+        if not prints_results():
+            return
     print(str(result), flush=True)
 
 
@@ -248,17 +270,30 @@ def plan_cmd(
     height: Optional[int] = typer.Option(None, "--height", callback=_number(16, 8192, multiple=16), help="Frame height (default: the preset's, 480)."),
     width: Optional[int] = typer.Option(None, "--width", callback=_number(16, 8192, multiple=16), help="Frame width (default: the preset's, 720)."),
     device_kind: str = typer.Option("cuda", "--device-kind", callback=_one_of(*DEVICE_KIND_CHOICES), help="cuda (bf16) or cpu (float32, device = host memory)."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (peak_device_bytes, peak_host_bytes, flops_per_clip, ...)."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object (peak_device_bytes, peak_host_bytes, flops_per_clip, ...; with --gpus also gpus, comm_bytes_per_step, predicted_speedup)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", callback=_number(1, 4096), help="Plan one video on N GPUs (render --parallel video): memory and FLOPs per rank, bytes sent per denoising step, predicted speed-up."),
+    interconnect: Optional[str] = typer.Option(None, "--interconnect", callback=_interconnect, help="With --gpus: nvlink (450 GB/s one way, the default), pcie (25 GB/s) or a bandwidth in GB/s."),
+    cfg_parallel: Optional[bool] = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="With --gpus: as render --parallel video."),
+    ulysses: Optional[int] = typer.Option(None, "--ulysses", callback=_number(1, 4096), help="With --gpus: as render --parallel video."),
+    ring: Optional[int] = typer.Option(None, "--ring", callback=_number(1, 4096), help="With --gpus: as render --parallel video."),
 ) -> None:
     """Predict peak device and host memory and FLOPs per clip, from the real model traced without memory.
 
-    Example: hallo3 plan --offload group --vae-tiling --json
+    \b
+    Examples:
+      hallo3 plan --offload group --vae-tiling --json
+      hallo3 plan --gpus 8 --interconnect pcie
     """
     _setup(False)
-    from hallo3_cli.plan import format_plan, plan
+    from hallo3_cli.plan import format_plan, plan, plan_parallel
 
+    if gpus is None and (interconnect is not None or cfg_parallel is not None or ulysses is not None or ring is not None):
+        raise typer.BadParameter("--interconnect, --cfg-parallel, --ulysses and --ring need --gpus", param_hint="--gpus")
     result = plan(model, offload=offload, weights_dtype=weights_dtype, vae_tiling=vae_tiling, height=height,
                   width=width, steps=steps, device_kind=device_kind)
+    if gpus is not None:
+        result = plan_parallel(result, gpus, interconnect=interconnect or "nvlink", cfg_parallel=cfg_parallel,
+                               ulysses=ulysses, ring=ring)
     print(result.to_json() if json_output else format_plan(result))
 
 
@@ -330,6 +365,10 @@ def render_cmd(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the repeated DiT block (slow first clip, faster after)."),
     cache: Optional[float] = typer.Option(None, "--cache", callback=_number(0, 1, low_open=True, high_open=True), help="First Block Cache threshold, e.g. 0.05: skip most blocks on steps whose first block barely changed (faster, approximate)."),
     eval_after: bool = typer.Option(False, "--eval", help="Then score the video (hallo3 eval) into OUT.eval.json next to it."),
+    parallel: str = typer.Option("auto", "--parallel", callback=_one_of(*PARALLEL_MODES), help=PARALLEL_HELP),
+    cfg_parallel: Optional[bool] = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="--parallel video: the two CFG halves on different processes (default: when the process count is even)."),
+    ulysses: Optional[int] = typer.Option(None, "--ulysses", callback=_number(1, 4096), help="--parallel video: processes that split the attention heads (must divide the head count; default: as many as possible)."),
+    ring: Optional[int] = typer.Option(None, "--ring", callback=_number(1, 4096), help="--parallel video: processes that split the queries and gather all keys/values (default: the rest)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Render the talking video clip by clip (resumable: rerun the same command after an interruption).
@@ -339,21 +378,36 @@ def render_cmd(
       hallo3 render face.png speech.wav -o out.mp4
       hallo3 render --audio speech.audio.safetensors --ref face.ref.safetensors -o clips.safetensors
       hallo3 render --batch jobs.txt --out-dir videos/
+      torchrun --nproc-per-node 4 --no-python hallo3 render face.png speech.wav -o out.mp4 --parallel video
     """
     if eval_after and (batch is not None or audio is not None or ref is not None):
         raise typer.BadParameter("--eval scores an mp4: use it with FACE SPEECH -o OUT.mp4", param_hint="--eval")
     runtime = _runtime(device, dtype, offload, weights_dtype, vae_tiling, compile, cache)
+    from hallo3_cli.runtime import parallel_mode
+
+    try:
+        mode = parallel_mode(parallel, batch=batch is not None)
+    except Hallo3Error as err:
+        raise typer.BadParameter(str(err), param_hint="--parallel") from None
+    if mode != "video" and (cfg_parallel is not None or ulysses is not None or ring is not None):
+        raise typer.BadParameter("--cfg-parallel/--no-cfg-parallel, --ulysses and --ring need --parallel video",
+                                 param_hint="--parallel")
     _setup(quiet)
     from hallo3_cli import jobs
 
     common = dict(seed=seed, steps=steps, cfg=cfg, allow_download=not no_download, runtime=runtime)
+    if mode == "video":
+        from hallo3_cli.parallel.session import VideoParallel
+
+        common["parallel"] = VideoParallel(cfg_parallel=cfg_parallel, ulysses=ulysses, ring=ring)
     if batch is not None:
         if face or speech or audio or ref or output:
             raise typer.BadParameter("--batch takes no FACE/SPEECH/--audio/--ref/-o; use --out-dir", param_hint="--batch")
         if out_dir is None:
             raise typer.BadParameter("--batch needs --out-dir", param_hint="--out-dir")
         written, errors = jobs.render_batch(
-            batch, out_dir, model=model or "hallo3", cache_dir=cache_dir, separate_vocals=separate_vocals, progress=not quiet, **common
+            batch, out_dir, model=model or "hallo3", cache_dir=cache_dir, separate_vocals=separate_vocals, progress=not quiet,
+            shard_jobs=mode != "none", **common
         )
         for path in written:
             emit(path)
@@ -466,8 +520,9 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except Hallo3Error as err:
-        _traceback(debug)
-        print(f"hallo3: error: {err}", file=sys.stderr)
+        if _reports(err):
+            _traceback(debug)
+            print(f"hallo3: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         _interrupted(debug)
@@ -476,14 +531,17 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         # Typer vendors click: recognise its usage errors by shape rather than by class.
         if hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int):
-            ctx = getattr(err, "ctx", None)
-            where = ctx.command_path if ctx is not None else "hallo3"
-            message = " ".join(err.format_message().split())  # one line, whatever click wrapped
-            kind = "usage error" if err.exit_code == 2 else "error"
-            print(f"hallo3: {kind}: {message} (see '{where} --help')", file=sys.stderr)
+            if _first_of_many():
+                ctx = getattr(err, "ctx", None)
+                where = ctx.command_path if ctx is not None else "hallo3"
+                message = " ".join(err.format_message().split())  # one line, whatever click wrapped
+                kind = "usage error" if err.exit_code == 2 else "error"
+                print(f"hallo3: {kind}: {message} (see '{where} --help')", file=sys.stderr)
             sys.exit(err.exit_code)
         if type(err).__name__ == "Abort":  # click turns Ctrl-C into Abort
             _interrupted(debug)
+        if not _reports(err):
+            sys.exit(1)
         _traceback(debug)
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         hint = "" if debug else " (rerun with --debug for the traceback)"
@@ -498,14 +556,28 @@ def _traceback(debug: bool) -> None:
         traceback.print_exc()
 
 
+def _reports(err: BaseException) -> bool:
+    """Whether this process prints ``err``: always, except in a ``--parallel video`` render under
+    torchrun, where one rank speaks for all (see ``parallel.session.reports_failure``)."""
+    session = sys.modules.get("hallo3_cli.parallel.session")  # imported only by such a render
+    return session is None or session.reports_failure(err)
+
+
+def _first_of_many() -> bool:
+    """Not a rank > 0 under torchrun: usage errors are the same on every rank (same argv), rank 0 says them."""
+    return os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"
+
+
 def _interrupted(debug: bool) -> None:
-    _traceback(debug)
-    print("hallo3: interrupted", file=sys.stderr)
+    if _reports(KeyboardInterrupt()):
+        _traceback(debug)
+        print("hallo3: interrupted", file=sys.stderr)
     sys.exit(130)
 
 
 def _terminated(signum, frame):
-    print("hallo3: terminated", file=sys.stderr)
+    if _reports(SystemExit(128 + signum)):  # under torchrun: the agent stopping us after another rank failed
+        print("hallo3: terminated", file=sys.stderr)
     raise SystemExit(128 + signum)
 
 

@@ -72,15 +72,24 @@ def _warn_random(preset: Preset) -> None:
         log.warning("model preset %r has RANDOM weights: its output is noise (for tests and trials only)", preset.name)
 
 
-def _pipeline(preset: Preset, runtime: Runtime | None, *, allow_download: bool = False, progress: bool = True):
+def _pipeline(preset: Preset, runtime: Runtime | None, *, allow_download: bool = False, progress: bool = True,
+              parallel=None):
     from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
 
-    pipe = Hallo3Pipeline.from_preset(preset, runtime, lazy=True, allow_download=allow_download, progress=progress)
+    pipe = Hallo3Pipeline.from_preset(preset, runtime, lazy=True, allow_download=allow_download, progress=progress,
+                                      parallel=parallel)
     pipe.set_progress_bar_config(disable=True)  # jobs show their own clip/step progress
     return pipe
 
 
 job_lock = fsutil.exclusive_lock  # several processes on one cache folder wait in turn
+
+
+def _start_video(parallel, preset: Preset, runtime: Runtime | None):
+    """``--parallel video``: the split checked and the process group joined, before anything loads."""
+    from hallo3_cli.parallel.session import start_video
+
+    return start_video(parallel, preset, runtime or Runtime())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,11 +246,13 @@ def _finished_parts(parts_dir: Path, key: str, total: int) -> list[stages.Stage]
 
 
 def render_parts(pipe, preset: Preset, audio: stages.Stage, reference: stages.Stage, settings: RenderSettings,
-                 parts_dir: Path, *, decode_resumed: bool, progress: bool = True, on_step=None):
+                 parts_dir: Path, *, decode_resumed: bool, progress: bool = True, on_step=None, session=None):
     """Yield every clip in order (``Hallo3Clip``), rendering with ``pipe`` those not yet persisted in
     ``parts_dir``; each fresh clip is persisted there as soon as it exists (the resume unit).
     ``on_step(clip_index, step, num_steps)`` runs after every denoising step (raise to cancel: the clips
-    finished so far stay persisted)."""
+    finished so far stay persisted). ``decode_resumed``: the clips' frames are wanted (persisted clips are
+    decoded again, and the last clip too); False: latents only. ``session`` (``--parallel video``): every
+    rank renders, rank 0 alone persists, and all resume from the clips rank 0 found."""
     from hallo3_cli.pipeline_hallo3 import num_clips
     from hallo3_cli.progress import Progress
 
@@ -249,9 +260,18 @@ def render_parts(pipe, preset: Preset, audio: stages.Stage, reference: stages.St
     runtime = pipe.placement.runtime
     key = render_key(audio, reference, settings, preset, runtime)
     total = num_clips(audio.meta["num_frames"], preset.clip_length, preset.motion_frames)
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    resumed = _finished_parts(parts_dir, key, total)
-    bar = Progress(progress, total, settings.steps, done=len(resumed))
+    main = session is None or session.is_main
+    if main:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+    resumed = _finished_parts(parts_dir, key, total) if main else []
+    if session is not None:
+        count = session.agree(len(resumed))  # nothing is written until every rank has read them
+        if not main:
+            resumed = _finished_parts(parts_dir, key, count)
+            if len(resumed) != count:
+                raise Hallo3Error(f"rank 0 found {count} finished clips in {parts_dir}, this rank reads {len(resumed)} "
+                                  "(every rank must see the same cache folder)")
+    bar = Progress(progress and main, total, settings.steps, done=len(resumed))
     meta = {"model": preset.name, "weights": fingerprint(preset, stages.CLIPS), "params": settings.params(runtime),
             "source_sha256": key, "render_key": key}
     current = {"clip": len(resumed)}
@@ -271,53 +291,70 @@ def render_parts(pipe, preset: Preset, audio: stages.Stage, reference: stages.St
             audio_from_stage(audio), reference_from_stage(reference), seed=settings.seed,
             num_inference_steps=settings.steps, guidance_scale=settings.cfg,
             finished=[part["latents"] for part in resumed], decode_finished=decode_resumed,
+            decode_last=decode_resumed,  # frames are wanted (mp4) or only latents (clips file)
             callback_on_step_end=stepped, callback_on_clip_start=started, progress=False,
         )
         for clip in clips:
-            if clip.index >= len(resumed):
+            if clip.index >= len(resumed) and main:
                 stages.save_stage(parts_dir / _part_name(clip.index), stages.CLIP, {"latents": clip.latents},
                                   {**meta, "index": clip.index})
                 bar.finish_clip()
             yield clip
     finally:
         bar.close()
-        with contextlib.suppress(OSError):
-            parts_dir.rmdir()  # only if empty: a failed render leaves no empty .parts/ behind
+        if main:
+            with contextlib.suppress(OSError):
+                parts_dir.rmdir()  # only if empty: a failed render leaves no empty .parts/ behind
 
 
 def render_clips(audio: str | Path, reference: str | Path, output: str | Path, *, model: str | None = None,
                  seed: int = 42, steps: int | None = None, cfg: float | None = None, runtime: Runtime | None = None,
-                 progress: bool = True, allow_download: bool = True, pipe=None) -> Path:
+                 progress: bool = True, allow_download: bool = True, pipe=None, parallel=None) -> Path:
     """Stage files → clips file (latents of every clip). Resumable: finished clips are kept in
-    ``<output>.parts/`` until the clips file is written."""
+    ``<output>.parts/`` until the clips file is written. ``parallel`` (a
+    :class:`~hallo3_cli.parallel.session.VideoParallel`): under torchrun, every process shares each
+    denoiser call; rank 0 alone writes."""
+    if parallel is not None:
+        from hallo3_cli.parallel import session as parallel_session
+
+        parallel_session.announce("preflight")
     (output,) = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES)], inputs=[audio, reference])
     audio_stage = stages.load_stage(audio, stages.AUDIO, model=model)
     reference_stage = stages.load_stage(reference, stages.REFERENCE, model=model or audio_stage.model)
     preset = get_preset(audio_stage.model)
     settings = RenderSettings.for_preset(preset, seed, steps, cfg)
+    session = _start_video(parallel, preset, runtime) if parallel is not None else None
+    main = session is None or session.is_main
     if pipe is None:
-        runtime = (runtime or Runtime()).resolved(preset)  # an unusable device fails before any download
+        # an unusable device fails before any download
+        runtime = session.runtime if session is not None else (runtime or Runtime()).resolved(preset)
         require_weights(preset, (stages.CLIPS,), allow_download, progress)
-        pipe = _pipeline(preset, runtime, allow_download=allow_download, progress=progress)
-    _warn_random(preset)
+        pipe = _pipeline(preset, runtime, allow_download=allow_download, progress=progress,
+                         parallel=session.config if session is not None else None)
+    if main:
+        _warn_random(preset)
     parts = output.with_name(output.name + ".parts")
-    with job_lock(output.with_name(f".{output.name}.lock")):
+    lock = job_lock(output.with_name(f".{output.name}.lock")) if main else contextlib.nullcontext()
+    with session.guard() if session is not None else contextlib.nullcontext(), lock:
         latents = [clip.latents for clip in render_parts(pipe, preset, audio_stage, reference_stage, settings, parts,
-                                                         decode_resumed=False, progress=progress)]
-        stages.save_stage(
-            output,
-            stages.CLIPS,
-            {"latents": torch.stack(latents)},
-            {
-                "model": preset.name, "weights": fingerprint(preset, stages.CLIPS),
-                "params": settings.params(pipe.placement.runtime),
-                "source_sha256": stages.source_digest(audio_stage.meta["source_sha256"], reference_stage.meta["source_sha256"]),
-                "num_frames": audio_stage.meta["num_frames"], "fps": preset.fps, "clip_length": preset.clip_length,
-                "motion_frames": preset.motion_frames, "framing": reference_stage.meta["framing"],
-                "height": preset.height, "width": preset.width,
-            },
-        )
-        shutil.rmtree(parts, ignore_errors=True)
+                                                         decode_resumed=False, progress=progress, session=session)]
+        if main:
+            stages.save_stage(
+                output,
+                stages.CLIPS,
+                {"latents": torch.stack(latents)},
+                {
+                    "model": preset.name, "weights": fingerprint(preset, stages.CLIPS),
+                    "params": settings.params(pipe.placement.runtime),
+                    "source_sha256": stages.source_digest(audio_stage.meta["source_sha256"], reference_stage.meta["source_sha256"]),
+                    "num_frames": audio_stage.meta["num_frames"], "fps": preset.fps, "clip_length": preset.clip_length,
+                    "motion_frames": preset.motion_frames, "framing": reference_stage.meta["framing"],
+                    "height": preset.height, "width": preset.width,
+                },
+            )
+            shutil.rmtree(parts, ignore_errors=True)
+    if session is not None:
+        session.close()
     return output
 
 
@@ -393,25 +430,47 @@ class VideoRenderer:
 
     def __init__(self, model: str = "hallo3", *, seed: int = 42, steps: int | None = None, cfg: float | None = None,
                  cache_dir: str | Path | None = None, separate_vocals: bool = False, progress: bool = True,
-                 allow_download: bool = True, runtime: Runtime | None = None):
+                 allow_download: bool = True, runtime: Runtime | None = None, parallel=None):
         self.preset = get_preset(model)
         self.settings = RenderSettings.for_preset(self.preset, seed, steps, cfg)
         extra = ("audio_separator",) if separate_vocals else ()
-        runtime = (runtime or Runtime()).resolved(self.preset)  # an unusable device fails before any download
+        # ``parallel`` (--parallel video): the split is checked and the process group joined first
+        self.session = _start_video(parallel, self.preset, runtime) if parallel is not None else None
+        # an unusable device fails before any download
+        runtime = self.session.runtime if self.session is not None else (runtime or Runtime()).resolved(self.preset)
         require_weights(self.preset, (stages.AUDIO, stages.REFERENCE, stages.CLIPS), allow_download, progress, extra)
-        self.pipe = _pipeline(self.preset, runtime, allow_download=allow_download, progress=progress)
+        self.pipe = _pipeline(self.preset, runtime, allow_download=allow_download, progress=progress,
+                              parallel=self.session.config if self.session is not None else None)
         self.runtime = self.pipe.placement.runtime
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.separate_vocals = separate_vocals
         self.progress = progress
-        _warn_random(self.preset)
+        if self.is_main:
+            _warn_random(self.preset)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes (always, except on ranks > 0 of a ``--parallel video`` render)."""
+        return self.session is None or self.session.is_main
+
+    def close(self) -> None:
+        """Leave the process group of a ``--parallel video`` renderer (after its last job)."""
+        if self.session is not None:
+            self.session.close()
 
     def cache_for(self, output: Path) -> Path:
         return self.cache_dir if self.cache_dir is not None else output.parent / ".hallo3-cache"
 
+    def _audio_name(self, digest: str) -> str:
+        return f"{_short_hash(digest, str(self.separate_vocals))}.{self.preset.name}.audio.safetensors"
+
+    def _reference_name(self, digest: str, prompt: str) -> str:
+        return (f"{_short_hash(digest, prompt, self.runtime.dtype, self.runtime.weights_dtype)}"
+                f".{self.preset.name}.ref.safetensors")
+
     def audio_stage(self, speech: Path, cache: Path) -> stages.Stage:
         digest = fsutil.sha256_file(speech)
-        name = f"{_short_hash(digest, str(self.separate_vocals))}.{self.preset.name}.audio.safetensors"
+        name = self._audio_name(digest)
         path = cache / name
         with job_lock(cache / f".{name}.lock"):
             stage = _cached_stage(path, stages.AUDIO, self.preset)
@@ -426,7 +485,7 @@ class VideoRenderer:
     def reference_stage(self, image: Path, prompt: str | None, cache: Path) -> stages.Stage:
         prompt = self.preset.default_prompt if prompt is None else prompt
         digest = fsutil.sha256_file(image)
-        name = f"{_short_hash(digest, prompt, self.runtime.dtype, self.runtime.weights_dtype)}.{self.preset.name}.ref.safetensors"
+        name = self._reference_name(digest, prompt)
         path = cache / name
         with job_lock(cache / f".{name}.lock"):
             stage = _cached_stage(path, stages.REFERENCE, self.preset)
@@ -436,6 +495,31 @@ class VideoRenderer:
                 stage = stages.load_stage(path, stages.REFERENCE, model=self.preset.name)
         return stage
 
+    def stages_for(self, job: Job, cache: Path) -> tuple[stages.Stage, stages.Stage]:
+        """The job's audio and reference stage files (cached). In a ``--parallel video`` render rank 0
+        computes them, the others wait and read them from the cache (T5, wav2vec and the reference
+        network run once); a failure there stops the job on every rank, reported by rank 0."""
+        if self.session is None:
+            return self.audio_stage(job.speech, cache), self.reference_stage(job.image, job.prompt, cache)
+        failure = None
+        if self.is_main:
+            try:
+                self.audio_stage(job.speech, cache)
+                self.reference_stage(job.image, job.prompt, cache)
+            except Hallo3Error as err:
+                failure = err
+        if not self.session.agree(0 if failure is not None else 1):
+            from hallo3_cli.parallel.session import PeerStopped
+
+            err = failure if failure is not None else PeerStopped(f"rank 0 could not prepare {job.output.name}")
+            err.agreed = True  # every rank stops this job together
+            raise err
+        prompt = self.preset.default_prompt if job.prompt is None else job.prompt
+        audio_path = cache / self._audio_name(fsutil.sha256_file(job.speech))
+        reference_path = cache / self._reference_name(fsutil.sha256_file(job.image), prompt)
+        return (stages.load_stage(audio_path, stages.AUDIO, model=self.preset.name),
+                stages.load_stage(reference_path, stages.REFERENCE, model=self.preset.name))
+
     def render(self, job: Job, on_clip=None, on_step=None) -> Path:
         """Render one job into ``job.output`` (an mp4). ``on_clip(clip)`` sees each clip as it is written,
         ``on_step(clip_index, step, num_steps)`` each denoising step (raise from either to cancel: finished
@@ -444,26 +528,34 @@ class VideoRenderer:
         from hallo3_cli.image_io import crop_box_for_output, load_image
         from hallo3_cli.video_io import VideoWriter
 
-        fsutil.require_file(job.image)
-        fsutil.require_file(job.speech)
-        (output,) = fsutil.check_outputs([(job.output, fsutil.VIDEO_SUFFIXES)], inputs=[job.image, job.speech])
-        audio_info(job.speech)
-        load_image(job.image)  # both inputs readable before anything is computed or cached
-        cache = fsutil.ensure_output_folder(self.cache_for(output))
-        audio = self.audio_stage(job.speech, cache)
-        reference = self.reference_stage(job.image, job.prompt, cache)
-        preset, settings = self.preset, self.settings
-        key = render_key(audio, reference, settings, preset, self.runtime)
-        parts = cache / f"{key}.parts"
-        crop = crop_box_for_output(reference.meta["framing"], preset.height, preset.width)
-        with job_lock(cache / f".{key}.lock"):
-            with VideoWriter(output, preset.width, preset.height, fps=preset.fps, audio=job.speech, crop=crop) as writer:
+        try:
+            fsutil.require_file(job.image)
+            fsutil.require_file(job.speech)
+            (output,) = fsutil.check_outputs([(job.output, fsutil.VIDEO_SUFFIXES)], inputs=[job.image, job.speech])
+            audio_info(job.speech)
+            load_image(job.image)  # both inputs readable before anything is computed or cached
+            cache = fsutil.ensure_output_folder(self.cache_for(output)) if self.is_main else self.cache_for(output)
+        except Hallo3Error as err:
+            err.agreed = True  # (--parallel video) every rank checks the same files: all skip this job together
+            raise
+        main = self.is_main
+        with self.session.guard() if self.session is not None else contextlib.nullcontext():
+            audio, reference = self.stages_for(job, cache)
+            preset, settings = self.preset, self.settings
+            key = render_key(audio, reference, settings, preset, self.runtime)
+            parts = cache / f"{key}.parts"
+            crop = crop_box_for_output(reference.meta["framing"], preset.height, preset.width)
+            # ranks > 0 compute every clip with rank 0 but write nothing
+            lock = job_lock(cache / f".{key}.lock") if main else contextlib.nullcontext()
+            with lock, (VideoWriter(output, preset.width, preset.height, fps=preset.fps, audio=job.speech, crop=crop)
+                        if main else contextlib.nullcontext()) as writer:
                 remaining = audio.meta["num_frames"]
-                for clip in render_parts(self.pipe, preset, audio, reference, settings, parts, decode_resumed=True,
-                                         progress=self.progress, on_step=on_step):
-                    frames = clip.frames[preset.motion_frames:][:remaining]
-                    writer.write(frames)
-                    remaining -= len(frames)
+                for clip in render_parts(self.pipe, preset, audio, reference, settings, parts, decode_resumed=main,
+                                         progress=self.progress, on_step=on_step, session=self.session):
+                    if writer is not None:
+                        frames = clip.frames[preset.motion_frames:][:remaining]
+                        writer.write(frames)
+                        remaining -= len(frames)
                     if on_clip is not None:
                         on_clip(clip)
         # The finished clips stay in the cache: the same render again only decodes them.
@@ -473,12 +565,19 @@ class VideoRenderer:
 def render_video(image: str | Path, speech: str | Path, output: str | Path, *, model: str = "hallo3",
                  prompt: str | None = None, **options) -> Path:
     """Face + speech → mp4 in one call (see :class:`VideoRenderer` for the options)."""
+    if options.get("parallel") is not None:
+        from hallo3_cli.parallel import session as parallel_session
+
+        parallel_session.announce("preflight")  # the checks below fail alike on every rank
     fsutil.require_file(image)
     fsutil.require_file(speech)
     # fail on typos, and on outputs that would destroy an input, before fetching or loading any weights
     fsutil.check_outputs([(output, fsutil.VIDEO_SUFFIXES)], inputs=[image, speech])
     fsutil.check_output_folder(options.get("cache_dir") or Path(output).parent / ".hallo3-cache")
-    return VideoRenderer(model, **options).render(Job(Path(image), Path(speech), Path(output), prompt))
+    renderer = VideoRenderer(model, **options)
+    result = renderer.render(Job(Path(image), Path(speech), Path(output), prompt))
+    renderer.close()
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,11 +632,20 @@ def shard(items: list, rank: int, world_size: int) -> list:
 
 
 def render_batch(jobs_file: str | Path, out_dir: str | Path, *, model: str = "hallo3", seed: int = 42,
-                 **options) -> tuple[list[Path], list[str]]:
+                 shard_jobs: bool = True, **options) -> tuple[list[Path], list[str]]:
     """Render every job of a jobs file (skipping finished outputs). Under ``torchrun`` the jobs are
-    shared by rank (``RANK``/``WORLD_SIZE``). Returns (written outputs, error messages)."""
+    shared by rank (``RANK``/``WORLD_SIZE``; ``--parallel jobs``) unless ``shard_jobs`` is False
+    (``--parallel none``) or ``parallel`` is given (``--parallel video``: every job on all processes,
+    one after the other; only rank 0 writes and reports). Returns (written outputs, error messages)."""
+    video = options.get("parallel") is not None
+    if video:
+        from hallo3_cli.parallel import session as parallel_session
+
+        parallel_session.announce("preflight")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    jobs = shard(read_jobs(jobs_file, out_dir, seed), rank, world)  # a bad jobs file fails before out_dir exists
+    jobs = read_jobs(jobs_file, out_dir, seed)  # a bad jobs file fails before out_dir exists
+    if shard_jobs and not video:
+        jobs = shard(jobs, rank, world)
     out_dir = fsutil.ensure_output_folder(out_dir)
     written, errors = [], []
     renderer = None
@@ -553,9 +661,16 @@ def render_batch(jobs_file: str | Path, out_dir: str | Path, *, model: str = "ha
         try:
             written.append(renderer.render(job))
         except Hallo3Error as err:
+            if video and not getattr(err, "agreed", False):
+                raise  # the ranks no longer agree on where they are: stop them all
             errors.append(str(err))
-            log.error("%s", err)
-    if world > 1:
+            if renderer.is_main:
+                log.error("%s", err)
+    if video:
+        if renderer is not None:
+            renderer.close()
+        return (written, errors) if rank == 0 else ([], [])
+    if world > 1 and shard_jobs:
         _wait_for_other_ranks()
     return written, errors
 

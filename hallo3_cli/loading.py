@@ -269,11 +269,16 @@ def _load_wav2vec(folder):
 
 class ComponentLoader:
     """Loads one ``Hallo3Pipeline`` component of a preset at a time and places it as the runtime says
-    (``runtime.Placement``): the loader behind ``Hallo3Pipeline.from_preset``."""
+    (``runtime.Placement``): the loader behind ``Hallo3Pipeline.from_preset``. With ``parallel`` (a
+    :class:`~hallo3_cli.parallel.ParallelConfig`; the runtime's device is its ``config.device``) the main
+    DiT's calls are split over the process group once it is placed (``--parallel video``)."""
 
-    def __init__(self, preset: Preset, runtime, *, allow_download: bool = False, progress: bool = True):
+    def __init__(self, preset: Preset, runtime, *, allow_download: bool = False, progress: bool = True,
+                 parallel=None):
         from hallo3_cli.runtime import Placement
 
+        self.parallel = parallel
+        self.parallel_state = None
         self.preset = preset
         self.runtime = runtime
         self.placement = Placement(runtime)
@@ -293,6 +298,10 @@ class ComponentLoader:
                 from diffusers.hooks import FirstBlockCacheConfig
 
                 model.enable_cache(FirstBlockCacheConfig(threshold=runtime.cache))
+            if self.parallel is not None:
+                from hallo3_cli.parallel import parallelize_transformer
+
+                self.parallel_state = parallelize_transformer(model, self.parallel)
             if runtime.compile:
                 model.compile_repeated_blocks(fullgraph=False, dynamic=False)
             return model

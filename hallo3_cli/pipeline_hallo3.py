@@ -231,6 +231,7 @@ class Hallo3Pipeline(DiffusionPipeline):
                                 default_guidance_scale=default_guidance_scale, default_prompt=default_prompt)
         self.face_analyzer = face_analyzer
         self.placement = None  # a runtime.Placement when built from a preset (see from_preset)
+        self.parallel = None  # a parallel.ParallelConfig: this process is one rank of a --parallel video render
         self._loader: Callable[[str], Any] | None = None  # loads a missing component on first use
         self._one_shot: set[str] = set()  # components freed right after their stage (lazy pipelines)
 
@@ -275,16 +276,20 @@ class Hallo3Pipeline(DiffusionPipeline):
 
     @classmethod
     def from_preset(cls, preset, runtime=None, *, lazy: bool = False, allow_download: bool = False,
-                    progress: bool = True) -> Hallo3Pipeline:
+                    progress: bool = True, parallel=None) -> Hallo3Pipeline:
         """Build from a :class:`~hallo3_cli.presets.Preset` with a :class:`~hallo3_cli.runtime.Runtime`.
 
         ``lazy``: load each component on first use and free T5 and the reference network as soon as their
-        outputs exist (the CLI's frugal mode: they are needed once per portrait)."""
+        outputs exist (the CLI's frugal mode: they are needed once per portrait). ``parallel``: a
+        :class:`~hallo3_cli.parallel.ParallelConfig` whose processes share every denoiser call (the
+        runtime's device must be its ``device``); the loop is unchanged, each process runs it."""
         from hallo3_cli.loading import ComponentLoader
         from hallo3_cli.runtime import Runtime
 
         runtime = (runtime or Runtime()).resolved(preset)
-        loader = ComponentLoader(preset, runtime, allow_download=allow_download, progress=progress)
+        if parallel is not None and str(parallel.device) != runtime.device:
+            raise ValueError(f"the runtime's device {runtime.device} is not the parallel config's {parallel.device}")
+        loader = ComponentLoader(preset, runtime, allow_download=allow_download, progress=progress, parallel=parallel)
         if runtime.reason and runtime.device.startswith("cuda"):
             log.info("memory mode: %s", runtime.reason)
         eager = () if lazy else ("transformer", "vae", "reference_net", "text_encoder", "tokenizer",
@@ -297,6 +302,7 @@ class Hallo3Pipeline(DiffusionPipeline):
             **preset.pipeline_config(),
         )
         pipe.placement = loader.placement
+        pipe.parallel = parallel
         pipe._loader = loader
         pipe._face_loaded = not lazy
         pipe._one_shot = {"text_encoder", "reference_net"} if lazy else set()
@@ -676,6 +682,7 @@ class Hallo3Pipeline(DiffusionPipeline):
         guidance_scale: float | None = None,
         finished: Sequence[torch.Tensor] = (),
         decode_finished: bool = False,
+        decode_last: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         callback_on_clip_start: Callable | None = None,
@@ -686,7 +693,9 @@ class Hallo3Pipeline(DiffusionPipeline):
         ``finished``: latents of clips already rendered (a resume): they are yielded first (decoded only if
         ``decode_finished``; the last one always, since its frames seed the next clip). Fresh clips come
         with their frames (the decode is needed for the motion frames anyway). ``callback_on_clip_start(pipe,
-        index, num_clips)`` runs before each fresh clip."""
+        index, num_clips)`` runs before each fresh clip. ``decode_last=False``: the last clip comes without
+        frames (nothing needs them when only latents are kept: one VAE decode less). Under ``--parallel video`` (``self.parallel``) only
+        rank 0 decodes: the other ranks' clips come without frames."""
         steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
         scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         self.check_inputs(steps, scale, "np", callback_on_step_end_tensor_inputs)
@@ -701,9 +710,10 @@ class Hallo3Pipeline(DiffusionPipeline):
             if index < len(finished):
                 latents = finished[index]
                 needs_motion = index == len(finished) - 1 and index < total - 1
-                frames = self.decode_latents(latents[None]) if decode_finished or needs_motion else None
+                decode = (decode_finished or needs_motion) and self._decodes
+                frames = self.decode_latents(latents[None]) if decode else None
                 if needs_motion:
-                    motion = frames[-motion_frames:].cpu()
+                    motion = self._next_motion(frames, motion)
                 yield Hallo3Clip(index, total, latents, frames if decode_finished else None)
                 continue
             if context is None:
@@ -721,9 +731,31 @@ class Hallo3Pipeline(DiffusionPipeline):
             if bar is not None:
                 bar.close()
             latents = latents.to(self.compute_dtype)[0].cpu()  # what is stored is exactly what is decoded
-            frames = self.decode_latents(latents[None])
-            motion = frames[-motion_frames:].cpu()
+            wanted = decode_last or index < total - 1
+            frames = self.decode_latents(latents[None]) if self._decodes and wanted else None
+            if index < total - 1:
+                motion = self._next_motion(frames, motion)
             yield Hallo3Clip(index, total, latents, frames)
+
+    @property
+    def _decodes(self) -> bool:
+        """Whether this process decodes clips: always, except ranks > 0 of a ``--parallel video`` render."""
+        return self.parallel is None or self.parallel.is_main
+
+    def _next_motion(self, frames: torch.Tensor | None, previous: torch.Tensor) -> torch.Tensor:
+        """The next clip's motion frames: the last frames of this clip. Under ``--parallel video`` rank 0
+        decodes and sends them to the other ranks (one VAE decode per clip, and every rank conditions the
+        next clip on the same bits)."""
+        count = self.config.motion_frames
+        motion = frames[-count:].cpu() if frames is not None else torch.empty(previous.shape, dtype=torch.float32)
+        if self.parallel is not None and self.parallel.enabled:
+            import torch.distributed as dist
+
+            device = self.parallel.device if self.parallel.device.type == "cuda" else torch.device("cpu")
+            buffer = motion.to(device, torch.float32).contiguous()
+            dist.broadcast(buffer, src=0)
+            motion = buffer.cpu()
+        return motion
 
     def output_crop(self, framing: str) -> tuple[int, int, int, int]:
         from hallo3_cli.image_io import crop_box_for_output
@@ -768,7 +800,7 @@ class Hallo3Pipeline(DiffusionPipeline):
                                         callback_on_step_end=callback_on_step_end,
                                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs):
             latents.append(clip.latents)
-            if output_type != "latent":
+            if output_type != "latent" and self._decodes:  # (ranks > 0 of a parallel render decode nothing)
                 new = clip.frames[self.config.motion_frames:][:remaining]
                 remaining -= len(new)
                 pieces.append(new[:, :, crop[1]:crop[3], crop[0]:crop[2]].cpu())
@@ -777,7 +809,7 @@ class Hallo3Pipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         stacked = torch.stack(latents)
         frames = None
-        if output_type != "latent":
+        if output_type != "latent" and self._decodes:
             from hallo3_cli.video_io import tensor_to_uint8
 
             video = torch.cat(pieces)

@@ -105,9 +105,18 @@ class Plan:
     weights_bytes: dict[str, int]
     breakdown: tuple[StepPlan, ...]
     notes: tuple[str, ...] = field(default=())
+    # --gpus N (see plan_parallel): peak_device_bytes, the breakdown and flops_per_clip are then per rank
+    gpus: int | None = None
+    comm_bytes_per_step: int | None = None
+    predicted_speedup: float | None = None
+    parallel: dict | None = None  # degrees, interconnect, step times: the cost model's figures
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.gpus is None:  # a one-GPU plan has today's keys only
+            for key in ("gpus", "comm_bytes_per_step", "predicted_speedup", "parallel"):
+                data.pop(key)
+        return data
 
     def to_json(self, indent: int | None = None) -> str:
         """One JSON object; ``peak_device_bytes``, ``peak_host_bytes`` and ``flops_per_clip`` at top level."""
@@ -554,6 +563,73 @@ def plan(
     )
 
 
+def plan_parallel(result: Plan, gpus: int, *, interconnect: str | float = "nvlink", cfg_parallel: bool | None = None,
+                  ulysses: int | None = None, ring: int | None = None, overlap: float = 0.0) -> Plan:
+    """``result`` (a one-GPU plan) for one video on ``gpus`` ranks (``--parallel video``), per rank.
+
+    The DiT's weights stay whole on every rank; what a denoising step allocates (the traced
+    ``clip/denoise`` tensors) scales with the rank's share of the query tokens and CFG halves
+    (``parallel_cost``'s ``flops_fraction``: norms, MLP and attention are per query token), plus the
+    keys/values of one layer gathered over the ring ranks and the gathered v-prediction. Every other
+    step runs whole on rank 0 (stage files, VAE decode), so the peak is rank 0's. FLOPs per clip:
+    the denoising share of one rank plus the rest. Communication and speed-up: :func:`parallel_cost`
+    with the preset's token counts, at ``interconnect`` (``nvlink``, ``pcie`` or bytes/s).
+    """
+    import dataclasses
+
+    from hallo3_cli.parallel.cost import INTERCONNECTS, parallel_cost
+    from hallo3_cli.parallel.degrees import choose_degrees
+
+    preset = _preset(result.model)
+    config = _transformer_config(preset)
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    degrees = choose_degrees(gpus, heads, cfg_parallel=cfg_parallel, ulysses=ulysses, ring=ring)
+    patch = config["patch_size"]
+    per_frame = (result.height // 8 // patch) * (result.width // 8 // patch)
+    latent_frames = (preset.clip_length - 1) // 4 + 1
+    dtype_bytes = torch.empty(0, dtype=getattr(torch, result.dtype)).element_size()
+    cost = parallel_cost(
+        degrees, flops_per_step=result.flops_per_forward, text_tokens=preset.text_length,
+        video_tokens=latent_frames * per_frame, ref_tokens=per_frame, width=heads * head_dim,
+        layers=config["num_layers"], output_channels=patch * patch * config["out_channels"],
+        dtype_bytes=dtype_bytes, bandwidth=interconnect, overlap=overlap,
+    )
+    gathered = 2 * latent_frames * per_frame * patch * patch * config["out_channels"] * dtype_bytes
+    rows = []
+    for row in result.breakdown:
+        if (row.phase, row.step) == ("clip", "denoise"):
+            tensors = int(row.tensors_bytes * cost.flops_fraction) + cost.kv_buffer_bytes + gathered
+            row = dataclasses.replace(row, tensors_bytes=tensors, device_bytes=row.weights_on_device_bytes + tensors,
+                                      flops=int(cost.flops_per_rank))
+        rows.append(row)
+    peak = max(rows, key=lambda r: r.device_bytes)
+    saved = result.flops_per_forward * result.steps * (1 - cost.flops_fraction)  # denoising FLOPs other ranks do
+    name = interconnect if isinstance(interconnect, str) else f"{interconnect / 1e9:g} GB/s"
+    details = {**cost.to_dict(), "interconnect": name, "ranks": degrees.world}
+    note = (f"--gpus {gpus}: {degrees}; per rank (rank 0's peak: it also writes and decodes); the denoise row's "
+            f"tensors scaled by the rank's share {cost.flops_fraction:.3f} plus one layer's gathered keys/values; "
+            f"speed-up at {name} ({cost.bandwidth_bytes_per_s / 1e9:g} GB/s one way), {cost.tflops:g} TFLOP/s, "
+            f"overlap {overlap:g}, denoising steps only; host memory is per rank too (× the ranks on one machine)")
+    return dataclasses.replace(
+        result, peak_device_bytes=peak.device_bytes, peak_device_step=f"{peak.phase}/{peak.step}",
+        flops_per_clip=int(result.flops_per_clip - saved), breakdown=tuple(rows), notes=(*result.notes, note),
+        gpus=gpus, comm_bytes_per_step=cost.comm_bytes_per_step, predicted_speedup=cost.predicted_speedup,
+        parallel=details,
+    )
+
+
+def _transformer_config(preset: Preset) -> dict:
+    """The main DiT's constructor arguments, defaults included (geometry the cost model needs)."""
+    import inspect
+
+    from hallo3_cli.loading import network_config
+    from hallo3_cli.models import Hallo3Transformer3DModel
+
+    defaults = {name: p.default for name, p in inspect.signature(Hallo3Transformer3DModel.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **network_config(preset, "transformer")}
+
+
 def _folds_cross_attention(offload: str, storage: torch.dtype | None, compute: torch.dtype) -> bool:
     """Whether the face/audio cross-attentions fold their output projection into the values
     (``Hallo3FoldedCrossAttnProcessor``): not when the weights reach the device only inside each
@@ -692,6 +768,11 @@ def format_plan(result: Plan) -> str:
         f"{_flop(r.flops_per_video)} once per video",
         "",
     ]
+    if r.gpus is not None:
+        p = r.parallel
+        lines[1:1] = [f"on {r.gpus} GPUs ({p['ranks']} ranks: cfg {p['cfg']} × ulysses {p['ulysses']} × ring {p['ring']}), "
+                      f"per rank: memory and FLOPs below; {_gib(r.comm_bytes_per_step)} sent per denoising step; "
+                      f"predicted speed-up {r.predicted_speedup:.2f}× over one GPU ({p['interconnect']})"]
     rows = [("phase", "step", "runs", "device", "weights", "tensors", "host", "FLOPs/run", "on the device at its peak")]
     for s in r.breakdown:
         rows.append((s.phase, s.step, s.runs, _gib(s.device_bytes), _gib(s.weights_on_device_bytes), _gib(s.tensors_bytes),

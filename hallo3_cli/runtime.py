@@ -34,6 +34,23 @@ DEVICE_KINDS = ("cuda", "cpu")
 #: DiT weight storage (``auto`` = the compute dtype) and their torch names.
 WEIGHTS_DTYPES = {"auto": None, "bf16": "bfloat16", "fp8": "float8_e4m3fn"}
 WEIGHTS_DTYPE_CHOICES = tuple(WEIGHTS_DTYPES)
+#: ``--parallel`` modes of ``render``: ``auto`` = ``jobs`` with ``--batch`` (each process renders its share of
+#: the jobs), ``none`` otherwise; ``video`` = every process shares each denoiser call of one video.
+PARALLEL_MODES = ("auto", "none", "jobs", "video")
+
+
+def parallel_mode(mode: str, *, batch: bool) -> str:
+    """The concrete ``--parallel`` mode (``auto`` resolved); ``jobs`` needs ``--batch``."""
+    if mode not in PARALLEL_MODES:
+        raise UsageError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "jobs" if batch else "none"
+    if mode == "jobs" and not batch:
+        raise UsageError("--parallel jobs shares the jobs of --batch between processes; "
+                         "to split one video over them use --parallel video")
+    return mode
+
+
 #: Device memory kept free for what ``plan`` does not count (CUDA context, cuDNN workspaces, fragmentation).
 DEVICE_RESERVE = 1 << 30
 #: What ``--offload auto`` tries on CUDA, fastest first: (offload, VAE tiling).

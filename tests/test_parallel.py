@@ -209,3 +209,66 @@ def test_parallel_call_equals_single_process(ranks, splits, tmp_path):
             assert r["rel"] <= TOLERANCE and r["rel_return_dict"] <= TOLERANCE, (rank, split, r)
             assert r["projection_equal"] and r["restored_equal"], (rank, split, r)
     assert len(digests) == 1  # identical v-prediction on every rank: their sampler steps cannot diverge
+
+
+# -- plan --gpus ----------------------------------------------------------------------------------
+
+
+def test_plan_gpus_is_per_rank_and_follows_the_cost_model():
+    from hallo3_cli.plan import plan, plan_parallel
+
+    single = plan("tiny-random", device_kind="cuda")
+    one = plan_parallel(single, 1)
+    assert one.peak_device_bytes == single.peak_device_bytes and one.comm_bytes_per_step == 0
+    assert one.predicted_speedup == pytest.approx(1.0) and one.flops_per_clip == single.flops_per_clip
+    four = plan_parallel(single, 4, interconnect="pcie")
+    assert four.parallel["cfg"] == 2 and four.parallel["ulysses"] == 2  # tiny-random: 2 heads
+    denoise, alone = four.step("clip", "denoise"), single.step("clip", "denoise")
+    assert denoise.weights_on_device_bytes == alone.weights_on_device_bytes  # the DiT stays whole on every rank
+    assert denoise.tensors_bytes < alone.tensors_bytes and denoise.flops < alone.flops
+    assert four.peak_device_bytes <= single.peak_device_bytes
+    assert four.flops_per_clip == int(single.flops_per_clip - single.flops_per_forward * single.steps * (1 - four.parallel["flops_fraction"]))
+    # PCIe below NVLink (a tiny model computes so little that sending costs more: below 1 here)
+    assert 0 < four.predicted_speedup < plan_parallel(single, 4).predicted_speedup
+    data = json.loads(four.to_json())
+    assert data["gpus"] == 4 and data["comm_bytes_per_step"] == four.comm_bytes_per_step > 0
+    assert data["predicted_speedup"] == four.predicted_speedup
+    assert "gpus" not in json.loads(single.to_json())
+    with pytest.raises(ParallelUsageError, match="valid:"):
+        plan_parallel(single, 3, cfg_parallel=True)
+
+
+def test_plan_command_with_gpus_prints_the_parallel_keys(capsys):
+    from hallo3_cli import cli
+
+    cli.main(["plan", "--model", "tiny-random", "--gpus", "2", "--interconnect", "100", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert {"gpus", "comm_bytes_per_step", "predicted_speedup", "peak_device_bytes", "flops_per_clip"} <= data.keys()
+    assert data["parallel"]["bandwidth_bytes_per_s"] == 100e9 and data["parallel"]["cfg"] == 2
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plan", "--model", "tiny-random", "--interconnect", "pcie"])
+    assert exit_.value.code == 2 and "need --gpus" in capsys.readouterr().err
+
+
+def test_one_rank_speaks_for_a_parallel_render(monkeypatch):
+    """Who prints a failure (``hallo3 render --parallel video``): see ``session.reports_failure``."""
+    from hallo3_cli.parallel import session
+
+    monkeypatch.setitem(session._active, "stage", "none")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    peer = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:4084")
+    own = RuntimeError("CUDA out of memory")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setitem(session._active, "stage", "none")
+        assert session.reports_failure(own) and session.prints_results()  # not a --parallel video render
+        monkeypatch.setitem(session._active, "stage", "preflight")  # checks every rank makes alike
+        assert session.reports_failure(ParallelUsageError("bad split")) == (rank == "0")
+        monkeypatch.setitem(session._active, "stage", "render")
+        assert session.reports_failure(own)  # this rank's own failure
+        assert not session.reports_failure(peer) and not session.reports_failure(session.PeerStopped("x"))
+        assert not session.reports_failure(SystemExit(143))  # torchrun's SIGTERM after another rank failed
+        assert session.reports_failure(KeyboardInterrupt()) == (rank == "0")
+        assert session.prints_results() == (rank == "0")
+    monkeypatch.delenv("RANK")
+    assert session.reports_failure(peer) and session.prints_results()  # outside torchrun: everything

@@ -18,6 +18,10 @@ Pieces and what carries them:
   video tokens are all-gathered after ``proj_out``: every rank gets the full v-prediction, because
   every rank runs the sampler step.
 
+- **Session** (:mod:`.session`): ``render --parallel video`` on top of the above: the split checked
+  before anything loads, rank 0 computing the stage files and writing, the resume point and the motion
+  frames agreed, and one failure message for all ranks (``hallo3_cli.jobs`` and the CLI use it).
+
 Why our collectives rather than diffusers' context parallelism (``ContextParallelConfig`` /
 ``_cp_plan``, measured with diffusers 0.42.1 on CPU/gloo): ``enable_parallelism`` fails without an
 accelerator (it takes ``rank % torch.accelerator.device_count()``, a modulo by zero); its ring

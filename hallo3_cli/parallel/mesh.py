@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -58,9 +59,11 @@ class ParallelConfig:
         return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def init_parallel(degrees: Degrees, device: str | torch.device | None = None) -> ParallelConfig:
+def init_parallel(degrees: Degrees, device: str | torch.device | None = None, *,
+                  timeout: float | None = None) -> ParallelConfig:
     """Join torchrun's process group (gloo on CPU, nccl on CUDA with device ``cuda:LOCAL_RANK``) and build
-    the ``cfg × ring × ulysses`` device mesh. Without torchrun, ``degrees`` must be all 1."""
+    the ``cfg × ring × ulysses`` device mesh. Without torchrun, ``degrees`` must be all 1. ``timeout``:
+    seconds any collective may wait before it fails (None: the backend's default)."""
     env = torchrun_env()
     if env is None:
         if degrees.world != 1:
@@ -80,7 +83,8 @@ def init_parallel(degrees: Degrees, device: str | torch.device | None = None) ->
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        extra = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, **extra)
     shape = (degrees.cfg, degrees.ring, degrees.ulysses)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
     return ParallelConfig(degrees, mesh, device)
@@ -93,6 +97,7 @@ def setup_parallel(
     ulysses: int | None = None,
     ring: int | None = None,
     device: str | torch.device | None = None,
+    timeout: float | None = None,
 ) -> ParallelConfig:
     """``--parallel video``: the degrees for torchrun's world size (checked before anything loads), then
     the process group and mesh. Outside torchrun it says how to launch; under ``torchrun`` with one
@@ -104,4 +109,4 @@ def setup_parallel(
             "`torchrun --nproc-per-node N --no-python hallo3 render ... --parallel video`"
         )
     degrees = choose_degrees(env[1], heads, cfg_parallel=cfg_parallel, ulysses=ulysses, ring=ring)
-    return init_parallel(degrees, device)
+    return init_parallel(degrees, device, timeout=timeout)
