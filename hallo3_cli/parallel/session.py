@@ -148,6 +148,8 @@ class VideoSession:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if dist.get_world_size() > 1:
+                dist.barrier()  # nobody tears its gloo threads down while a peer still talks to it
             dist.destroy_process_group()
 
 
