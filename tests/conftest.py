@@ -13,6 +13,19 @@ OFFICIAL = SHARED / "fixtures" / "official"
 MEDIA = SHARED / "fixtures" / "media"
 
 
+def cut_wav(source: Path, target: Path, seconds: float) -> Path:
+    """The first ``seconds`` of a wav file (stdlib only): short real speech for end-to-end tests."""
+    import wave
+
+    with wave.open(str(source)) as src:
+        params = src.getparams()
+        frames = src.readframes(int(seconds * src.getframerate()))
+    with wave.open(str(target), "wb") as dst:
+        dst.setparams(params)
+        dst.writeframes(frames)
+    return target
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shared fixture {path} is not available (set HALLO3_SHARED)")

@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import wave
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cut_wav
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +29,6 @@ def _presets(root: Path) -> Path:
     return path
 
 
-def _cut_wav(source: Path, target: Path, seconds: float) -> Path:
-    with wave.open(str(source)) as src:
-        params = src.getparams()
-        frames = src.readframes(int(seconds * src.getframerate()))
-    with wave.open(str(target), "wb") as dst:
-        dst.setparams(params)
-        dst.writeframes(frames)
-    return target
-
-
 @pytest.fixture(scope="module")
 def setup(media_dir, tmp_path_factory):
     """Presets, inputs, stage files and the single-process render (clips file) they all compare with."""
@@ -51,7 +41,7 @@ def setup(media_dir, tmp_path_factory):
         from hallo3_cli.jobs import embed_audio, encode_reference, render_clips
 
         face = media_dir / "face_0003.jpg"
-        speech = _cut_wav(media_dir / "speech_0001.wav", root / "two.wav", 2.2)  # 55 frames: 2 clips
+        speech = cut_wav(media_dir / "speech_0001.wav", root / "two.wav", 2.2)  # 55 frames: 2 clips
         audio = embed_audio(speech, root / "a.safetensors", model=MODEL, progress=False)
         ref = encode_reference(face, root / "r.safetensors", model=MODEL)
         single = render_clips(audio, ref, root / "single.safetensors", progress=False)

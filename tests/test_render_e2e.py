@@ -10,13 +10,13 @@ import math
 import os
 import subprocess
 import sys
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from hallo3_cli.video_io import read_video
+from conftest import cut_wav
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +33,6 @@ def test_presets():
         os.environ.pop("HALLO3_PRESETS")
     else:
         os.environ["HALLO3_PRESETS"] = old
-
-
-def cut_wav(source: Path, target: Path, seconds: float) -> Path:
-    """The first ``seconds`` of a wav file (stdlib only)."""
-    with wave.open(str(source)) as src:
-        params = src.getparams()
-        frames = src.readframes(int(seconds * src.getframerate()))
-    with wave.open(str(target), "wb") as dst:
-        dst.setparams(params)
-        dst.writeframes(frames)
-    return target
 
 
 def run(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:

@@ -15,11 +15,11 @@ import subprocess
 import sys
 import threading
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cut_wav
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = Path(__file__).with_name("presets_test.toml")
@@ -31,16 +31,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
 MAX_SPEECH_SECONDS = 3
 MAX_UPLOAD_MB = 1
-
-
-def cut_wav(source: Path, target: Path, seconds: float) -> Path:
-    with wave.open(str(source)) as src:
-        params = src.getparams()
-        frames = src.readframes(int(seconds * src.getframerate()))
-    with wave.open(str(target), "wb") as dst:
-        dst.setparams(params)
-        dst.writeframes(frames)
-    return target
 
 
 def hallo3(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
