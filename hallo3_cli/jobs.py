@@ -143,7 +143,9 @@ def embed_audio(speech: str | Path, output: str | Path, *, model: str | Preset =
     (output,) = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES)], inputs=[speech])
     preset = get_preset(model) if isinstance(model, str) else model
     separator_path = vocals.find_separator_model(preset) if separate_vocals else None
-    runtime = Runtime(device=device).resolved(preset)  # an unusable device fails before any weights are checked
+    # only the device matters (wav2vec2 goes straight onto it): no memory mode to plan; an unusable device
+    # fails before any weights are checked
+    runtime = Runtime(device=device, offload="none").resolved(preset)
     require_weights(preset, (stages.AUDIO,))
     pipe = pipe or _pipeline(preset, runtime)
     if separator_path is not None:

@@ -39,6 +39,12 @@ def split_sizes(length: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
+def _span(counts: list[int], rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of shard ``rank`` when shards of ``counts`` items follow each other."""
+    start = sum(counts[:rank])
+    return start, start + counts[rank]
+
+
 @dataclass(frozen=True)
 class SequenceLayout:
     """Which tokens of one forward each sequence rank holds.
@@ -67,9 +73,7 @@ class SequenceLayout:
         return [q + r for q, r in zip(self.query_counts, self.ref_counts)]
 
     def joint(self, rank: int) -> tuple[int, int]:
-        counts = self.query_counts
-        start = sum(counts[:rank])
-        return start, start + counts[rank]
+        return _span(self.query_counts, rank)
 
     def text_range(self, rank: int) -> tuple[int, int]:
         start, stop = self.joint(rank)
@@ -84,9 +88,7 @@ class SequenceLayout:
         return [b - a for a, b in map(self.video_range, range(self.parts))]
 
     def ref_range(self, rank: int) -> tuple[int, int]:
-        counts = self.ref_counts
-        start = sum(counts[:rank])
-        return start, start + counts[rank]
+        return _span(self.ref_counts, rank)
 
     def frames(self, rank: int) -> tuple[int, int]:
         """Latent frames ``[first, stop)`` touched by the rank's video tokens."""
