@@ -27,7 +27,7 @@ def base_sized_encoder():
     """wav2vec2-base geometry (hidden 768, 12 layers, 12 heads, 3072 ff, default conv stack), seeded weights."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from hallo3_cli.presets import fill_random_
+    from hallo3_cli.networks import fill_random_
 
     model = Wav2Vec2Model(Wav2Vec2Config()).eval()
     fill_random_(model, 0)
@@ -205,10 +205,10 @@ def main() -> None:
             "| whole-file time | windowed time |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        from hallo3_cli.loading import load_audio_encoder
+        from hallo3_cli.loading import load_network
         from hallo3_cli.presets import get_preset
 
-        tiny = load_audio_encoder(get_preset("tiny-random"))
+        tiny = load_network(get_preset("tiny-random"), "wav2vec")
         for name, model in (("tiny-random", tiny), ("base-sized random", base_sized_encoder())):
             d = deviation(model)
             lines.append(

@@ -40,7 +40,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hallo3_cli import sampler
-from hallo3_cli.convert import convert_checkpoint
+from hallo3_cli.hub import convert_checkpoint
+from hallo3_cli.loading import PipelineLoader
 from hallo3_cli.models import Hallo3ReferenceNet, Hallo3Transformer3DModel
 from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline, Hallo3Reference
 from hallo3_cli.presets import Preset
@@ -162,8 +163,8 @@ def bench_vae(vae_width: int, height: int, width: int, repeats: int, warmup: int
             "block_out_channels": [vae_width * m for m in (1, 2, 2, 4)], "layers_per_block": 3, "norm_num_groups": 32,
         },
     }
-    pipe = Hallo3Pipeline.from_preset(Preset("bench-vae", table), Runtime(device="cpu", dtype="float32"), lazy=True)
-    vae = pipe.component("vae")
+    pipe = PipelineLoader(Preset("bench-vae", table), Runtime(device="cpu", dtype="float32")).need("vae")
+    vae = pipe.vae
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(3, height, width, generator=generator) * 2 - 1
     motion = torch.rand(2, 3, height, width, generator=generator) * 2 - 1

@@ -83,14 +83,14 @@ def main() -> None:
         speech = cut_wav(args.speech, tmp / "speech.wav", args.seconds)
         with stopwatch(results, "load models"):
             first = VideoRenderer(args.model, seed=1, cache_dir=tmp / "cache", progress=False)
-            first.pipe.component("transformer"), first.pipe.component("vae")  # load now, time it apart
+            first.loader.need("transformer", "vae")  # load now, time it apart
         with stopwatch(results, "first render"):
             first.render(Job(args.face, speech, tmp / "a.mp4"))
         split = dict(TIMES), dict(COUNTS)
         TIMES.clear()
         COUNTS.clear()
         other_seed = VideoRenderer(args.model, seed=2, cache_dir=tmp / "cache", progress=False)
-        other_seed.pipe = first.pipe  # the models stay loaded
+        other_seed.loader = first.loader  # the models stay loaded
         with stopwatch(results, "second take, other seed"):
             other_seed.render(Job(args.face, speech, tmp / "b.mp4"))
         with stopwatch(results, "same render again"):

@@ -17,15 +17,17 @@ from pathlib import Path
 
 import torch
 
-from hallo3_cli.jobs import embed_audio, encode_reference, reference_from_stage
+from hallo3_cli.jobs import embed_audio, encode_reference
+from hallo3_cli.loading import PipelineLoader
 from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline, clip_audio, clip_generator
 from hallo3_cli.presets import get_preset
 from hallo3_cli.runtime import Runtime
-from hallo3_cli.stages import AUDIO, REFERENCE, load_stage
+from hallo3_cli.stages import AUDIO, REFERENCE, load_stage, reference_from_stage
 
 
 def pipeline(preset, **runtime) -> Hallo3Pipeline:
-    return Hallo3Pipeline.from_preset(preset, Runtime(device="cpu", dtype="float32", **runtime), lazy=True)
+    """A pipeline with the DiT and the VAE, placed as the runtime says (the renderer's own loading)."""
+    return PipelineLoader(preset, Runtime(device="cpu", dtype="float32", **runtime)).need("transformer", "vae")
 
 
 def first_clip(pipe: Hallo3Pipeline, audio, reference, steps: int) -> tuple[torch.Tensor, float]:

@@ -6,11 +6,11 @@ Measures, on one CUDA GPU (made for an H100/H200; about 5 minutes there, budget 
   ``compile_repeated_blocks`` (``--compile``) and First Block Cache at 0.1 (``--cache 0.1``);
 - which SDPA kernel ran (the aten op recorded by the profiler);
 - peak device memory of one denoising step and of one VAE decode per offload mode (``none``, ``model``,
-  ``group``, ``sequential``, placed by the renderer's own ``runtime.Placement``) against ``hallo3_cli.plan.plan``'s
+  ``group``, ``sequential``, placed by the renderer's own ``loading.Placement``) against ``hallo3_cli.plan.plan``'s
   prediction for the same steps;
 - the bf16-vs-fp32 drift of one step (the same weights: the bf16 model upcast in place).
 
-The networks are the package's classes at the release configuration (SPEC §2: 42 layers, 48 heads ×
+The networks are the package's classes at the release configuration (docs/model.md §2: 42 layers, 48 heads ×
 64, latent 13 × 60 × 90; diffusers' CogVideoX VAE defaults) with random weights, so the timings are
 the real ones and the outputs are noise. ``--layers K`` builds fewer layers (then the memory
 comparison with the plan, which knows only the release, is reported but not meaningful). Each phase
@@ -37,6 +37,7 @@ The JSON result goes to stdout, progress to stderr. A missing module is reported
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -80,15 +81,15 @@ def build(args, device: str, dtype):
             raise SystemExit(f"--preset {args.preset} is not a random-weight preset")
         if layers is not None:
             raise SystemExit("--layers applies to --scale production only")
-        model = loading.load_transformer(preset, device, dtype)
-        vae = loading.load_vae(preset, device, dtype)
+        model = loading.load_network(preset, "transformer", device, dtype)
+        vae = loading.load_network(preset, "vae", device, dtype)
     else:
         from diffusers import AutoencoderKLCogVideoX
 
         from hallo3_cli.models import Hallo3Transformer3DModel
 
         preset = get_preset("hallo3")
-        config = {} if layers is None else {"num_layers": layers}  # the class defaults are the release (SPEC §2)
+        config = {} if layers is None else {"num_layers": layers}  # the class defaults are the release (docs/model.md §2)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # allocate in the compute dtype, on the device: no host copy, no cast
         try:
@@ -101,7 +102,9 @@ def build(args, device: str, dtype):
             model.patch_embed.pos_embedding.normal_(0, 0.02)
         model = model.to(device, dtype).eval().requires_grad_(False)
         vae = vae.to(device, dtype).eval().requires_grad_(False)
-    latent = ((preset.clip_length - 1) // 4 + 1, preset.height // 8, preset.width // 8)
+    from hallo3_cli import geometry
+
+    latent = (geometry.latent_frames(preset.clip_length), *geometry.latent_size(preset.height, preset.width))
     return model, vae, preset, latent
 
 
@@ -110,15 +113,13 @@ class CfgCall:
     call of the DiT + guidance) on random inputs of the render's shapes (context, condition, audio tokens
     projected once per clip, a shared reference bank)."""
 
-    def __init__(self, model, latent, device, dtype, placement=None, seed: int = 0, _tensors: dict | None = None):
+    def __init__(self, model, latent, device, dtype, seed: int = 0, _tensors: dict | None = None):
         import torch
 
-        from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
-        from hallo3_cli.runtime import Placement, Runtime, dtype_name
+        from hallo3_cli.pipeline_hallo3 import Hallo3Context, Hallo3Pipeline
         from hallo3_cli.scheduling_hallo3 import Hallo3DPMSolverSDEScheduler
 
         self.pipe = Hallo3Pipeline(transformer=model, vae=None, scheduler=Hallo3DPMSolverSDEScheduler())
-        self.pipe.placement = placement or Placement(Runtime(device=device, dtype=dtype_name(dtype), offload="none"))
         if _tensors is None:
             g = torch.Generator(device).manual_seed(seed)
             c = model.config
@@ -133,12 +134,13 @@ class CfgCall:
                 "latents": randn(1, frames, 16, h, w, keep=True),  # the sampler state is float32
                 "condition": randn(1, frames, 16, h, w),
                 "tokens": randn(2, frames, c.audio_context_tokens, c.audio_cross_attention_dim),
-                "context": {
-                    "text": torch.cat([torch.zeros_like(text), text]),
-                    "face": randn(2, c.face_tokens, c.face_cross_attention_dim),
-                    "bank": [randn(1, h * w // c.patch_size**2, c.num_attention_heads * c.attention_head_dim)
-                             for _ in range(c.num_layers)],
-                },
+                "context": Hallo3Context(
+                    text=torch.cat([torch.zeros_like(text), text]),
+                    face_tokens=randn(2, c.face_tokens, c.face_cross_attention_dim),
+                    uncond_audio_tokens=randn(1, frames, c.audio_context_tokens, c.audio_cross_attention_dim),
+                    bank=[randn(1, h * w // c.patch_size**2, c.num_attention_heads * c.attention_head_dim)
+                          for _ in range(c.num_layers)],
+                ),
             }
         self.tensors = _tensors
 
@@ -153,7 +155,11 @@ class CfgCall:
         """The same inputs in float32 (bf16 values are exact in fp32), for ``model`` upcast in place."""
         import torch
 
+        from hallo3_cli.pipeline_hallo3 import Hallo3Context
+
         def up(x):
+            if isinstance(x, Hallo3Context):
+                return dataclasses.replace(x, **{f.name: up(getattr(x, f.name)) for f in dataclasses.fields(x)})
             return [up(v) for v in x] if isinstance(x, list) else {k: up(v) for k, v in x.items()} if isinstance(x, dict) else x.float()
 
         return CfgCall(model, None, device, torch.float32, _tensors=up(self.tensors))
@@ -247,7 +253,8 @@ def phase_drift(args, device, dtype) -> dict:
 
 
 def _placement(device, dtype, offload):
-    from hallo3_cli.runtime import Placement, Runtime, dtype_name
+    from hallo3_cli.loading import Placement
+    from hallo3_cli.runtime import Runtime, dtype_name
 
     return Placement(Runtime(device=device, dtype=dtype_name(dtype), offload=offload))
 
@@ -272,10 +279,10 @@ def phase_offload(args, device, dtype, offload: str) -> dict:
         model, vae = model.to("cpu"), vae.to("cpu")
         if cuda:
             torch.cuda.empty_cache()
-    placement = _placement(device, dtype, offload)  # the renderer's own placement (runtime.Placement)
-    model = placement.place(model)
-    vae = placement.place(vae, blocks=False)
-    call = CfgCall(model, latent, device, dtype, placement=placement)
+    placement = _placement(device, dtype, offload)  # the renderer's own placement (loading.Placement)
+    model = placement.place(model, "transformer")
+    vae = placement.place(vae, "vae")
+    call = CfgCall(model, latent, device, dtype)
     decode_frames = args.decode_frames or latent[0]
     result = {"decoded_latent_frames": decode_frames}
     with torch.no_grad():
@@ -289,7 +296,6 @@ def phase_offload(args, device, dtype, offload: str) -> dict:
             _sync(device)
             result[f"{name}_s"] = time.perf_counter() - start
             result[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
-            placement.done_with(model if name == "denoise" else vae)
     predicted = _predicted(preset.name, offload, "cuda" if cuda else "cpu")
     result.update(predicted)
     if cuda and "plan_denoise_bytes" in predicted:

@@ -2,17 +2,19 @@
 
 The public Python API is small and lazily imported so that ``hallo3 --help`` stays fast:
 
-    from hallo3_cli import Hallo3Pipeline
-    pipe = Hallo3Pipeline.from_pretrained("tiny-random")
+    from hallo3_cli import Hallo3Pipeline, load_pipeline
+    pipe = Hallo3Pipeline.from_pretrained("tiny-random")      # or load_pipeline("tiny-random", device="cpu")
     out = pipe(image="face.jpg", audio="speech.wav", seed=7)
 
 and the commands' work, with stage files and caching: ``from hallo3_cli import render_video, embed_audio, ...``
 """
 
-__version__ = "0.1.0"
+from hallo3_cli.version import __version__
 
 _LAZY = {
-    "Hallo3Pipeline": "hallo3_cli.pipeline_hallo3",
+    # through loading: it teaches Hallo3Pipeline.from_pretrained the model presets
+    "Hallo3Pipeline": "hallo3_cli.loading",
+    "load_pipeline": "hallo3_cli.loading",
     "Hallo3PipelineOutput": "hallo3_cli.pipeline_hallo3",
     "Hallo3DPMSolverSDEScheduler": "hallo3_cli.scheduling_hallo3",
     "Hallo3Transformer3DModel": "hallo3_cli.models",

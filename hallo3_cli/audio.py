@@ -1,4 +1,4 @@
-"""The ``embed-audio`` stage: speech → per-video-frame wav2vec features (SPEC §5 steps 1–5).
+"""The ``embed-audio`` stage: speech → per-video-frame wav2vec features (docs/model.md §5 steps 1–5).
 
 The released model feeds wav2vec2-base-960h in an unusual way (official ``sgm/models/wav2vec.py``):
 the whole recording is normalised to zero mean and unit variance, zero-padded so that the number of
@@ -70,7 +70,7 @@ def compute_features(
     context_seconds: float = CONTEXT_SECONDS,
     progress: bool = False,
 ):
-    """wav2vec features of 16 kHz mono speech, one step per video frame (SPEC §5 steps 2–4).
+    """wav2vec features of 16 kHz mono speech, one step per video frame (docs/model.md §5 steps 2–4).
 
     Returns ``(features, n)``: ``features`` is a float32 CPU tensor ``(n_padded, layers, channels)``
     where ``n_padded`` is ``n`` rounded up to a multiple of ``clip_length`` and ``n`` is the number of
@@ -143,7 +143,7 @@ def encoder_spans(frames: int, window: int, context: int) -> list[tuple[int, int
 
 
 def window_features(features, start: int, stop: int, window: int = 5):
-    """Frames ``start..stop-1`` each with its neighbours ``i - window//2 .. i + window//2`` (SPEC §5 step 5).
+    """Frames ``start..stop-1`` each with its neighbours ``i - window//2 .. i + window//2`` (docs/model.md §5 step 5).
 
     Indices are clamped to ``[0, n_padded - 1]``; returns ``(stop - start, window, layers, channels)``.
     """

@@ -80,6 +80,26 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, *, mono: bool =
     return audio[0] if mono else audio
 
 
+def check_waveform(samples, name: str = "audio") -> np.ndarray:
+    """Samples given in memory (the Python API): a 1-D array of mono float samples, finite and not empty, as
+    float32; else ``TypeError``/``ValueError`` naming ``name`` and the problem."""
+    from hallo3_cli.errors import ArgumentError
+
+    if not isinstance(samples, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array of mono samples, got {type(samples).__name__}")
+    if samples.ndim != 1:
+        raise ArgumentError(f"{name} must be 1-D mono samples, got an array of shape {samples.shape} "
+                            "(average the channels first)")
+    if not (np.issubdtype(samples.dtype, np.floating) or np.issubdtype(samples.dtype, np.integer)):
+        raise TypeError(f"{name} must hold numbers, got dtype {samples.dtype}")
+    if samples.size == 0:
+        raise ArgumentError(f"{name} is empty")
+    samples = samples.astype(np.float32, copy=False)
+    if not np.isfinite(samples).all():
+        raise ArgumentError(f"{name} holds NaN or infinite samples")
+    return samples
+
+
 def audio_info(path: str | Path) -> AudioInfo:
     """Probe a recording: native rate, channels and exact sample count (decodes, does not resample)."""
     info, _ = _decode(path, mono=True, sample_rate=None, keep=False)

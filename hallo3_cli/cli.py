@@ -18,9 +18,10 @@ from typing import Optional
 
 import typer
 
-from hallo3_cli import __version__
-from hallo3_cli.errors import Hallo3Error
-from hallo3_cli.runtime import DEVICE_KINDS, DTYPE_CHOICES, OFFLOAD_MODES, PARALLEL_MODES, WEIGHTS_DTYPE_CHOICES
+from hallo3_cli import options
+from hallo3_cli.version import __version__
+from hallo3_cli.errors import Hallo3Error, reason
+from hallo3_cli.runtime import DEVICE_KINDS, DTYPE_CHOICES, OFFLOAD_CHOICES, PARALLEL_MODES, WEIGHTS_DTYPE_CHOICES
 
 app = typer.Typer(
     name="hallo3",
@@ -35,7 +36,7 @@ app = typer.Typer(
 MODEL_HELP = "Model preset from models.toml: 'hallo3' (the release) or 'tiny-random' (offline test model, output is noise)."
 
 
-OFFLOAD_HELP = ("Memory mode: auto (model on CUDA, else none), none (all on the device), model (each network on the "
+OFFLOAD_HELP = ("Memory mode: auto (on CUDA the fastest mode whose plan fits the free memory; elsewhere none), none (all on the device), model (each network on the "
                 "device only while it runs), group (one DiT block at a time), sequential (one layer at a time; slowest, least memory).")
 PARALLEL_HELP = ("Under torchrun: jobs (each process renders its share of the --batch jobs), video (every process "
                  "shares each denoising step of one video: launch with `torchrun --nproc-per-node N --no-python "
@@ -58,7 +59,6 @@ def _runtime(device="auto", dtype="auto", offload="auto", weights_dtype="auto", 
 # option validation: every value is checked while parsing, before any work (bad values are usage
 # errors, exit 2). The lists are runtime's (importable without torch, so --help stays instant).
 
-OFFLOAD_CHOICES = ("auto", *OFFLOAD_MODES)
 WEIGHTS_CHOICES = WEIGHTS_DTYPE_CHOICES
 DEVICE_KIND_CHOICES = DEVICE_KINDS
 
@@ -182,7 +182,7 @@ def _setup(quiet: bool) -> None:
 def emit(result: str | Path) -> None:
     """Print a command's result (an output path) to stdout (in a ``--parallel video`` render: rank 0 only)."""
     if "RANK" in os.environ:
-        from hallo3_cli.parallel.session import prints_results
+        from hallo3_cli.jobs.parallel_session import prints_results
 
         if not prints_results():
             return
@@ -206,7 +206,7 @@ def download_cmd(
     Example: hallo3 download --dry-run
     """
     _setup(quiet)
-    from hallo3_cli.download import download
+    from hallo3_cli.hub import download
 
     report = download(model, dest=dest, dry_run=dry_run, from_dir=from_dir, progress=not quiet)
     if dry_run:
@@ -253,7 +253,7 @@ def convert_cmd(
     Example: hallo3 convert pretrained_models/hallo3 ./hallo3-diffusers
     """
     _setup(quiet)
-    from hallo3_cli.convert import convert_checkpoint
+    from hallo3_cli.hub import convert_checkpoint
 
     overrides = {"audio_layers": audio_layers} if audio_layers != 12 else None
     convert_checkpoint(src, dest, overrides=overrides, shard_bytes=int(shard_size * 1024**3), progress=not quiet)
@@ -266,7 +266,7 @@ def plan_cmd(
     offload: str = typer.Option("auto", "--offload", callback=_one_of(*OFFLOAD_CHOICES), help=OFFLOAD_HELP),
     weights_dtype: str = typer.Option("auto", "--weights-dtype", callback=_one_of(*WEIGHTS_CHOICES), help=WEIGHTS_HELP),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tiled VAE encode/decode."),
-    steps: Optional[int] = typer.Option(None, "--steps", callback=_number(1, 1000), help="Sampling steps (default: the preset's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", callback=_number(*options.STEPS), help="Sampling steps (default: the preset's)."),
     height: Optional[int] = typer.Option(None, "--height", callback=_number(16, 8192, multiple=16), help="Frame height (default: the preset's, 480)."),
     width: Optional[int] = typer.Option(None, "--width", callback=_number(16, 8192, multiple=16), help="Frame width (default: the preset's, 720)."),
     device_kind: str = typer.Option("cuda", "--device-kind", callback=_one_of(*DEVICE_KIND_CHOICES), help="cuda (bf16) or cpu (float32, device = host memory)."),
@@ -352,8 +352,8 @@ def render_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: hallo3, or the preset of --audio/--ref.", callback=_model),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Scene description (default: the preset's generic prompt)."),
     seed: int = typer.Option(42, "--seed", help="Random seed; the same seed gives the same frames."),
-    steps: Optional[int] = typer.Option(None, "--steps", callback=_number(1, 1000), help="Sampling steps (default: the preset's; 50 for hallo3)."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", callback=_number(0, 100), help="Classifier-free guidance scale, 0 to 100 (default 3.5)."),
+    steps: Optional[int] = typer.Option(None, "--steps", callback=_number(*options.STEPS), help="Sampling steps (default: the preset's; 50 for hallo3)."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", callback=_number(*options.GUIDANCE), help="Classifier-free guidance scale, 0 to 100 (default 3.5)."),
     device: str = typer.Option("auto", "--device", callback=_device, help="torch device: auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", "--dtype", callback=_one_of(*DTYPE_CHOICES), help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where stage files and finished clips are kept (default: .hallo3-cache next to the output)."),
@@ -397,7 +397,7 @@ def render_cmd(
 
     common = dict(seed=seed, steps=steps, cfg=cfg, allow_download=not no_download, runtime=runtime)
     if mode == "video":
-        from hallo3_cli.parallel.session import VideoParallel
+        from hallo3_cli.jobs.parallel_session import VideoParallel
 
         common["parallel"] = VideoParallel(cfg_parallel=cfg_parallel, ulysses=ulysses, ring=ring)
     if batch is not None:
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
         if not _reports(err):
             sys.exit(1)
         _traceback(debug)
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        message = reason(err) if str(err).strip() else ""
         hint = "" if debug else " (rerun with --debug for the traceback)"
         print(f"hallo3: error: {type(err).__name__}: {message[:300]}{hint}", file=sys.stderr)
         sys.exit(1)
@@ -558,8 +558,8 @@ def _traceback(debug: bool) -> None:
 
 def _reports(err: BaseException) -> bool:
     """Whether this process prints ``err``: always, except in a ``--parallel video`` render under
-    torchrun, where one rank speaks for all (see ``parallel.session.reports_failure``)."""
-    session = sys.modules.get("hallo3_cli.parallel.session")  # imported only by such a render
+    torchrun, where one rank speaks for all (see ``jobs.parallel_session.reports_failure``)."""
+    session = sys.modules.get("hallo3_cli.jobs.parallel_session")  # imported only by such a render
     return session is None or session.reports_failure(err)
 
 

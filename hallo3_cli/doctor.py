@@ -12,18 +12,15 @@ import platform
 import shutil
 from pathlib import Path
 
-from hallo3_cli import __version__
-from hallo3_cli.download import (
-    _existing_parent,
-    component_state,
-    human_size,
-    pending_downloads,
-    sources,
-)
+from hallo3_cli import store
+from hallo3_cli.version import __version__
+from hallo3_cli.formatting import human_size
+from hallo3_cli.hub import pending_downloads, sources
+from hallo3_cli.hub.install import existing_parent
 from hallo3_cli.presets import get_preset
 
 #: Parameter counts of the release networks: the DiTs from the official checkpoint manifest
-#: (SPEC §1), T5-XXL encoder and VAE from their diffusers/transformers configurations.
+#: (docs/model.md §1), T5-XXL encoder and VAE from their diffusers/transformers configurations.
 RELEASE_PARAMETERS = {
     "transformer": 8_921_253_952,
     "reference": 5_625_284_160,
@@ -52,7 +49,7 @@ def doctor(model: str = "hallo3", device: str = "auto", dtype: str = "auto") -> 
     if not preset.is_random:
         for source in sources(preset):
             for folder in source.produces:
-                state = component_state(preset.home, folder, source)
+                state = store.component_state(preset.home, folder, source.name)
                 report["components"].append(
                     {
                         "name": folder,
@@ -72,7 +69,7 @@ def doctor(model: str = "hallo3", device: str = "auto", dtype: str = "auto") -> 
 
 
 def _torch_info() -> dict:
-    info: dict = {"torch": None, "cuda": None, "devices": [_cpu_device()]}
+    info: dict = {"torch": None, "cuda": None, "devices": [cpu_device()]}
     try:
         import torch
     except ImportError:
@@ -98,7 +95,7 @@ def _torch_info() -> dict:
     return info
 
 
-def _cpu_device() -> dict:
+def cpu_device() -> dict:
     total = free = None
     try:
         page = os.sysconf("SC_PAGE_SIZE")
@@ -111,7 +108,7 @@ def _cpu_device() -> dict:
 
 
 def _disk(home: Path) -> dict:
-    probe = _existing_parent(home)
+    probe = existing_parent(home)
     usage = shutil.disk_usage(probe)
     return {"path": str(probe), "free": usage.free, "total": usage.total}
 
@@ -128,10 +125,11 @@ def _resolve(report: dict, device: str, dtype: str) -> tuple[str, str]:
 
 def _fit(preset, report: dict, device: str, dtype: str) -> dict:
     """Does a render fit ``device``? The memory mode ``--offload auto`` would choose there
-    (:func:`hallo3_cli.runtime.choose_memory_mode`: the fastest whose plan fits the free device memory)
+    (:func:`hallo3_cli.plan.choose_memory_mode`: the fastest whose plan fits the free device memory)
     and its predicted peak (device memory on CUDA, RAM otherwise) against the device's memory. Falls
     back to the main DiT's weights alone if the plan cannot be computed."""
-    from hallo3_cli.runtime import DEVICE_RESERVE, Runtime, choose_memory_mode
+    from hallo3_cli.plan import DEVICE_RESERVE, choose_memory_mode
+    from hallo3_cli.runtime import Runtime
 
     device, dtype = _resolve(report, device, dtype)
     entry = next((d for d in report["devices"] if d["device"] == device), None)

@@ -57,3 +57,15 @@ class ModelError(Hallo3Error):
 
     exit_code = 5
 
+
+
+def reason(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): what a one-line error quotes
+    from a library's exception."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class ArgumentError(UsageError, ValueError):
+    """A Python API argument that cannot be used (``ValueError``, naming the argument); a usage error (exit 2)
+    when it reaches the CLI."""

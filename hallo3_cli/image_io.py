@@ -1,4 +1,4 @@
-"""Portrait loading and framing (SPEC §7.1).
+"""Portrait loading and framing (docs/model.md §7.1).
 
 ``load_image`` turns any reasonable image file into an 8-bit RGB ``PIL.Image``; ``frame_image`` fits it
 to the model's frame exactly as the official sampler does:
@@ -78,6 +78,35 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     return image
 
 
+def rgb_array(image, name: str = "image") -> np.ndarray:
+    """A portrait given in memory (the Python API) as a uint8 ``(H, W, 3)`` RGB array: a PIL image (any mode),
+    or an array ``(H, W, 3)`` / ``(H, W)`` (grey) / ``(H, W, 4)`` (alpha dropped) of uint8, or of floats in
+    [0, 1] (scaled to 0..255 and rounded). Anything else: ``TypeError``/``ValueError`` naming ``name``."""
+    from hallo3_cli.errors import ArgumentError
+
+    if isinstance(image, Image.Image):
+        return np.array(_to_rgb(image), dtype=np.uint8)
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{name} must be a file path, a PIL image or an (H, W, 3) array, got {type(image).__name__}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ArgumentError(f"{name} must be an (H, W, 3) RGB array, got shape {image.shape}")
+    if min(image.shape[:2]) < MIN_SIDE:
+        raise ArgumentError(f"{name} is too small ({image.shape[1]}×{image.shape[0]}); the short side must be at "
+                            f"least {MIN_SIDE} pixels")
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(image)
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise ArgumentError(f"{name} is a float array: its values must be finite and in [0, 1] "
+                                f"(got {np.nanmin(image):g} to {np.nanmax(image):g}); pass uint8 for 0..255")
+        return np.round(image * 255).astype(np.uint8)
+    raise TypeError(f"{name} must be uint8 (0..255) or float in [0, 1], got dtype {image.dtype}")
+
+
 def _decode(image: Image.Image, path: Path, max_pixels: int | None) -> Image.Image:
     width, height = image.size
     if width * height > MAX_SOURCE_PIXELS:
@@ -147,7 +176,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# framing (SPEC §7.1)
+# framing (docs/model.md §7.1)
 
 
 @dataclass(frozen=True)
@@ -182,7 +211,7 @@ def frame_geometry(source_width: int, source_height: int, height: int, width: in
 
 
 def frame_image(image: Image.Image | torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, str]:
-    """Fit a portrait to the model frame (SPEC §7.1).
+    """Fit a portrait to the model frame (docs/model.md §7.1).
 
     ``image`` is an RGB ``PIL.Image`` or a float tensor ``(3, h, w)`` in [0, 1] (e.g. the face-masked
     image, which the official code masks at source resolution and then frames the same way).
@@ -229,7 +258,7 @@ def frame_box(
 
 
 def crop_box_for_output(framing: str, height: int, width: int) -> tuple[int, int, int, int]:
-    """The part of each generated frame that goes into the video (SPEC §7.5): the centre square for
+    """The part of each generated frame that goes into the video (docs/model.md §7.5): the centre square for
     a padded (square) source, the full frame otherwise. Returns ``(x0, y0, x1, y1)``."""
     if framing == "pad":
         side = min(height, width)

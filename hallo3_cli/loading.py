@@ -1,218 +1,85 @@
-"""Load (release) or build (random presets) each network of a preset.
+"""Building a ``Hallo3Pipeline`` for a model preset (whisper's ``load_model``): each network loaded (the release's
+weights from ``<model home>/<preset>/<component>/``) or built (random presets: seeded weights in memory), then
+placed where a :class:`~hallo3_cli.runtime.Runtime` says.
 
-Every loader takes a :class:`~hallo3_cli.presets.Preset`, a device and a dtype. Release weights come
-from ``<model home>/<preset>/<component>/``; random presets build the same architectures at the
-widths given in ``models.toml`` and fill them with :func:`~hallo3_cli.presets.fill_random_`.
+    from hallo3_cli import load_pipeline
+    pipe = load_pipeline("tiny-random")                       # every component, ready to call
+    loader = PipelineLoader(get_preset("hallo3"), Runtime())  # the jobs' frugal form: networks load when
+    loader.need("audio_encoder", "feature_extractor").encode_audio("speech.wav")   # a stage needs them
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 
-from hallo3_cli.presets import Preset, fill_random_
+from hallo3_cli import networks
+from hallo3_cli.components import COMPONENTS, FACE_ANALYZER, FACE_FOLDER, component
+from hallo3_cli.errors import ModelError, reason
+from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
+from hallo3_cli.plan import choose_memory_mode
+from hallo3_cli.presets import Preset, get_preset, preset_names
+from hallo3_cli.runtime import Runtime
+from hallo3_cli.scheduling_hallo3 import Hallo3DPMSolverSDEScheduler
 
-# Salts so that each random component gets its own weights from the preset's seed.
-_SALT = {"transformer": 1, "reference": 2, "vae": 3, "text_encoder": 4, "wav2vec": 5}
+log = logging.getLogger("hallo3")
 
-
-def _random(module: torch.nn.Module, preset: Preset, component: str) -> torch.nn.Module:
-    fill_random_(module, preset.seed * 100 + _SALT[component], std=0.02)
-    return module.eval().requires_grad_(False)
-
-
-def _device_map(device) -> dict:
-    """Load release weights straight onto an accelerator (no full copy in host RAM first)."""
-    return {"device_map": str(device)} if str(device).startswith("cuda") else {}
-
-
-def _finish(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
-    if any(p.dtype != dtype for p in module.parameters()):
-        module = module.to(dtype=dtype)
-    return module.to(device=device).eval().requires_grad_(False)
+#: Every component of a pipeline, face models included, in the order a render first needs them.
+ALL_COMPONENTS = ("feature_extractor", "audio_encoder", FACE_ANALYZER, "vae", "tokenizer", "text_encoder",
+                  "reference_net", "transformer")
 
 
-def transformer_config(preset: Preset, *, main: bool) -> dict:
-    """The diffusers config of a random preset's DiT (geometry from the preset, widths from models.toml)."""
-    widths = preset.config("transformer")
-    wav2vec = preset.config("wav2vec")
-    config = {
-        "num_layers": widths["num_layers"],
-        "num_attention_heads": widths["num_attention_heads"],
-        "attention_head_dim": widths.get("attention_head_dim", 64),
-        "time_embed_dim": widths["time_embed_dim"],
-        "text_embed_dim": preset.config("text_encoder")["d_model"],
-        "sample_height": preset.height // 8,
-        "sample_width": preset.width // 8,
-        "sample_frames": preset.clip_length,
-        "max_text_seq_length": preset.text_length,
-    }
-    if main:
-        config.update(
-            audio_layers=wav2vec["num_hidden_layers"],
-            audio_channels=wav2vec["hidden_size"],
-            audio_intermediate_dim=widths["audio_intermediate_dim"],
-            audio_cross_attention_dim=widths["audio_cross_attention_dim"],
-            face_cross_attention_dim=widths["face_cross_attention_dim"],
-        )
-    return config
+# ---------------------------------------------------------------------------------------------
+# one network
 
 
-#: The networks of a preset by their ``models.toml`` component names.
-NETWORKS = ("wav2vec", "vae", "text_encoder", "reference", "transformer")
-
-
-def network_config(preset: Preset, network: str) -> dict:
-    """Constructor arguments of one of a preset's networks (:data:`NETWORKS`): a random preset's from
-    models.toml; the release's are the classes' defaults (tests check them against the official
-    checkpoint manifest), diffusers' CogVideoX VAE defaults, T5-XXL and wav2vec2-base."""
-    if network in ("transformer", "reference"):
-        return transformer_config(preset, main=network == "transformer") if preset.is_random else {}
-    if network == "vae":
-        return vae_config(preset)
-    if network == "text_encoder":
-        return text_encoder_config(preset)
+def load_network(preset: Preset, network: str, device="cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """One network of a preset (:data:`~hallo3_cli.components.NETWORKS`) on ``device`` in ``dtype`` (wav2vec2:
+    always float32), in evaluation mode without gradients: built with seeded weights for a random preset,
+    else loaded from its installed folder."""
     if network == "wav2vec":
-        return preset.config("wav2vec")
-    raise ValueError(f"unknown network {network!r}; known: {', '.join(NETWORKS)}")
-
-
-def build_network(network: str, config: dict) -> torch.nn.Module:
-    """A network of :data:`NETWORKS` built from its config (weights as the classes initialise them)."""
-    if network == "transformer":
-        from hallo3_cli.models import Hallo3Transformer3DModel
-
-        return Hallo3Transformer3DModel(**config)
-    if network == "reference":
-        from hallo3_cli.models import Hallo3ReferenceNet
-
-        return Hallo3ReferenceNet(**config)
-    if network == "vae":
-        from diffusers import AutoencoderKLCogVideoX
-
-        return AutoencoderKLCogVideoX(**config)
-    if network == "text_encoder":
-        from transformers import T5Config, T5EncoderModel
-
-        return T5EncoderModel(T5Config(**config, is_encoder_decoder=False, use_cache=False))
-    if network == "wav2vec":
-        from transformers import Wav2Vec2Config, Wav2Vec2Model
-
-        return Wav2Vec2Model(Wav2Vec2Config(**config))
-    raise ValueError(f"unknown network {network!r}; known: {', '.join(NETWORKS)}")
-
-
-def load_transformer(preset: Preset, device="cpu", dtype=torch.float32):
-    """The main DiT (:class:`Hallo3Transformer3DModel`)."""
-    from hallo3_cli.models import Hallo3Transformer3DModel
-
+        dtype = torch.float32  # small, and the features are stored in float32
     if preset.is_random:
-        model = _random(build_network("transformer", network_config(preset, "transformer")), preset, "transformer")
+        model = networks.random_network(preset, network)
     else:
-        model = Hallo3Transformer3DModel.from_pretrained(preset.require("transformer"), torch_dtype=dtype, **_device_map(device))
-    return _finish(model, device, dtype)
+        model = _from_folder(preset, network, device, dtype)
+    if network == "wav2vec" and model.config.do_stable_layer_norm:
+        raise ModelError("pre-norm (stable layer norm) wav2vec2 variants are not supported; Hallo3 uses wav2vec2-base")
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype=dtype)
+    return model.to(device=device).eval().requires_grad_(False)
 
 
-def load_reference(preset: Preset, device="cpu", dtype=torch.float32):
-    """The reference DiT (:class:`Hallo3ReferenceNet`)."""
-    from hallo3_cli.models import Hallo3ReferenceNet
+def _from_folder(preset: Preset, network: str, device, dtype: torch.dtype) -> torch.nn.Module:
+    import importlib
 
-    if preset.is_random:
-        model = _random(build_network("reference", network_config(preset, "reference")), preset, "reference")
-    else:
-        model = Hallo3ReferenceNet.from_pretrained(preset.require("reference"), torch_dtype=dtype, **_device_map(device))
-    return _finish(model, device, dtype)
+    entry = next(c for c in COMPONENTS if c.network == network)
+    folder = preset.require(entry.folder)
+    cls = getattr(importlib.import_module(entry.library), entry.class_name)
+    placed = {"device_map": str(device)} if str(device).startswith("cuda") else {}  # no full copy in host RAM first
+    if network != "wav2vec":
+        return cls.from_pretrained(folder, torch_dtype=dtype, **placed)
+    from transformers.utils import logging as hf_logging
 
-
-def vae_config(preset: Preset) -> dict:
-    """The diffusers config of a preset's VAE: a random preset's widths from models.toml (the release's is
-    its folder's config.json; ``AutoencoderKLCogVideoX``'s defaults are the release's architecture)."""
-    if not preset.is_random:
-        return {"scaling_factor": preset.vae_scale}
-    widths = preset.config("vae")
-    blocks = len(widths["block_out_channels"])
-    return {
-        "block_out_channels": tuple(widths["block_out_channels"]),
-        "down_block_types": ("CogVideoXDownBlock3D",) * blocks,
-        "up_block_types": ("CogVideoXUpBlock3D",) * blocks,
-        "layers_per_block": widths["layers_per_block"],
-        "norm_num_groups": widths["norm_num_groups"],
-        "latent_channels": 16,
-        "sample_height": preset.height,
-        "sample_width": preset.width,
-        "scaling_factor": preset.vae_scale,
-    }
-
-
-def text_encoder_config(preset: Preset) -> dict:
-    """``T5Config`` arguments of a preset's text encoder (the release: T5-XXL v1.1)."""
-    if not preset.is_random:
-        return dict(T5_XXL)
-    return dict(preset.config("text_encoder"), feed_forward_proj="gated-gelu")
-
-
-#: The T5-XXL v1.1 encoder of the release (``THUDM/CogVideoX-5b-I2V`` ``text_encoder/config.json``).
-T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
-          "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128}
-
-
-def load_vae(preset: Preset, device="cpu", dtype=torch.float32):
-    """diffusers ``AutoencoderKLCogVideoX`` (the CogVideoX causal 3D VAE)."""
-    from diffusers import AutoencoderKLCogVideoX
-
-    if preset.is_random:
-        model = _random(build_network("vae", vae_config(preset)), preset, "vae")
-    else:
-        model = AutoencoderKLCogVideoX.from_pretrained(preset.require("vae"), torch_dtype=dtype, **_device_map(device))
-    return _finish(model, device, dtype)
-
-
-def load_text_encoder(preset: Preset, device="cpu", dtype=torch.float32):
-    """The T5 encoder (``T5EncoderModel``)."""
-    from transformers import T5EncoderModel
-
-    if preset.is_random:
-        encoder = _random(build_network("text_encoder", text_encoder_config(preset)), preset, "text_encoder")
-    else:
-        encoder = T5EncoderModel.from_pretrained(preset.require("text_encoder"), torch_dtype=dtype, **_device_map(device))
-    return _finish(encoder, device, dtype)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the 960h checkpoint is a CTC model: its lm_head is unused here
+    try:
+        return cls.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelError(f"cannot load the wav2vec weights ({reason(err)}); run: hallo3 download", folder) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_tokenizer(preset: Preset):
-    """The T5 tokenizer; random presets use :func:`tiny_tokenizer`."""
+    """The T5 tokenizer; random presets have a hashing one (no vocabulary file)."""
     if preset.is_random:
-        return tiny_tokenizer(preset.config("text_encoder")["vocab_size"])
+        return networks.random_tokenizer(preset)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(preset.require("tokenizer"))
-
-
-def tiny_tokenizer(vocab_size: int):
-    """A deterministic word-level tokenizer with T5's special ids (pad 0, eos 1, unk 2).
-
-    Words are hashed into the vocabulary so that any prompt maps to stable ids; the init argument
-    ``hallo3_hash_words`` (kept by ``save_pretrained``) tells ``Hallo3Pipeline.encode_prompt`` to do so.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   hallo3_hash_words=vocab_size)
-
-
-def default_feature_extractor():
-    """wav2vec2-base-960h's feature-extractor settings (16 kHz, zero-mean unit-variance normalisation)."""
-    from transformers import Wav2Vec2FeatureExtractor
-
-    from hallo3_cli.audio_io import SAMPLE_RATE
-
-    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
-                                    return_attention_mask=False)
 
 
 def load_feature_extractor(preset: Preset):
@@ -220,80 +87,189 @@ def load_feature_extractor(preset: Preset):
     from transformers import Wav2Vec2FeatureExtractor
 
     from hallo3_cli.audio_io import SAMPLE_RATE
-    from hallo3_cli.errors import ModelError
 
     if preset.is_random:
-        return default_feature_extractor()
+        return networks.default_feature_extractor()
     folder = preset.require("wav2vec")
     try:
         extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ModelError(f"unreadable preprocessor config ({str(err).splitlines()[0]})", folder) from None
+        raise ModelError(f"unreadable preprocessor config ({reason(err)})", folder) from None
     if extractor.sampling_rate != SAMPLE_RATE:
         raise ModelError(f"the wav2vec model expects {extractor.sampling_rate} Hz audio; hallo3 uses {SAMPLE_RATE} Hz", folder)
     return extractor
 
 
-def load_audio_encoder(preset: Preset, device="cpu"):
-    """The preset's wav2vec2 encoder (eval mode, float32, on ``device``). Random presets build the
-    architecture from ``[<preset>.wav2vec]`` in models.toml and fill it with seeded weights."""
-
-    from hallo3_cli.errors import ModelError
+def load_face_analyzer(preset: Preset, device: str = "cpu"):
+    """The preset's face models (SCRFD + ArcFace on onnxruntime, run on ``device`` where onnxruntime can). Random
+    presets have none (None: no face detection, a zero face embedding, the whole image as the face region)
+    unless their table names a ``face_models`` folder (tests build small ONNX models there). Missing release
+    files raise ModelError."""
+    from hallo3_cli.face import FaceAnalyzer, providers_for_device
 
     if preset.is_random:
-        model = build_network("wav2vec", preset.config("wav2vec"))
-        fill_random_(model, preset.seed)
-    else:
-        model = _load_wav2vec(preset.require("wav2vec"))
-    if model.config.do_stable_layer_norm:
-        raise ModelError("pre-norm (stable layer norm) wav2vec2 variants are not supported; Hallo3 uses wav2vec2-base")
-    return model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        folder = preset.table.get("face_models")
+        return FaceAnalyzer.from_dir(folder, providers_for_device(device)) if folder else None
+    return FaceAnalyzer.from_dir(preset.require(FACE_FOLDER), providers_for_device(device))
 
 
-def _load_wav2vec(folder):
-    from transformers import Wav2Vec2Model
-    from transformers.utils import logging as hf_logging
-
-    from hallo3_cli.errors import ModelError
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the 960h checkpoint is a CTC model: its lm_head is unused here
-    try:
-        return Wav2Vec2Model.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load the wav2vec weights ({reason}); run: hallo3 download", folder) from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+# ---------------------------------------------------------------------------------------------
+# placement
 
 
-class ComponentLoader:
-    """Loads one ``Hallo3Pipeline`` component of a preset at a time and places it as the runtime says
-    (``runtime.Placement``): the loader behind ``Hallo3Pipeline.from_preset``. With ``parallel`` (a
-    :class:`~hallo3_cli.parallel.ParallelConfig`; the runtime's device is its ``config.device``) the main
-    DiT's calls are split over the process group once it is placed (``--parallel video``)."""
+class _OneAtATime:
+    """``model`` offloading (accelerate's ``CpuOffload``): before a network runs, every other network of the
+    placement goes back to the host, so one network at a time is on the device. (The hook also fires for
+    diffusers' ``vae.encode``/``decode``, which call it through ``apply_forward_hook``.)"""
 
-    def __init__(self, preset: Preset, runtime, *, allow_download: bool = False, progress: bool = True,
-                 parallel=None):
-        from hallo3_cli.runtime import Placement
+    @staticmethod
+    def hook(placement: Placement):
+        from accelerate.hooks import CpuOffload
 
+        class OneAtATime(CpuOffload):
+            def pre_forward(self, module, *args, **kwargs):
+                placement.offload_all(but=module)
+                return super().pre_forward(module, *args, **kwargs)
+
+        return OneAtATime(execution_device=placement.device)
+
+
+class Placement:
+    """Puts freshly loaded networks where a resolved :class:`Runtime` says, and frees them."""
+
+    def __init__(self, runtime: Runtime):
+        if "auto" in (runtime.device, runtime.dtype, runtime.offload):
+            raise ValueError("Placement needs a resolved Runtime (see resolve_runtime)")
+        self.runtime = runtime
+        self.device = runtime.device
+        self.dtype = runtime.torch_dtype
+        self._hooks: dict[int, Any] = {}
+
+    @property
+    def load_device(self) -> str:
+        """Where weights are loaded: straight to the device unless an offload mode keeps them on the host
+        or they are first cast to a smaller storage dtype (cast on the host, then moved)."""
+        return self.device if self.runtime.offload == "none" and self.runtime.storage_dtype is None else "cpu"
+
+    def place(self, model: torch.nn.Module, network: str) -> torch.nn.Module:
+        """Apply weight storage and offloading to a freshly loaded network. Block networks
+        (:data:`~hallo3_cli.networks.BLOCK_NETWORKS`) are cast layer by layer and offloaded by group; the VAE and wav2vec2 stay
+        whole on the device in group mode."""
+        runtime = self.runtime
+        blocks = network in networks.BLOCK_NETWORKS
+        storage = runtime.storage_dtype
+        if blocks and storage is not None and hasattr(model, "enable_layerwise_casting"):
+            model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=self.dtype)
+        if runtime.offload == "none" or (runtime.offload == "group" and not blocks):
+            return model.to(self.device)
+        if runtime.offload == "model":
+            from accelerate.hooks import UserCpuOffloadHook, add_hook_to_module
+
+            hook = _OneAtATime.hook(self)
+            add_hook_to_module(model, hook, append=True)
+            self._hooks[id(model)] = UserCpuOffloadHook(model, hook)
+            return model
+        if runtime.offload == "group":
+            from diffusers.hooks import apply_group_offloading
+
+            apply_group_offloading(
+                model, onload_device=torch.device(self.device), offload_device=torch.device("cpu"),
+                offload_type="block_level", num_blocks_per_group=1, use_stream=self.device.startswith("cuda"),
+                block_modules=list(networks.BLOCK_NETWORKS[network]) or None, low_cpu_mem_usage=True,  # no second (pinned) host copy
+            )
+            return model
+        from accelerate import cpu_offload
+
+        return cpu_offload(model, execution_device=self.device)
+
+    def offload_all(self, but: torch.nn.Module | None = None) -> None:
+        """``model`` mode: every network that sits on the device goes back to the host (except ``but``)."""
+        for key, hook in self._hooks.items():
+            if hook.model is not but and next(hook.model.parameters()).device != torch.device("cpu"):
+                hook.offload()
+
+    def forget(self, model: torch.nn.Module | None) -> None:
+        """Drop a network for good (T5, reference DiT) and return its device memory."""
+        if model is not None:
+            hook = self._hooks.pop(id(model), None)
+            if hook is not None:
+                hook.offload()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def resolve_runtime(runtime: Runtime | None, preset: Preset) -> Runtime:
+    """``runtime`` with every ``auto`` made concrete: device and dtype, and on CUDA the fastest memory mode whose
+    plan fits the free device memory (:func:`hallo3_cli.plan.choose_memory_mode`)."""
+    runtime = (runtime or Runtime()).resolved()
+    return choose_memory_mode(runtime, preset) if runtime.offload == "auto" else runtime
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class PipelineLoader:
+    """A ``Hallo3Pipeline`` of a preset whose components load when a stage asks for them (:meth:`need`) and can
+    be freed as soon as their outputs exist (:meth:`release`: T5 and the reference DiT are needed once per
+    portrait). ``parallel`` (a :class:`~hallo3_cli.parallel.ParallelConfig`; the runtime's device is its
+    device): the main DiT's calls are split over the process group once it is placed (``--parallel video``)."""
+
+    def __init__(self, preset: Preset, runtime: Runtime | None = None, *, parallel=None):
+        self.preset = preset
+        self.runtime = resolve_runtime(runtime, preset)
+        if parallel is not None and str(parallel.device) != self.runtime.device:
+            raise ValueError(f"the runtime's device {self.runtime.device} is not the parallel config's {parallel.device}")
+        if self.runtime.reason and self.runtime.device.startswith("cuda"):
+            log.info("memory mode: %s", self.runtime.reason)
+        self.placement = Placement(self.runtime)
         self.parallel = parallel
         self.parallel_state = None
-        self.preset = preset
-        self.runtime = runtime
-        self.placement = Placement(runtime)
-        self.allow_download = allow_download
-        self.progress = progress
+        self.pipe = Hallo3Pipeline(transformer=None, vae=None, scheduler=Hallo3DPMSolverSDEScheduler(),
+                                   **preset.pipeline_config())
+        self.pipe.parallel = parallel
+        self.pipe.set_progress_bar_config(disable=True)  # the jobs show their own clip/step progress
+        self._face_loaded = False
 
-    def __call__(self, name: str):
-        placement, preset = self.placement, self.preset
-        device, dtype, runtime = placement.device, placement.dtype, self.runtime
+    def need(self, *names: str) -> Hallo3Pipeline:
+        """The pipeline, with the components ``names`` loaded (those already there are kept)."""
+        for name in names:
+            if name == FACE_ANALYZER:
+                if not self._face_loaded:
+                    self.pipe.face_analyzer = load_face_analyzer(self.preset, self.placement.device)
+                    self._face_loaded = True
+            elif getattr(self.pipe, name, None) is None:
+                self.pipe.register_modules(**{name: self.load(name)})
+        return self.pipe
+
+    def release(self, *names: str) -> None:
+        """Free components for good (they load again if a later stage needs them)."""
+        for name in names:
+            module = getattr(self.pipe, name, None)
+            if module is None:
+                continue
+            self.pipe.register_modules(**{name: None})
+            if isinstance(module, torch.nn.Module):
+                self.placement.forget(module)
+            del module
+
+    def load(self, name: str):
+        """One component of the preset, placed."""
+        preset, placement, runtime = self.preset, self.placement, self.runtime
         if name == "scheduler":
-            from hallo3_cli.scheduling_hallo3 import Hallo3DPMSolverSDEScheduler
-
             return Hallo3DPMSolverSDEScheduler()
-        if name == "transformer":
-            model = placement.place(load_transformer(preset, placement.load_device, dtype))
+        if name == "tokenizer":
+            return load_tokenizer(preset)
+        if name == "feature_extractor":
+            return load_feature_extractor(preset)
+        if name == "audio_encoder":  # small: straight onto the device, whatever the mode
+            return load_network(preset, "wav2vec", placement.device)
+        network = component(name).network
+        model = load_network(preset, network, placement.load_device, placement.dtype)
+        if network == "vae" and runtime.vae_tiling:
+            model.enable_tiling()
+        model = placement.place(model, network)
+        if network == "transformer":
             if runtime.cache is not None:
                 from diffusers.hooks import FirstBlockCacheConfig
 
@@ -304,24 +280,37 @@ class ComponentLoader:
                 self.parallel_state = parallelize_transformer(model, self.parallel)
             if runtime.compile:
                 model.compile_repeated_blocks(fullgraph=False, dynamic=False)
-            return model
-        if name == "reference_net":
-            return placement.place(load_reference(preset, placement.load_device, dtype))
-        if name == "vae":
-            vae = load_vae(preset, placement.load_device, dtype)
-            if runtime.vae_tiling:
-                vae.enable_tiling()
-            return placement.place(vae, blocks=False)
-        if name == "text_encoder":
-            return placement.place(load_text_encoder(preset, placement.load_device, dtype), block_modules=["encoder"])
-        if name == "tokenizer":
-            return load_tokenizer(preset)
-        if name == "audio_encoder":
-            return load_audio_encoder(preset, device)  # small: straight onto the device, whatever the mode
-        if name == "feature_extractor":
-            return load_feature_extractor(preset)
-        if name == "face_analyzer":
-            from hallo3_cli.face import load_face_analyzer, providers_for_device
+        return model
 
-            return load_face_analyzer(preset, providers_for_device(device))
-        raise ValueError(f"unknown component {name!r}")
+
+def load_pipeline(model: str | Preset = "hallo3", *, device: str | torch.device = "auto",
+                  torch_dtype: torch.dtype | str | None = None, runtime: Runtime | None = None) -> Hallo3Pipeline:
+    """A ``Hallo3Pipeline`` of a model preset (``models.toml``) with every component loaded and placed.
+
+    ``device``/``torch_dtype`` (``auto``: CUDA, then MPS, else the CPU; bfloat16 on CUDA, float32 elsewhere), or
+    a whole :class:`~hallo3_cli.runtime.Runtime` (memory mode, fp8 weights, VAE tiling, compile, cache).
+    The release's weights must be installed (``hallo3 download``); random presets build theirs in memory.
+    """
+    from hallo3_cli.errors import UsageError
+
+    if isinstance(model, str) and model not in preset_names():
+        raise UsageError(f"{model!r} is neither a model preset ({', '.join(preset_names())}) "
+                         "nor a folder with a model_index.json")
+    preset = get_preset(model) if isinstance(model, str) else model
+    if runtime is None:
+        dtype = "auto" if torch_dtype is None else str(torch_dtype).removeprefix("torch.")
+        runtime = Runtime(device=str(device), dtype=dtype)
+    return PipelineLoader(preset, runtime).need(*ALL_COMPONENTS)
+
+
+def _from_pretrained_name(name: str, **kwargs) -> Hallo3Pipeline:
+    """``Hallo3Pipeline.from_pretrained(<preset name>, torch_dtype=..., device=...)``."""
+    runtime = kwargs.pop("runtime", None)
+    dtype = kwargs.pop("torch_dtype", None)
+    device = kwargs.pop("device", "auto")
+    if kwargs:
+        raise TypeError(f"unexpected arguments for a preset: {', '.join(kwargs)}")
+    return load_pipeline(name, device=device, torch_dtype=dtype, runtime=runtime)
+
+
+Hallo3Pipeline.name_loader = staticmethod(_from_pretrained_name)

@@ -8,18 +8,20 @@
     out.frames    # uint8 (num_frames, H, W, 3), trimmed to the speech, square portraits back to square
     out.latents   # (num_clips, 13, 16, h, w)
 
-The named steps are the stages of the CLI (``hallo3 embed-audio``, ``encode-ref``, ``render``,
-``stitch``), which run them through :mod:`hallo3_cli.jobs`: :meth:`~Hallo3Pipeline.encode_audio`,
-:meth:`~Hallo3Pipeline.encode_reference` (face analysis, VAE latent, :meth:`~Hallo3Pipeline.encode_prompt`,
-the reference network's bank), :meth:`~Hallo3Pipeline.prepare_context`, then per clip
-:meth:`~Hallo3Pipeline.prepare_condition` → :meth:`~Hallo3Pipeline.denoise` (every step one
-:meth:`~Hallo3Pipeline.guided_velocity` call, the CFG batch) → :meth:`~Hallo3Pipeline.decode_latents`,
-chained by :meth:`~Hallo3Pipeline.generate_clips` (SPEC §7) and ``__call__``.
+A plain diffusers pipeline: it knows its components, nothing of presets, runtimes or how its networks were
+loaded and placed (that is :mod:`hallo3_cli.loading`). The named steps are the stages of the CLI
+(``hallo3 embed-audio``, ``encode-ref``, ``render``, ``stitch``), which run them through :mod:`hallo3_cli.jobs`:
+:meth:`~Hallo3Pipeline.encode_audio`, :meth:`~Hallo3Pipeline.encode_reference` (face analysis, VAE latent,
+:meth:`~Hallo3Pipeline.encode_prompt`, the reference network's bank), :meth:`~Hallo3Pipeline.prepare_context`,
+then per clip :meth:`~Hallo3Pipeline.prepare_condition` → :meth:`~Hallo3Pipeline.denoise` (every step one
+:meth:`~Hallo3Pipeline.guided_velocity` call: the CFG batch through :meth:`~Hallo3Pipeline.velocity`) →
+:meth:`~Hallo3Pipeline.decode_latents`, chained by :meth:`~Hallo3Pipeline.generate_clips` (docs/model.md §7)
+and ``__call__``.
 
-Randomness (SPEC §7, "Randomness"): each clip draws everything (motion-frame pixel mask, VAE posterior
-sample, initial noise, sampler noise) from its own CPU generator seeded from ``(seed, clip index)``, in
-the official order. A clip depends only on the inputs, the settings and the previous clip's motion frames,
-so a render can resume from persisted clips with identical frames.
+Randomness (docs/model.md §7, "Randomness"): each clip draws everything (motion-frame pixel mask, VAE posterior
+sample, initial noise, sampler noise) from its own CPU generator seeded from ``(seed, clip index)``, in the
+official order. A clip depends only on the inputs, the settings and the previous clip's motion frames, so a
+render can resume from persisted clips with identical frames.
 """
 
 from __future__ import annotations
@@ -27,43 +29,34 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders import CogVideoXLoraLoaderMixin
 from diffusers.utils import BaseOutput
 
-from hallo3_cli import sampler
-from hallo3_cli.errors import Hallo3Error, NonFiniteError, UsageError
+from hallo3_cli import geometry, options, sampler
+from hallo3_cli.components import FACE_FOLDER
+from hallo3_cli.conditioning import DiTConditions, dit_velocity, reference_bank
+from hallo3_cli.errors import ArgumentError, Hallo3Error, NonFiniteError
 
 log = logging.getLogger("hallo3")
 
-MASK_RATE = 0.1  # share of motion-frame pixels zeroed (SPEC §7.3)
+MASK_RATE = 0.1  # share of motion-frame pixels zeroed (docs/model.md §7.3)
 REFERENCE_SEED = 0  # the VAE posterior sample of the reference latent (the official code samples too)
-AUDIO_WINDOW = 5  # frames of audio context per video frame (SPEC §5.5)
+AUDIO_WINDOW = 5  # frames of audio context per video frame (docs/model.md §5.5)
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 _FROM_FOLDER = object()  # from_pretrained's default face analyzer: the folder's face_analysis/, if any
-#: What ``model_index.json`` records for each component (``hallo3 download`` writes one for the release).
-COMPONENT_CLASSES = {
-    "transformer": ("hallo3_cli.models.transformer_hallo3", "Hallo3Transformer3DModel"),
-    "reference_net": ("hallo3_cli.models.reference_hallo3", "Hallo3ReferenceNet"),
-    "vae": ("diffusers", "AutoencoderKLCogVideoX"),
-    "text_encoder": ("transformers", "T5EncoderModel"),
-    "tokenizer": ("transformers", "T5TokenizerFast"),
-    "audio_encoder": ("transformers", "Wav2Vec2Model"),
-    "feature_extractor": ("transformers", "Wav2Vec2FeatureExtractor"),
-    "scheduler": ("hallo3_cli.scheduling_hallo3", "Hallo3DPMSolverSDEScheduler"),
-}
 
 
 # ---------------------------------------------------------------------------------------------
-# the video loop's pieces (SPEC §7)
+# the video loop's pieces (docs/model.md §7)
 
 
 def clip_generator(seed: int, index: int) -> torch.Generator:
@@ -72,17 +65,8 @@ def clip_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def num_clips(num_frames: int, clip_length: int, motion_frames: int) -> int:
-    """Clips needed to cover ``num_frames`` video frames (SPEC §7.2).
-
-    The official code renders ``ceil(padded / 47)`` clips and trims the video afterwards; clips past
-    the unpadded length only produce frames that are cut, so they are not rendered.
-    """
-    return math.ceil(num_frames / (clip_length - motion_frames))
-
-
 def clip_audio(features: torch.Tensor, index: int, clip_length: int, motion_frames: int, window: int = AUDIO_WINDOW) -> torch.Tensor:
-    """Windowed audio of clip ``index``: ``(clip_length, window, layers, channels)`` (SPEC §7.4).
+    """Windowed audio of clip ``index``: ``(clip_length, window, layers, channels)`` (docs/model.md §7.4).
 
     A 2-frame prefix (zeros for clip 0, else the two frames before the clip's new frames), the
     clip's new frames, then the last frame repeated up to ``clip_length``.
@@ -184,7 +168,19 @@ class Hallo3PipelineOutput(BaseOutput):
 # ---------------------------------------------------------------------------------------------
 
 
-class Hallo3Pipeline(DiffusionPipeline):
+@dataclass
+class Hallo3Context:
+    """What every clip of a render shares, on the device (:meth:`Hallo3Pipeline.prepare_context`): the CFG pairs
+    ``[unconditional, conditional]`` of the text embedding ``(2, L, D)`` and of the face tokens, the
+    unconditional audio tokens (projected once per render) and the reference bank (one ``(1, N, D)`` per layer)."""
+
+    text: torch.Tensor
+    face_tokens: torch.Tensor
+    uncond_audio_tokens: torch.Tensor
+    bank: list[torch.Tensor]
+
+
+class Hallo3Pipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
     r"""Hallo3 (CVPR 2025) audio-driven portrait animation on diffusers' CogVideoX.
 
     Components: ``transformer`` (:class:`~hallo3_cli.models.Hallo3Transformer3DModel`), ``reference_net``
@@ -192,12 +188,21 @@ class Hallo3Pipeline(DiffusionPipeline):
     + ``tokenizer`` (T5), ``audio_encoder`` (``Wav2Vec2Model``) + ``feature_extractor``, ``scheduler``
     (:class:`~hallo3_cli.scheduling_hallo3.Hallo3DPMSolverSDEScheduler` = the release's sampler), and the
     optional, non-module ``face_analyzer`` (SCRFD + ArcFace on onnxruntime; None: no face detection, a zero
-    face embedding and the whole image as the face region).
+    face embedding and the whole image as the face region). LoRA adapters of the main DiT load with
+    ``load_lora_weights`` (diffusers' format).
+
+    Each step uses the components it needs and fails with a clear error when one is missing, so a pipeline
+    may hold only some of them (the jobs load each network when its stage runs).
     """
 
     model_cpu_offload_seq = "text_encoder->reference_net->audio_encoder->transformer->vae"
     _optional_components = ["reference_net", "text_encoder", "tokenizer", "audio_encoder", "feature_extractor"]
     _callback_tensor_inputs = ["latents"]
+    _lora_loadable_modules = ["transformer"]
+    transformer_name = "transformer"
+    #: Builds the pipeline of a name that is not a folder (a model preset of ``models.toml``): set by
+    #: :mod:`hallo3_cli.loading`, which ``hallo3_cli.Hallo3Pipeline`` imports first.
+    name_loader: ClassVar[Callable[..., Hallo3Pipeline] | None] = None
 
     def __init__(
         self,
@@ -230,17 +235,14 @@ class Hallo3Pipeline(DiffusionPipeline):
                                 fps=fps, text_length=text_length, default_steps=default_steps,
                                 default_guidance_scale=default_guidance_scale, default_prompt=default_prompt)
         self.face_analyzer = face_analyzer
-        self.placement = None  # a runtime.Placement when built from a preset (see from_preset)
         self.parallel = None  # a parallel.ParallelConfig: this process is one rank of a --parallel video render
-        self._loader: Callable[[str], Any] | None = None  # loads a missing component on first use
-        self._one_shot: set[str] = set()  # components freed right after their stage (lazy pipelines)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> Hallo3Pipeline:
-        """A preset name from ``models.toml`` (``hallo3``, ``tiny-random``, ...) or a folder with a
-        ``model_index.json`` (what ``hallo3 download`` leaves, or ``save_pretrained`` writes). ``torch_dtype``
-        and ``device`` (or the other :class:`~hallo3_cli.runtime.Runtime` fields) are accepted for presets."""
+        """A folder with a ``model_index.json`` (what ``hallo3 download`` leaves, or ``save_pretrained`` writes),
+        or the name of a model preset (``hallo3``, ``tiny-random``, ...; ``torch_dtype`` and ``device`` accepted),
+        which :func:`hallo3_cli.load_pipeline` builds."""
         name = str(pretrained_model_name_or_path)
         path = Path(name).expanduser()
         if (path / "model_index.json").is_file():
@@ -252,108 +254,29 @@ class Hallo3Pipeline(DiffusionPipeline):
             pipe = super().from_pretrained(str(path), **kwargs)
             if face is _FROM_FOLDER:
                 face = None
-                if (path / "face_analysis").is_dir():
+                if (path / FACE_FOLDER).is_dir():
                     from hallo3_cli.face import FaceAnalyzer
 
-                    face = FaceAnalyzer.from_dir(path / "face_analysis")
+                    face = FaceAnalyzer.from_dir(path / FACE_FOLDER)
             pipe.face_analyzer = face
             return pipe
-        from hallo3_cli.presets import get_preset, preset_names
+        if cls.name_loader is None:
+            raise Hallo3Error(f"{name!r} is not a folder with a model_index.json; load model presets with "
+                              "hallo3_cli.load_pipeline (or import Hallo3Pipeline from hallo3_cli)")
+        return cls.name_loader(name, **kwargs)
 
-        if name not in preset_names():
-            raise UsageError(f"{name!r} is neither a model preset ({', '.join(preset_names())}) "
-                             "nor a folder with a model_index.json")
-        from hallo3_cli.runtime import Runtime
-
-        dtype = kwargs.pop("torch_dtype", None)
-        runtime = kwargs.pop("runtime", None) or Runtime(
-            device=str(kwargs.pop("device", "auto")),
-            dtype="auto" if dtype is None else str(dtype).removeprefix("torch."),
-        )
-        if kwargs:
-            raise TypeError(f"unexpected arguments for a preset: {', '.join(kwargs)}")
-        return cls.from_preset(get_preset(name), runtime)
-
-    @classmethod
-    def from_preset(cls, preset, runtime=None, *, lazy: bool = False, allow_download: bool = False,
-                    progress: bool = True, parallel=None) -> Hallo3Pipeline:
-        """Build from a :class:`~hallo3_cli.presets.Preset` with a :class:`~hallo3_cli.runtime.Runtime`.
-
-        ``lazy``: load each component on first use and free T5 and the reference network as soon as their
-        outputs exist (the CLI's frugal mode: they are needed once per portrait). ``parallel``: a
-        :class:`~hallo3_cli.parallel.ParallelConfig` whose processes share every denoiser call (the
-        runtime's device must be its ``device``); the loop is unchanged, each process runs it."""
-        from hallo3_cli.loading import ComponentLoader
-        from hallo3_cli.runtime import Runtime
-
-        runtime = (runtime or Runtime()).resolved(preset)
-        if parallel is not None and str(parallel.device) != runtime.device:
-            raise ValueError(f"the runtime's device {runtime.device} is not the parallel config's {parallel.device}")
-        loader = ComponentLoader(preset, runtime, allow_download=allow_download, progress=progress, parallel=parallel)
-        if runtime.reason and runtime.device.startswith("cuda"):
-            log.info("memory mode: %s", runtime.reason)
-        eager = () if lazy else ("transformer", "vae", "reference_net", "text_encoder", "tokenizer",
-                                 "audio_encoder", "feature_extractor", "face_analyzer")
-        pipe = cls(
-            transformer=loader("transformer") if "transformer" in eager else None,
-            vae=loader("vae") if "vae" in eager else None,
-            scheduler=loader("scheduler"),
-            **{name: loader(name) for name in eager if name not in ("transformer", "vae")},
-            **preset.pipeline_config(),
-        )
-        pipe.placement = loader.placement
-        pipe.parallel = parallel
-        pipe._loader = loader
-        pipe._face_loaded = not lazy
-        pipe._one_shot = {"text_encoder", "reference_net"} if lazy else set()
-        return pipe
-
-    def component(self, name: str):
-        """A component, loaded first if this pipeline loads lazily and it is not there yet."""
-        if name == "face_analyzer":
-            if not getattr(self, "_face_loaded", True) and self._loader is not None:
-                self.face_analyzer = self._loader("face_analyzer")
-                self._face_loaded = True
-            return self.face_analyzer
+    def _module(self, name: str):
+        """A component this step needs, or a clear error if the pipeline was built without it."""
         module = getattr(self, name, None)
-        if module is None and self._loader is not None:
-            module = self._loader(name)
-            self.register_modules(**{name: module})
         if module is None:
-            raise Hallo3Error(f"this pipeline has no {name}; load it with from_pretrained or pass it in")
+            raise Hallo3Error(f"this pipeline has no {name}; build it with all its components (from_pretrained, or "
+                              f"hallo3_cli.load_pipeline) or pass {name}= to the constructor")
         return module
-
-    def release(self, *names: str) -> None:
-        """Free components for good (only those this pipeline can load again)."""
-        for name in names:
-            module = getattr(self, name, None)
-            if module is None or self._loader is None:
-                continue
-            self.register_modules(**{name: None})
-            if self.placement is not None and isinstance(module, torch.nn.Module):
-                self.placement.forget(module)
-            del module
-
-    def _done(self, *modules) -> None:
-        if self.placement is not None:
-            for module in modules:
-                self.placement.done_with(module)
-
-    def _release_one_shot(self, name: str) -> None:
-        if name in self._one_shot:
-            self.release(name)
 
     @property
     def execution_device(self) -> torch.device:
-        if self.placement is not None:
-            return torch.device(self.placement.device)
+        """Where the networks run (diffusers' answer, which follows offloading hooks)."""
         return self._execution_device
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        if self.placement is not None:
-            return self.placement.dtype
-        return self.component("transformer").dtype
 
     # -- geometry (the pipeline's config: known before any network loads) -----------------------
     @property
@@ -370,7 +293,7 @@ class Hallo3Pipeline(DiffusionPipeline):
 
     @property
     def latent_frames(self) -> int:
-        return (self.clip_length - 1) // 4 + 1
+        return geometry.latent_frames(self.clip_length)
 
     @property
     def text_length(self) -> int:
@@ -378,46 +301,32 @@ class Hallo3Pipeline(DiffusionPipeline):
 
     @property
     def vae_scale(self) -> float:
-        return float(self.component("vae").config.scaling_factor)
-
-    # -- memory helpers -------------------------------------------------------------------------
-    # Once the caller moves or offloads the networks the diffusers way, the preset's placement no longer
-    # says where they are: the pipeline then asks diffusers (``_execution_device``), like any pipeline.
-    def to(self, *args, **kwargs):
-        self.placement = None
-        return super().to(*args, **kwargs)
-
-    def enable_model_cpu_offload(self, *args, **kwargs):
-        self.placement = None
-        return super().enable_model_cpu_offload(*args, **kwargs)
-
-    def enable_sequential_cpu_offload(self, *args, **kwargs):
-        self.placement = None
-        return super().enable_sequential_cpu_offload(*args, **kwargs)
-
-    def enable_group_offload(self, *args, **kwargs):
-        self.placement = None
-        return super().enable_group_offload(*args, **kwargs)
+        return float(self._module("vae").config.scaling_factor)
 
     def enable_vae_tiling(self) -> None:
-        self.component("vae").enable_tiling()
+        self._module("vae").enable_tiling()
 
     def disable_vae_tiling(self) -> None:
-        self.component("vae").disable_tiling()
+        self._module("vae").disable_tiling()
 
     # -- stage: audio ---------------------------------------------------------------------------
     @torch.no_grad()
     def encode_audio(self, audio: str | os.PathLike | np.ndarray, *, progress: bool = False) -> Hallo3Audio:
         """Speech (a file any FFmpeg build decodes, or 16 kHz mono float samples) → wav2vec features per
-        video frame (SPEC §5 steps 2–4; long recordings in bounded memory, see :mod:`hallo3_cli.audio`)."""
+        video frame (docs/model.md §5 steps 2–4; long recordings in bounded memory, see :mod:`hallo3_cli.audio`)."""
         from hallo3_cli.audio import compute_features
-        from hallo3_cli.audio_io import load_audio
+        from hallo3_cli.audio_io import check_waveform, load_audio
 
-        extractor = self.component("feature_extractor")
+        extractor = self._module("feature_extractor")
         rate = int(extractor.sampling_rate)
-        waveform = audio if isinstance(audio, np.ndarray) else load_audio(audio, rate)
+        if isinstance(audio, np.ndarray):
+            waveform = check_waveform(audio, "audio")
+        elif isinstance(audio, (str, os.PathLike)):
+            waveform = load_audio(audio, rate)
+        else:
+            raise TypeError(f"audio must be a file path or an array of {rate} Hz mono samples, got {type(audio).__name__}")
         features, num_frames = compute_features(
-            waveform, self.component("audio_encoder"), fps=self.config.fps, clip_length=self.clip_length,
+            waveform, self._module("audio_encoder"), fps=self.config.fps, clip_length=self.clip_length,
             normalize=bool(extractor.do_normalize), progress=progress,
         )
         return Hallo3Audio(features.float().contiguous(), num_frames)
@@ -425,56 +334,47 @@ class Hallo3Pipeline(DiffusionPipeline):
     # -- stage: reference -----------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """T5 prompt embedding ``(text tokens, width)`` in the compute dtype, on the CPU: padded to the
+        """T5 prompt embedding ``(text tokens, width)`` in the text encoder's dtype, on the CPU: padded to the
         DiT's text length, no attention mask (the official conditioner and diffusers' CogVideoX pipeline
         both let padding tokens through)."""
-        import zlib
-
-        tokenizer, encoder = self.component("tokenizer"), self.component("text_encoder")
-        hashed = getattr(tokenizer, "init_kwargs", {}).get("hallo3_hash_words")
-        if hashed:  # the tiny-random tokenizer: words hashed into its vocabulary (see loading.tiny_tokenizer)
-            prompt = " ".join(f"w{3 + zlib.crc32(word.encode()) % (hashed - 3)}" for word in prompt.lower().split())
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        tokenizer, encoder = self._module("tokenizer"), self._module("text_encoder")
         ids = tokenizer(prompt, padding="max_length", max_length=self.text_length, truncation=True,
                         add_special_tokens=True, return_tensors="pt").input_ids
-        embeds = encoder(ids.to(self.execution_device))[0][0].to(self.compute_dtype)
-        self._done(encoder)
-        return embeds.cpu()
+        return encoder(ids.to(self.execution_device))[0][0].to(encoder.dtype).cpu()
 
     @torch.no_grad()
     def encode_reference_latent(self, masked: torch.Tensor) -> torch.Tensor:
         """The framed face-masked image ``(3, H, W)`` in [-1, 1] → its VAE latent ``(1, 1, 16, h, w)`` ×scale."""
-        vae = self.component("vae")
-        posterior = vae.encode(masked[None, :, None].to(self.execution_device, self.compute_dtype)).latent_dist
+        vae = self._module("vae")
+        posterior = vae.encode(masked[None, :, None].to(self.execution_device, vae.dtype)).latent_dist
         latent = posterior.sample(generator=torch.Generator().manual_seed(REFERENCE_SEED)) * self.vae_scale
-        self._done(vae)
         return latent.permute(0, 2, 1, 3, 4)
 
     @torch.no_grad()
     def reference_features(self, ref_latent: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """The reference network's per-layer bank ``(layers, tokens, width)`` (SPEC §3): unconditional
-        (zero text), timestep 0."""
-        network = self.component("reference_net")
-        uncond = torch.zeros(1, *prompt_embeds.shape, device=self.execution_device, dtype=self.compute_dtype)
-        bank = torch.stack([entry[0] for entry in network(hidden_states=ref_latent, encoder_hidden_states=uncond)])
-        self._done(network)
-        return bank
+        """The reference network's per-layer bank ``(layers, tokens, width)`` (docs/model.md §3): unconditional
+        (zero text, the shape of ``prompt_embeds``), timestep 0."""
+        network = self._module("reference_net")
+        uncond = torch.zeros(1, *prompt_embeds.shape[-2:], device=self.execution_device, dtype=network.dtype)
+        bank = reference_bank(network, ref_latent.to(self.execution_device, network.dtype), uncond)
+        return torch.stack([entry[0] for entry in bank])
 
     def frame_portrait(self, image) -> Hallo3Portrait:
-        """Portrait (path, PIL image or uint8 RGB array) → its framing, before any network runs: face analysis
-        on the original image (as the official code), the face mask, the image and the face-masked image
-        framed to the model's size (SPEC §7.1), the face box in the frame. Cheap (CPU, no GPU work): what a
-        preview shows before a render."""
-        from PIL import Image
-
+        """Portrait (path, PIL image, or RGB array: uint8, or float in [0, 1]) → its framing, before any network
+        runs: face analysis on the original image (as the official code), the face mask, the image and the
+        face-masked image framed to the model's size (docs/model.md §7.1), the face box in the frame. Cheap (CPU,
+        no GPU work): what a preview shows before a render."""
         from hallo3_cli.face import FaceResult, face_mask
-        from hallo3_cli.image_io import frame_box, frame_image, load_image
+        from hallo3_cli.image_io import frame_box, frame_image, load_image, rgb_array
 
         label = f"{image}: " if isinstance(image, (str, os.PathLike)) else ""
         if isinstance(image, (str, os.PathLike)):
             image = load_image(image)
-        rgb = np.array(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+        rgb = rgb_array(image, "image")
         height, width = rgb.shape[:2]
-        analyzer = self.component("face_analyzer")
+        analyzer = self.face_analyzer
         face = analyzer.analyze(rgb) if analyzer is not None else FaceResult.no_face(height, width)
         if not face.found:
             why = "the model has no face models" if analyzer is None else "no face was detected"
@@ -492,59 +392,57 @@ class Hallo3Pipeline(DiffusionPipeline):
                               framing=framing, source_width=width, source_height=height)
 
     @torch.no_grad()
-    def encode_reference(self, image, prompt: str | None = None) -> Hallo3Reference:
-        """Portrait (path, PIL image or uint8 RGB array) → its identity: :meth:`frame_portrait`, then the
-        masked image's VAE latent, the prompt embedding, and the reference network's bank."""
+    def encode_reference(self, image, prompt: str | None = None, *, prompt_embeds: torch.Tensor | None = None,
+                         portrait: Hallo3Portrait | None = None) -> Hallo3Reference:
+        """Portrait (path, PIL image or RGB array) → its identity: :meth:`frame_portrait`, then the masked image's
+        VAE latent, the prompt embedding (``prompt_embeds`` when given: T5 is then not needed) and the reference
+        network's bank. ``portrait``: an earlier :meth:`frame_portrait` of the same image."""
         prompt = self.config.default_prompt if prompt is None else prompt
-        portrait = self.frame_portrait(image)
+        portrait = self.frame_portrait(image) if portrait is None else portrait
         ref_latent = self.encode_reference_latent(portrait.masked)
-        prompt_embeds = self.encode_prompt(prompt)
-        self._release_one_shot("text_encoder")  # T5-XXL is not needed again: free it before the reference DiT loads
-        bank = self.reference_features(ref_latent, prompt_embeds.to(self.execution_device))
-        self._release_one_shot("reference_net")
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(prompt)
+        bank = self.reference_features(ref_latent, prompt_embeds)
         face = portrait.face
         return Hallo3Reference(
             image=portrait.image, ref_latent=ref_latent[0, 0].float().cpu(),
             face_embedding=torch.from_numpy(np.asarray(face.embedding, np.float32)), face_box=portrait.face_box,
-            prompt_embeds=prompt_embeds, ref_bank=bank.cpu(), framing=portrait.framing,
+            prompt_embeds=prompt_embeds.cpu(), ref_bank=bank.cpu(), framing=portrait.framing,
             source_width=portrait.source_width, source_height=portrait.source_height, face_found=bool(face.found),
             prompt=prompt, mask=portrait.mask,
         )
 
     # -- stage: clips ---------------------------------------------------------------------------
     @torch.no_grad()
-    def prepare_context(self, reference: Hallo3Reference) -> dict:
-        """What every clip of a render shares, on the device: the CFG text pair (uncond = zeros, SPEC §6),
-        the face tokens (the face is NOT dropped for the unconditional half), the unconditional audio
-        tokens (zero audio, SPEC §5.6; projected once per render) and the reference bank."""
-        model = self.component("transformer")
-        device, dtype = self.execution_device, self.compute_dtype
-        text = reference.prompt_embeds.to(device, dtype)[None]
-        face = reference.face_embedding.to(device, dtype)[None]
+    def prepare_context(self, reference: Hallo3Reference) -> Hallo3Context:
+        """What every clip of a render shares, on the device: the CFG pairs of the text and of the face tokens,
+        the unconditional audio tokens (projected once per render) and the reference bank. The unconditional
+        half is :meth:`~hallo3_cli.conditioning.DiTConditions.unconditional` (docs/model.md §6)."""
+        model = self._module("transformer")
+        device, dtype = self.execution_device, model.dtype
         config = model.config
         silence = torch.zeros(1, self.clip_length, config.audio_window, config.audio_layers, config.audio_channels,
                               device=device, dtype=dtype)
-        face_tokens = model.project_face(torch.cat([face, face]))
-        uncond_audio = model.project_audio(silence)
-        bank = reference.ref_bank.to(device, dtype)
-        return {
-            "text": torch.cat([torch.zeros_like(text), text]),
-            "face": face_tokens,
-            "uncond_audio": uncond_audio,
-            "bank": [entry[None] for entry in bank],
-        }
+        cond = DiTConditions(prompt_embeds=reference.prompt_embeds.to(device, dtype)[None],
+                             face_embeds=reference.face_embedding.to(device, dtype)[None], audio_embeds=silence)
+        uncond = cond.unconditional()
+        return Hallo3Context(
+            text=torch.cat([uncond.prompt_embeds, cond.prompt_embeds]),
+            face_tokens=model.project_face(torch.cat([uncond.face_embeds, cond.face_embeds])),
+            uncond_audio_tokens=model.project_audio(uncond.audio_embeds),
+            bank=[entry[None] for entry in reference.ref_bank.to(device, dtype)],
+        )
 
     @torch.no_grad()
     def prepare_condition(self, image: torch.Tensor, motion: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """VAE latent of ``[image, m(motion_1), m(motion_2)]`` ×scale, zero-padded to the clip's latent frames
-        (SPEC §7.3); ``m`` zeroes one random pixel mask shared by both motion frames."""
+        (docs/model.md §7.3); ``m`` zeroes one random pixel mask shared by both motion frames."""
         _, height, width = image.shape
+        vae = self._module("vae")
         keep = (torch.rand(height, width, generator=generator) > MASK_RATE).to(motion.dtype)
-        frames = torch.cat([image[None], motion * keep]).to(self.execution_device, self.compute_dtype)  # (3, 3, H, W)
-        vae = self.component("vae")
+        frames = torch.cat([image[None], motion * keep]).to(self.execution_device, vae.dtype)  # (3, 3, H, W)
         posterior = vae.encode(frames.permute(1, 0, 2, 3)[None]).latent_dist
         latent = posterior.sample(generator=generator) * self.vae_scale  # (1, 16, 1, h, w)
-        self._done(vae)
         latent = latent.permute(0, 2, 1, 3, 4)
         pad = torch.zeros(1, self.latent_frames - 1, *latent.shape[2:], device=latent.device, dtype=latent.dtype)
         return torch.cat([latent, pad], dim=1)
@@ -552,38 +450,42 @@ class Hallo3Pipeline(DiffusionPipeline):
     def prepare_latents(self, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The initial noise ``(1, latent_frames, 16, h, w)`` float32 on the CPU (the sampler's state lives
         there, drawn from the clip's generator)."""
-        shape = (1, condition.shape[1], 16, *condition.shape[3:])
+        shape = (1, condition.shape[1], geometry.LATENT_CHANNELS, *condition.shape[3:])
         return sampler.initial_noise(shape, generator) * self.scheduler.init_noise_sigma
 
     @torch.no_grad()
-    def project_audio(self, audio: torch.Tensor, context: dict) -> torch.Tensor:
+    def project_audio(self, audio: torch.Tensor, context: Hallo3Context) -> torch.Tensor:
         """A clip's windowed audio ``(1, clip_length, window, layers, channels)`` → the CFG pair of audio tokens
         (once per clip, outside the step loop)."""
-        model = self.component("transformer")
-        return torch.cat([context["uncond_audio"], model.project_audio(audio.to(self.execution_device, self.compute_dtype))])
+        model = self._module("transformer")
+        return torch.cat([context.uncond_audio_tokens, model.project_audio(audio.to(self.execution_device, model.dtype))])
+
+    def velocity(self, latents: torch.Tensor, timestep, condition: torch.Tensor, *, text: torch.Tensor,
+                 face_tokens: torch.Tensor, audio_tokens: torch.Tensor | None, bank: list[torch.Tensor],
+                 attention_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """One conditional DiT call (:func:`~hallo3_cli.conditioning.dit_velocity`) on this pipeline's transformer,
+        batch first, on its device and dtype: the v-prediction in the model's dtype. Not ``no_grad``."""
+        model = self._module("transformer")
+        device, dtype = self.execution_device, model.dtype
+        batch = latents.shape[0]
+        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch).to(device)
+        with self._cache_context(model):
+            return dit_velocity(model, latents.to(device, dtype), t, condition.to(device, dtype), prompt_embeds=text,
+                                face_tokens=face_tokens, audio_tokens=audio_tokens, bank=bank,
+                                attention_kwargs=attention_kwargs)
 
     @torch.no_grad()
     def guided_velocity(self, latents: torch.Tensor, timestep, condition: torch.Tensor, audio_tokens: torch.Tensor,
-                        context: dict, guidance_scale: float) -> torch.Tensor:
-        """THE denoiser call: the unconditional and conditional halves as one batch through the DiT, combined
-        with classifier-free guidance. Returns the guided v-prediction, float32, on the latents' device.
+                        context: Hallo3Context, guidance_scale: float) -> torch.Tensor:
+        """THE denoiser call of sampling: the unconditional and conditional halves as one batch through
+        :meth:`velocity`, combined with classifier-free guidance. Returns the guided v-prediction, float32, on
+        the latents' device.
 
-        The release guides on x0 (SPEC §6); x0 is affine in v for a given state and alpha, so guiding v is the
-        same maths and lets any diffusers scheduler consume it."""
-        model = self.component("transformer")
-        pair = torch.cat([latents, latents]).to(self.execution_device, self.compute_dtype)
-        cond = torch.cat([condition, condition])
-        t = torch.as_tensor(timestep, dtype=torch.float32).reshape(1).expand(2).to(self.execution_device)
-        with self._cache_context(model):
-            v = model(
-                hidden_states=torch.cat([pair, cond], dim=2),
-                encoder_hidden_states=context["text"],
-                timestep=t,
-                audio_tokens=audio_tokens,
-                face_tokens=context["face"],
-                ref_states=context["bank"],
-                return_dict=False,
-            )[0].float().to(latents.device)
+        The release guides on x0 (docs/model.md §6); x0 is affine in v for a given state and alpha, so guiding v
+        is the same maths and lets any diffusers scheduler consume it."""
+        v = self.velocity(torch.cat([latents, latents]), timestep, torch.cat([condition, condition]),
+                          text=context.text, face_tokens=context.face_tokens, audio_tokens=audio_tokens,
+                          bank=context.bank).float().to(latents.device)
         return sampler.cfg(v[:1], v[1:], guidance_scale)
 
     def _cache_context(self, model):
@@ -596,7 +498,7 @@ class Hallo3Pipeline(DiffusionPipeline):
         self,
         condition: torch.Tensor,
         audio: torch.Tensor,
-        context: dict,
+        context: Hallo3Context,
         generator: torch.Generator,
         num_inference_steps: int,
         guidance_scale: float,
@@ -617,7 +519,7 @@ class Hallo3Pipeline(DiffusionPipeline):
         with :class:`~hallo3_cli.errors.NonFiniteError` naming the clip and step."""
         import inspect
 
-        model = self.component("transformer")
+        model = self._module("transformer")
         scheduler = self.scheduler
         audio_tokens = self.project_audio(audio, context)
         scheduler.set_timesteps(num_inference_steps)
@@ -642,7 +544,6 @@ class Hallo3Pipeline(DiffusionPipeline):
                 x = outputs.get("latents", x)
             if progress_bar is not None:
                 progress_bar.update()
-        self._done(model)
         return x
 
     @torch.no_grad()
@@ -650,27 +551,25 @@ class Hallo3Pipeline(DiffusionPipeline):
         """Latents ``(1, latent_frames, 16, h, w)`` → frames ``(clip_length, 3, H, W)`` in [-1, 1].
 
         Clamped as the official code does (to [0, 1] after ``(x + 1) / 2``), so the last two frames are
-        exactly the motion frames of the next clip (SPEC §7.5)."""
-        vae = self.component("vae")
-        z = (latents.to(self.execution_device, self.compute_dtype) / self.vae_scale).permute(0, 2, 1, 3, 4)
+        exactly the motion frames of the next clip (docs/model.md §7.5)."""
+        vae = self._module("vae")
+        z = (latents.to(self.execution_device, vae.dtype) / self.vae_scale).permute(0, 2, 1, 3, 4)
         video = vae.decode(z).sample[0].permute(1, 0, 2, 3).float()
-        self._done(vae)
         return ((video + 1) / 2).clamp(0, 1) * 2 - 1
 
     def check_inputs(self, num_inference_steps, guidance_scale, output_type="np", callback_on_step_end_tensor_inputs=("latents",)):
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or not 1 <= num_inference_steps <= 1000:
-            raise UsageError(f"num_inference_steps must be a whole number from 1 to 1000, got {num_inference_steps!r}")
+        """The settings of a render, checked before any work: :class:`~hallo3_cli.errors.ArgumentError` (a
+        ``ValueError``) naming the argument."""
         try:
-            scale = float(guidance_scale)
-        except (TypeError, ValueError):
-            raise UsageError(f"guidance_scale must be a number, got {guidance_scale!r}") from None
-        if not math.isfinite(scale) or not -100 <= scale <= 100:
-            raise UsageError(f"guidance_scale must be a finite number between -100 and 100, got {guidance_scale!r}")
+            options.check_steps(num_inference_steps, "num_inference_steps")
+            options.check_guidance(guidance_scale, "guidance_scale")
+        except ValueError as err:
+            raise ArgumentError(str(err)) from None
         if output_type not in OUTPUT_TYPES:
-            raise UsageError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+            raise ArgumentError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
-            raise UsageError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, got {sorted(unknown)}")
+            raise ArgumentError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, got {sorted(unknown)}")
 
     def generate_clips(
         self,
@@ -688,7 +587,7 @@ class Hallo3Pipeline(DiffusionPipeline):
         callback_on_clip_start: Callable | None = None,
         progress: bool = True,
     ) -> Iterator[Hallo3Clip]:
-        """Every clip of the video in order (SPEC §7), as it is finished.
+        """Every clip of the video in order (docs/model.md §7), as it is finished.
 
         ``finished``: latents of clips already rendered (a resume): they are yielded first (decoded only if
         ``decode_finished``; the last one always, since its frames seed the next clip). Fresh clips come
@@ -700,11 +599,11 @@ class Hallo3Pipeline(DiffusionPipeline):
         scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         self.check_inputs(steps, scale, "np", callback_on_step_end_tensor_inputs)
         motion_frames = self.config.motion_frames
-        total = num_clips(audio.num_frames, self.clip_length, motion_frames)
+        total = geometry.num_clips(audio.num_frames, self.clip_length, motion_frames)
         if len(finished) > total:
             raise Hallo3Error(f"{len(finished)} finished clips given for a {total}-clip video")
         image = reference.image.float()
-        motion = image[None].expand(motion_frames, -1, -1, -1)  # clip 0: the image twice (SPEC §7.3)
+        motion = image[None].expand(motion_frames, -1, -1, -1)  # clip 0: the image twice (docs/model.md §7.3)
         context = None
         for index in range(total):
             if index < len(finished):
@@ -730,7 +629,7 @@ class Hallo3Pipeline(DiffusionPipeline):
                                    progress_bar=bar)
             if bar is not None:
                 bar.close()
-            latents = latents.to(self.compute_dtype)[0].cpu()  # what is stored is exactly what is decoded
+            latents = latents.to(self._module("transformer").dtype)[0].cpu()  # what is stored is exactly what is decoded
             wanted = decode_last or index < total - 1
             frames = self.decode_latents(latents[None]) if self._decodes and wanted else None
             if index < total - 1:
@@ -780,12 +679,20 @@ class Hallo3Pipeline(DiffusionPipeline):
     ) -> Hallo3PipelineOutput | tuple:
         """Render the whole video.
 
-        ``image``: portrait (path, PIL image or uint8 RGB array); ``audio``: speech (path or 16 kHz mono
-        samples); ``prompt``: None = the default. ``seed`` (default 42; or the ``generator``'s initial seed)
-        seeds one generator per clip. ``num_inference_steps``/``guidance_scale``: None = the release's
-        (50, 3.5). ``callback_on_step_end`` as in diffusers; ``callback_on_clip_end(pipe, clip)`` gets each
-        :class:`Hallo3Clip` as it is finished.
+        ``image``: portrait (path, PIL image, or RGB array: uint8 or float in [0, 1]); ``audio``: speech (path or
+        16 kHz mono float samples); ``prompt``: None = the default. ``seed`` (default 42; or the ``generator``'s
+        initial seed) seeds one generator per clip. ``num_inference_steps``/``guidance_scale``: None = the
+        pipeline's defaults (the release: 50, 3.5). ``callback_on_step_end`` as in diffusers;
+        ``callback_on_clip_end(pipe, clip)`` gets each :class:`Hallo3Clip` as it is finished. Arguments are
+        checked before any work (``ValueError``/``TypeError`` naming the argument).
         """
+        for name, value in (("image", image), ("audio", audio)):
+            if value is None:
+                raise ArgumentError(f"{name} is required (a file path, or the {name} itself in memory)")
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
         scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         self.check_inputs(steps, scale, output_type, callback_on_step_end_tensor_inputs)
@@ -801,7 +708,7 @@ class Hallo3Pipeline(DiffusionPipeline):
                                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs):
             latents.append(clip.latents)
             if output_type != "latent" and self._decodes:  # (ranks > 0 of a parallel render decode nothing)
-                new = clip.frames[self.config.motion_frames:][:remaining]
+                new = geometry.new_frames(clip.frames, self.config.motion_frames, remaining)
                 remaining -= len(new)
                 pieces.append(new[:, :, crop[1]:crop[3], crop[0]:crop[2]].cpu())
             if callback_on_clip_end is not None:

@@ -1,7 +1,7 @@
 """``hallo3 plan``: predicted peak device memory, host memory and FLOPs of a render (issue 6).
 
 Nothing here is a hand-typed table, and nothing re-implements the render. Every network is built from
-its real class at the preset's configuration (``loading.network_config``) twice, without memory: on the
+its real class at the preset's configuration (``networks.network_config``) twice, without memory: on the
 ``meta`` device for its weights (bytes per module, after diffusers' layerwise casting for
 ``--weights-dtype fp8``), and on fake tensors (``FakeTensorMode``), wrapped in a ``Hallo3Pipeline``
 whose own methods run each render step (``_PipelineSteps``: one method call per step, on zero inputs of
@@ -36,28 +36,36 @@ same steps run for real (within 1 % at mid size).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils._pytree import tree_map
 
-from hallo3_cli import tracing
+from hallo3_cli import geometry, networks, tracing
+from hallo3_cli.audio import WINDOW_SECONDS
+from hallo3_cli.components import NETWORKS, of_network
 from hallo3_cli.errors import Hallo3Error
+from hallo3_cli.formatting import flops as _flop
+from hallo3_cli.formatting import memory_size as _gib
 from hallo3_cli.presets import Preset, get_preset
-from hallo3_cli.runtime import DEVICE_KINDS, OFFLOAD_MODES, WEIGHTS_DTYPE_CHOICES, resolve_dtype, storage_dtype
+from hallo3_cli.runtime import (DEVICE_KINDS, OFFLOAD_MODES, WEIGHTS_DTYPE_CHOICES, Runtime, dtype_name, resolve_device,
+                                resolve_dtype, storage_dtype)
 
-WEIGHTS_DTYPES = WEIGHTS_DTYPE_CHOICES
-#: Longest span the wav2vec2 encoder attends over at once (``audio.WINDOW_SECONDS``; longer inputs are windowed).
-AUDIO_SECONDS = 30.0
-#: Networks that ``runtime.Placement.place`` treats as block networks (layerwise casting, group offloading).
-BLOCK_NETWORKS = ("transformer", "reference", "text_encoder")
-#: ``block_modules`` given to diffusers' group offloading per network (none: only direct ModuleList children
-#: are blocks, so T5, whose blocks sit in ``encoder.block``, is offloaded as one group).
-GROUP_BLOCK_MODULES: dict[str, tuple[str, ...]] = {"transformer": (), "reference": (), "text_encoder": ("encoder",)}
+log = logging.getLogger("hallo3")
 
-_GiB = 1 << 30
+#: Networks that ``loading.Placement`` treats as block networks (layerwise casting, group offloading), with the
+#: ``block_modules`` handed to diffusers' group offloading (T5's blocks sit in ``encoder.block``).
+BLOCK_NETWORKS = networks.BLOCK_NETWORKS
+#: Device memory kept free for what ``plan`` does not count (CUDA context, cuDNN workspaces, fragmentation).
+DEVICE_RESERVE = 1 << 30
+#: What ``--offload auto`` tries on CUDA, fastest first: (offload, VAE tiling).
+AUTO_CANDIDATES = (("none", False), ("none", True), ("model", False), ("model", True), ("group", False),
+                   ("group", True), ("sequential", True))
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,25 +139,21 @@ class Plan:
 
 
 def _configs(preset: Preset) -> str:
-    """Every network's constructor arguments (``loading.network_config``) and the pipeline's geometry,
+    """Every network's constructor arguments (``networks.network_config``) and the pipeline's geometry,
     as a JSON cache key."""
-    from hallo3_cli.loading import NETWORKS, network_config
-
-    return json.dumps({"networks": {n: network_config(preset, n) for n in NETWORKS}, "pipeline": preset.pipeline_config()},
-                      sort_keys=True, default=list)
+    return json.dumps({"networks": {n: networks.network_config(preset, n) for n in NETWORKS},
+                       "pipeline": preset.pipeline_config()}, sort_keys=True, default=list)
 
 
 def _network_dtype(network: str, dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if network == "wav2vec" else dtype  # loading.load_audio_encoder: always float32
+    return torch.float32 if network == "wav2vec" else dtype  # loading.load_network: wav2vec2 always float32
 
 
 def _build_on(network: str, config: dict, dtype: torch.dtype) -> torch.nn.Module:
     """Build in ``dtype`` under whatever device/fake context is active (``.to(dtype)`` cannot swap
     fake tensors), without running weight initialisers (values are never read)."""
-    from hallo3_cli.loading import build_network
-
     with tracing.default_dtype(dtype), tracing.no_init():
-        return build_network(network, config).eval().requires_grad_(False)
+        return networks.build_network(network, config).eval().requires_grad_(False)
 
 
 @dataclass(frozen=True)
@@ -175,14 +179,14 @@ def _weights(network: str, config_key: str, dtype: torch.dtype, storage: torch.d
     compute_total = tracing.tensor_bytes(module)
     castable = network in BLOCK_NETWORKS and hasattr(module, "enable_layerwise_casting")
     if storage is not None and storage != dtype and castable:
-        module.enable_layerwise_casting(storage_dtype=storage, compute_dtype=dtype)  # what runtime.Placement does
+        module.enable_layerwise_casting(storage_dtype=storage, compute_dtype=dtype)  # what loading.Placement does
     direct = {name: sum(p.nbytes for p in m.parameters(recurse=False)) for name, m in module.named_modules()}
     cast_extra = {
         name: sum(p.numel() * (dtype.itemsize - p.dtype.itemsize) for p in m.parameters(recurse=False))
         for name, m in module.named_modules()
         if any(p.dtype == storage for p in m.parameters(recurse=False)) and storage != dtype
     }
-    blocks, unmatched = tracing.group_layout(module, GROUP_BLOCK_MODULES.get(network, ()))
+    blocks, unmatched = tracing.group_layout(module, BLOCK_NETWORKS.get(network, ()))
     block_tensors = {id(t): t for name, _ in blocks for t in tracing.tensors(module.get_submodule(name))}
     pinned = sum(tracing.pow2(t.nbytes) for t in block_tensors.values())
     return _Weights(
@@ -209,15 +213,10 @@ _REPLAY = (
     "vae:encoder",
     "vae:decoder",
 )
-#: pipeline attribute of each network
-_COMPONENT = {"wav2vec": "audio_encoder", "vae": "vae", "text_encoder": "text_encoder", "reference": "reference_net",
-              "transformer": "transformer"}
 
 
 class _ZeroIds:
     """Stands in for the tokenizer when tracing: the prompt's ids (their values never matter, their shape does)."""
-
-    init_kwargs: dict = {}
 
     def __call__(self, prompt, *, max_length: int, **kwargs):
         from types import SimpleNamespace
@@ -227,15 +226,14 @@ class _ZeroIds:
 
 def _pipeline(nets: dict[str, torch.nn.Module], pipeline_config: dict, height: int, width: int):
     """A ``Hallo3Pipeline`` around ``nets`` (fake, meta or real networks) at ``height``×``width``."""
-    from hallo3_cli.loading import default_feature_extractor
     from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
     from hallo3_cli.scheduling_hallo3 import Hallo3DPMSolverSDEScheduler
 
     config = dict(pipeline_config, height=height, width=width)
-    components = {_COMPONENT[name]: module for name, module in nets.items()}
+    components = {of_network(name).name: module for name, module in nets.items()}
     components.setdefault("vae", None)
     pipe = Hallo3Pipeline(scheduler=Hallo3DPMSolverSDEScheduler(), tokenizer=_ZeroIds(),
-                          feature_extractor=default_feature_extractor(), **components, **config)
+                          feature_extractor=networks.default_feature_extractor(), **components, **config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -262,7 +260,7 @@ class _PipelineSteps:
 
     def __init__(self, pipe, granularity: int):
         self.pipe, self.granularity = pipe, granularity
-        self.h, self.w = pipe.height // 8, pipe.width // 8
+        self.h, self.w = geometry.latent_size(pipe.height, pipe.width)
         self._context = None
 
     def _bytes(self, *tensors) -> int:
@@ -277,7 +275,7 @@ class _PipelineSteps:
             width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
             layers = len(pipe.transformer.transformer_blocks)
             identity = Hallo3Reference(
-                image=torch.zeros(3, pipe.height, pipe.width), ref_latent=torch.zeros(16, self.h, self.w),
+                image=torch.zeros(3, pipe.height, pipe.width), ref_latent=torch.zeros(geometry.LATENT_CHANNELS, self.h, self.w),
                 face_embedding=torch.zeros(pipe.transformer.config.face_embed_dim), face_box=torch.zeros(4, dtype=torch.int32),
                 prompt_embeds=torch.zeros(pipe.text_length, pipe.transformer.config.text_embed_dim),
                 ref_bank=torch.zeros(layers, self.h * self.w // pipe.transformer.config.patch_size**2, width),
@@ -287,15 +285,19 @@ class _PipelineSteps:
 
     def _resident(self):
         """A fresh copy of the clip loop's device state: the render context and the previous clip's frames."""
-        context = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self._context)
+        fields = {f.name: tree_map(lambda t: t.clone(), getattr(self._context, f.name))
+                  for f in dataclasses.fields(self._context)}
+        context = dataclasses.replace(self._context, **fields)
         return context, torch.zeros(self.pipe.clip_length, 3, self.pipe.height, self.pipe.width)
 
     # embed-audio ---------------------------------------------------------------------------
     def wav2vec(self):
         import numpy as np
 
-        clips = max(1, int(AUDIO_SECONDS * self.pipe.config.fps) // self.pipe.clip_length)
-        samples = clips * self.pipe.clip_length * (16000 // self.pipe.config.fps)  # the longest one-span input
+        from hallo3_cli.audio_io import SAMPLE_RATE
+
+        clips = max(1, int(WINDOW_SECONDS * self.pipe.config.fps) // self.pipe.clip_length)
+        samples = clips * self.pipe.clip_length * (SAMPLE_RATE // self.pipe.config.fps)  # the longest one-span input
         return 0, self.pipe.encode_audio(np.zeros(samples, np.float32))
 
     # encode-ref ----------------------------------------------------------------------------
@@ -308,8 +310,8 @@ class _PipelineSteps:
 
     def reference(self):
         pipe = self.pipe
-        ref_latent = torch.zeros(1, 1, 16, self.h, self.w, dtype=pipe.compute_dtype)
-        prompt = torch.zeros(pipe.text_length, pipe.reference_net.config.text_embed_dim, dtype=pipe.compute_dtype)
+        ref_latent = torch.zeros(1, 1, geometry.LATENT_CHANNELS, self.h, self.w, dtype=pipe.transformer.dtype)
+        prompt = torch.zeros(pipe.text_length, pipe.reference_net.config.text_embed_dim, dtype=pipe.transformer.dtype)
         return self._bytes(ref_latent, prompt), pipe.reference_features(ref_latent, prompt)
 
     # clip ----------------------------------------------------------------------------------
@@ -324,22 +326,22 @@ class _PipelineSteps:
         resident = self._resident()
         config = self.pipe.transformer.config
         audio = torch.zeros(1, self.pipe.clip_length, config.audio_window, config.audio_layers, config.audio_channels,
-                            dtype=self.pipe.compute_dtype)
+                            dtype=self.pipe.transformer.dtype)
         return self._bytes(resident, audio), (resident, self.pipe.project_audio(audio, resident[0]))
 
     def denoise(self):
         pipe = self.pipe
         resident = self._resident()
-        condition = torch.zeros(1, pipe.latent_frames, 16, self.h, self.w, dtype=pipe.compute_dtype)
-        tokens = torch.zeros(2, *resident[0]["uncond_audio"].shape[1:], dtype=pipe.compute_dtype)  # projected once per clip
-        latents = torch.zeros(1, pipe.latent_frames, 16, self.h, self.w)  # the sampler state (float32)
+        condition = torch.zeros(1, pipe.latent_frames, geometry.LATENT_CHANNELS, self.h, self.w, dtype=pipe.transformer.dtype)
+        tokens = torch.zeros(2, *resident[0].uncond_audio_tokens.shape[1:], dtype=pipe.transformer.dtype)  # projected once per clip
+        latents = torch.zeros(1, pipe.latent_frames, geometry.LATENT_CHANNELS, self.h, self.w)  # the sampler state (float32)
         inputs = self._bytes(resident, condition, tokens, latents)
         v = pipe.guided_velocity(latents, torch.tensor(999.0), condition, tokens, resident[0], 3.5)
         return inputs, (resident, condition, tokens, v)
 
     def decode(self):
         resident = self._resident()
-        latents = torch.zeros(1, self.pipe.latent_frames, 16, self.h, self.w, dtype=self.pipe.compute_dtype)
+        latents = torch.zeros(1, self.pipe.latent_frames, geometry.LATENT_CHANNELS, self.h, self.w, dtype=self.pipe.transformer.dtype)
         return self._bytes(resident, latents), (resident, self.pipe.decode_latents(latents))
 
 
@@ -358,7 +360,7 @@ def _traces(configs_key: str, dtype: torch.dtype, height: int, width: int, vae_t
     selected = [(name, network, run) for name, network, run in _PipelineSteps.STEPS if names is None or name in names]
     needed = {network for _, network, _ in selected} | {"transformer"}  # the render context is shaped by the DiT
     with tracing.quiet(), fake:
-        nets = {n: _build_on(n, configs["networks"][n], _network_dtype(n, dtype)) for n in _NETWORKS if n in needed}
+        nets = {n: _build_on(n, configs["networks"][n], _network_dtype(n, dtype)) for n in NETWORKS if n in needed}
     if vae_tiling and "vae" in nets:
         nets["vae"].enable_tiling()
     if not folded_cross_attention:
@@ -403,8 +405,6 @@ _SCHEDULE = (
     ("clip", "denoise", "transformer", ("vae",), "steps"),
     ("clip", "vae-decode", "vae", ("transformer",), "per clip"),
 )
-_NETWORKS = ("wav2vec", "vae", "text_encoder", "reference", "transformer")
-_NAMES = {"wav2vec": "wav2vec2", "vae": "VAE", "text_encoder": "T5", "reference": "reference DiT", "transformer": "DiT"}
 
 
 class _Mode:
@@ -484,20 +484,20 @@ def _describe(mode: _Mode, network: str, others: tuple[str, ...], stack: tuple[s
     w = mode.weights[network]
     parts = []
     if mode.offload == "sequential" and mode._offloaded(network):
-        parts.append(f"{_NAMES[network]} (executing modules + buffers)")
+        parts.append(f"{of_network(network).label} (executing modules + buffers)")
     elif mode._grouped(network):
         names = [name for name, _ in w.blocks]
         inside = any(s in names for s in stack)
         blocks = ("2 blocks + " if mode.prefetch else "1 block + ") if inside else ""
-        parts.append(f"{_NAMES[network]} ({blocks}non-block modules)")
+        parts.append(f"{of_network(network).label} ({blocks}non-block modules)")
     else:
-        parts.append(_NAMES[network])
+        parts.append(of_network(network).label)
     parts += [_idle_name(mode, o) for o in others if mode.idle_on_device(o)]
     return ", ".join(parts)
 
 
 def _idle_name(mode: _Mode, network: str) -> str:
-    return _NAMES[network] + (" buffers" if mode.offload == "sequential" and mode._offloaded(network) else "")
+    return of_network(network).label + (" buffers" if mode.offload == "sequential" and mode._offloaded(network) else "")
 
 
 def plan(
@@ -525,8 +525,8 @@ def plan(
         offload = "model" if device_kind == "cuda" else "none"
     if offload not in OFFLOAD_MODES:
         raise Hallo3Error(f"--offload must be auto or one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
-    if weights_dtype not in WEIGHTS_DTYPES:
-        raise Hallo3Error(f"--weights-dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
+    if weights_dtype not in WEIGHTS_DTYPE_CHOICES:
+        raise Hallo3Error(f"--weights-dtype must be one of {', '.join(WEIGHTS_DTYPE_CHOICES)}, got {weights_dtype!r}")
     if device_kind not in DEVICE_KINDS:
         raise Hallo3Error(f"device kind must be one of {', '.join(DEVICE_KINDS)}, got {device_kind!r}")
     compute = _compute_dtype(dtype, device_kind)
@@ -577,16 +577,17 @@ def plan_parallel(result: Plan, gpus: int, *, interconnect: str | float = "nvlin
     """
     import dataclasses
 
-    from hallo3_cli.parallel.cost import INTERCONNECTS, parallel_cost
+    from hallo3_cli.parallel.cost import parallel_cost
     from hallo3_cli.parallel.degrees import choose_degrees
 
     preset = _preset(result.model)
-    config = _transformer_config(preset)
+    config = networks.transformer_arguments(preset)
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     degrees = choose_degrees(gpus, heads, cfg_parallel=cfg_parallel, ulysses=ulysses, ring=ring)
     patch = config["patch_size"]
-    per_frame = (result.height // 8 // patch) * (result.width // 8 // patch)
-    latent_frames = (preset.clip_length - 1) // 4 + 1
+    latent_height, latent_width = geometry.latent_size(result.height, result.width)
+    per_frame = (latent_height // patch) * (latent_width // patch)
+    latent_frames = geometry.latent_frames(preset.clip_length)
     dtype_bytes = torch.empty(0, dtype=getattr(torch, result.dtype)).element_size()
     cost = parallel_cost(
         degrees, flops_per_step=result.flops_per_forward, text_tokens=preset.text_length,
@@ -618,18 +619,6 @@ def plan_parallel(result: Plan, gpus: int, *, interconnect: str | float = "nvlin
     )
 
 
-def _transformer_config(preset: Preset) -> dict:
-    """The main DiT's constructor arguments, defaults included (geometry the cost model needs)."""
-    import inspect
-
-    from hallo3_cli.loading import network_config
-    from hallo3_cli.models import Hallo3Transformer3DModel
-
-    defaults = {name: p.default for name, p in inspect.signature(Hallo3Transformer3DModel.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    return {**defaults, **network_config(preset, "transformer")}
-
-
 def _folds_cross_attention(offload: str, storage: torch.dtype | None, compute: torch.dtype) -> bool:
     """Whether the face/audio cross-attentions fold their output projection into the values
     (``Hallo3FoldedCrossAttnProcessor``): not when the weights reach the device only inside each
@@ -648,13 +637,13 @@ def _compute_dtype(dtype: str, device_kind: str) -> torch.dtype:
 def _all_weights(preset: Preset, compute: torch.dtype, storage: torch.dtype | None) -> dict[str, _Weights]:
     storage = None if storage == compute else storage
     configs = json.loads(_configs(preset))["networks"]
-    return {n: _weights(n, json.dumps(configs[n], sort_keys=True), compute, storage) for n in _NETWORKS}
+    return {n: _weights(n, json.dumps(configs[n], sort_keys=True), compute, storage) for n in NETWORKS}
 
 
 def weight_bytes(model: str | Preset = "hallo3", *, weights_dtype: str = "auto", dtype: str = "bfloat16") -> dict[str, int]:
     """Bytes of each network's weights (parameters and buffers) as stored, from the meta-built modules."""
-    if weights_dtype not in WEIGHTS_DTYPES:
-        raise Hallo3Error(f"--weights-dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
+    if weights_dtype not in WEIGHTS_DTYPE_CHOICES:
+        raise Hallo3Error(f"--weights-dtype must be one of {', '.join(WEIGHTS_DTYPE_CHOICES)}, got {weights_dtype!r}")
     weights = _all_weights(_preset(model), _compute_dtype(dtype, "cuda"), storage_dtype(weights_dtype))
     return {n: w.total for n, w in weights.items()}
 
@@ -743,17 +732,6 @@ def _notes(offload: str, device_kind: str) -> tuple[str, ...]:
 # text output
 
 
-def _gib(n: int) -> str:
-    return f"{n / _GiB:.1f} GiB" if n >= _GiB else f"{n / (1 << 20):.0f} MiB"
-
-
-def _flop(n: int) -> str:
-    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} FLOP"
-
-
 def format_plan(result: Plan) -> str:
     """The plan as an aligned text table: totals, then every step at its own peak."""
     r = result
@@ -785,3 +763,44 @@ def format_plan(result: Plan) -> str:
     lines.append("")
     lines += [f"note: {note}" for note in r.notes]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing the memory mode that fits (--offload auto)
+
+
+def free_device_memory(device: str) -> int | None:
+    """Free bytes on a CUDA device (None elsewhere: memory is shared with the host)."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
+def choose_memory_mode(runtime: Runtime, preset: Preset | None = None, free: int | None = None) -> Runtime:
+    """``--offload auto``: off CUDA ``none``; on CUDA the fastest of :data:`AUTO_CANDIDATES` whose planned
+    peak (plus :data:`DEVICE_RESERVE`) fits the free device memory (``free``: the device's now), adding VAE
+    tiling only when that is what makes it fit (``--vae-tiling`` given: always tiled). Nothing fits: the
+    least-memory mode, with a warning. The choice and its reason are in ``Runtime.reason``."""
+    device = resolve_device(runtime.device)
+    if not device.startswith("cuda"):
+        return dataclasses.replace(runtime, device=device, offload="none", reason="not CUDA: memory is shared, nothing moves")
+    free = free_device_memory(device) if free is None else free
+    if preset is None or free is None:
+        return dataclasses.replace(runtime, device=device, offload="model", reason="device memory unknown: model offloading")
+    tried = []
+    for offload, tiling in AUTO_CANDIDATES:
+        if runtime.compile and offload in ("group", "sequential"):
+            continue
+        tiling = tiling or runtime.vae_tiling
+        need = plan(preset, offload=offload, weights_dtype=runtime.weights_dtype, vae_tiling=tiling,
+                    device_kind="cuda", dtype=dtype_name(resolve_dtype(runtime.dtype, device))).peak_device_bytes
+        label = f"{offload}{' + VAE tiling' if tiling else ''}"
+        if need + DEVICE_RESERVE <= free:
+            skipped = f"; faster modes need more ({', '.join(tried)})" if tried else ""
+            reason = f"offload {label}: planned peak {_gib(need)} of {_gib(free)} free{skipped}"
+            return dataclasses.replace(runtime, device=device, offload=offload, vae_tiling=tiling, reason=reason)
+        tried.append(f"{label} {_gib(need)}")
+    reason = f"nothing fits {_gib(free)} free ({', '.join(tried)}); trying sequential + VAE tiling anyway"
+    log.warning("%s", reason)
+    return dataclasses.replace(runtime, device=device, offload="sequential", vae_tiling=True, reason=reason)

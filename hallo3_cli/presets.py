@@ -10,12 +10,12 @@ import hashlib
 import json
 import os
 import sys
-import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from hallo3_cli import store
 from hallo3_cli.errors import Hallo3Error, ModelError
 
 if sys.version_info >= (3, 11):
@@ -113,18 +113,14 @@ class Preset:
 
     def is_installed(self, component: str) -> bool:
         """The one meaning of "installed": the folder's ``.complete`` marker lists files that are all there
-        with their sizes (``download.component_state``)."""
-        from hallo3_cli.download import component_state
-
-        return not self.is_random and component_state(self.home, component).state == "complete"
+        with their sizes (:func:`hallo3_cli.store.component_state`)."""
+        return not self.is_random and store.is_installed(self.home, component)
 
     def require(self, component: str) -> Path:
         """The component's folder, or a ModelError telling the user how to get it."""
         if self.is_random:
             raise Hallo3Error(f"preset {self.name!r} has no files; its {component} is generated in memory")
-        from hallo3_cli.download import component_state
-
-        state = component_state(self.home, component)
+        state = store.component_state(self.home, component)
         if state.state != "complete":
             detail = f" ({state.state}: {state.detail})" if state.detail else ""
             raise ModelError(
@@ -147,21 +143,8 @@ class Preset:
                 digest.update(str(self.seed).encode())
                 digest.update(json.dumps(self.config(component), sort_keys=True).encode())
             else:
-                digest.update(_folder_fingerprint(self.require(component)).encode())
+                digest.update(store.folder_fingerprint(self.require(component)).encode())
         return digest.hexdigest()[:16]
-
-
-def _folder_fingerprint(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(folder)}:{size}".encode())
-        with open(path, "rb") as f:
-            digest.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 def model_home() -> Path:
@@ -201,29 +184,3 @@ def get_preset(name: str) -> Preset:
     if name not in presets:
         raise Hallo3Error(f"unknown model preset {name!r}; known presets: {', '.join(presets)}")
     return Preset(name, presets[name])
-
-
-# ---------------------------------------------------------------------------------------------
-# seeded random weights (tiny-random preset and tests)
-
-
-def fill_random_(module, seed: int, std: float = 0.02) -> None:
-    """Overwrite every parameter and persistent buffer of ``module`` with seeded random values.
-
-    Each tensor gets its own generator seeded from ``seed`` and its name, so the values do not
-    depend on library initialisation code or on module construction order. Norm weights are drawn
-    around 1, everything else around 0.
-    """
-    import torch
-
-    state = module.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for name, tensor in state.items():
-            if not tensor.is_floating_point():
-                continue
-            generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-            values = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std
-            leaf = name.rsplit(".", 2)
-            if leaf[-1] == "weight" and tensor.ndim == 1 and "norm" in name.lower():
-                values += 1.0
-            tensor.copy_(values.to(tensor.dtype))

@@ -9,7 +9,6 @@ and the pipeline validate against it.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass
 
@@ -20,15 +19,15 @@ from hallo3_cli.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("hallo3")
 
 # The lists are plain names so that the CLI validates options without importing torch.
 #: Compute dtypes by name (``auto`` = bfloat16 on CUDA, float32 elsewhere) and their torch names.
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 DTYPE_CHOICES = ("auto", *DTYPES)
-#: Memory modes, fastest first.
+#: Memory modes, fastest first (``--offload`` also takes ``auto``: :data:`OFFLOAD_CHOICES`).
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
+OFFLOAD_CHOICES = ("auto", *OFFLOAD_MODES)
 #: What ``plan`` plans for: a CUDA device (bfloat16) or the CPU (float32, device memory = host memory).
 DEVICE_KINDS = ("cuda", "cpu")
 #: DiT weight storage (``auto`` = the compute dtype) and their torch names.
@@ -49,13 +48,6 @@ def parallel_mode(mode: str, *, batch: bool) -> str:
         raise UsageError("--parallel jobs shares the jobs of --batch between processes; "
                          "to split one video over them use --parallel video")
     return mode
-
-
-#: Device memory kept free for what ``plan`` does not count (CUDA context, cuDNN workspaces, fragmentation).
-DEVICE_RESERVE = 1 << 30
-#: What ``--offload auto`` tries on CUDA, fastest first: (offload, VAE tiling).
-AUTO_CANDIDATES = (("none", False), ("none", True), ("model", False), ("model", True), ("group", False),
-                   ("group", True), ("sequential", True))
 
 
 def storage_dtype(weights_dtype: str) -> torch.dtype | None:
@@ -108,8 +100,8 @@ class Runtime:
     """How the networks use the machine.
 
     ``device``/``dtype``: ``auto`` or a torch device / dtype name. ``offload``: ``auto`` (on CUDA the
-    fastest mode whose ``plan`` fits the free device memory, see :func:`choose_memory_mode`; elsewhere
-    ``none``), ``none`` (all loaded networks on the device), ``model`` (each network on the device only
+    fastest mode whose ``plan`` fits the free device memory, see :func:`hallo3_cli.plan.choose_memory_mode`;
+    elsewhere ``none``), ``none`` (all loaded networks on the device), ``model`` (each network on the device only
     while it runs; accelerate hooks), ``group`` (diffusers group offloading, one block at a time),
     ``sequential`` (accelerate, one leaf module at a time). ``weights_dtype``: storage of the DiT
     weights (``fp8`` = float8_e4m3fn via diffusers layerwise casting, computed in ``dtype``).
@@ -148,14 +140,15 @@ class Runtime:
         storage = storage_dtype(self.weights_dtype)
         return None if storage in (None, self.torch_dtype) else storage
 
-    def resolved(self, preset=None) -> Runtime:
-        """This runtime with every ``auto`` made concrete (device, dtype, and the memory mode, which on
-        CUDA is planned for ``preset``)."""
+    def resolved(self) -> Runtime:
+        """This runtime with the device and dtype made concrete, and off CUDA the memory mode too (``none``:
+        memory is shared). ``offload="auto"`` on CUDA stays: which mode fits is planning's answer
+        (:func:`hallo3_cli.plan.choose_memory_mode`)."""
         device = resolve_device(self.device)
         dtype = dtype_name(resolve_dtype(self.dtype, device))
         runtime = dataclasses.replace(self, device=device, dtype=dtype)
-        if runtime.offload == "auto":
-            runtime = choose_memory_mode(runtime, preset)
+        if runtime.offload == "auto" and not device.startswith("cuda"):
+            runtime = dataclasses.replace(runtime, offload="none", reason="not CUDA: memory is shared, nothing moves")
         return runtime
 
     def affects_frames(self) -> dict:
@@ -173,116 +166,3 @@ class Runtime:
         if self.cache is not None:
             parts.append(f"cache {self.cache}")
         return ", ".join(parts)
-
-
-def free_device_memory(device: str) -> int | None:
-    """Free bytes on a CUDA device (None elsewhere: memory is shared with the host)."""
-    import torch
-
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        return None
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return int(free)
-
-
-def choose_memory_mode(runtime: Runtime, preset=None, free: int | None = None) -> Runtime:
-    """``--offload auto``: off CUDA ``none``; on CUDA the fastest of :data:`AUTO_CANDIDATES` whose planned
-    peak (plus :data:`DEVICE_RESERVE`) fits the free device memory, adding VAE tiling only when that is
-    what makes it fit (``--vae-tiling`` given: always tiled). Nothing fits: the least-memory mode, with
-    a warning. The choice and its reason are in ``Runtime.reason``."""
-    device = resolve_device(runtime.device)
-    if not device.startswith("cuda"):
-        return dataclasses.replace(runtime, device=device, offload="none", reason="not CUDA: memory is shared, nothing moves")
-    free = free_device_memory(device) if free is None else free
-    if preset is None or free is None:
-        return dataclasses.replace(runtime, offload="model", reason="device memory unknown: model offloading")
-    from hallo3_cli.plan import plan
-
-    tried = []
-    for offload, tiling in AUTO_CANDIDATES:
-        if runtime.compile and offload in ("group", "sequential"):
-            continue
-        tiling = tiling or runtime.vae_tiling
-        need = plan(preset, offload=offload, weights_dtype=runtime.weights_dtype, vae_tiling=tiling,
-                    device_kind="cuda", dtype=dtype_name(resolve_dtype(runtime.dtype, device))).peak_device_bytes
-        label = f"{offload}{' + VAE tiling' if tiling else ''}"
-        if need + DEVICE_RESERVE <= free:
-            skipped = f"; faster modes need more ({', '.join(tried)})" if tried else ""
-            reason = f"offload {label}: planned peak {_gib(need)} of {_gib(free)} free{skipped}"
-            return dataclasses.replace(runtime, device=device, offload=offload, vae_tiling=tiling, reason=reason)
-        tried.append(f"{label} {_gib(need)}")
-    reason = f"nothing fits {_gib(free)} free ({', '.join(tried)}); trying sequential + VAE tiling anyway"
-    log.warning("%s", reason)
-    return dataclasses.replace(runtime, device=device, offload="sequential", vae_tiling=True, reason=reason)
-
-
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.1f} GiB"
-
-
-class Placement:
-    """Puts freshly loaded networks where a (resolved) :class:`Runtime` says, and moves them back after use."""
-
-    def __init__(self, runtime: Runtime):
-        if "auto" in (runtime.device, runtime.dtype, runtime.offload):
-            raise ValueError("Placement needs a resolved Runtime (call Runtime.resolved())")
-        self.runtime = runtime
-        self.device = runtime.device
-        self.dtype = runtime.torch_dtype
-        self._hooks: dict[int, object] = {}
-
-    @property
-    def load_device(self) -> str:
-        """Where weights are loaded: straight to the device unless an offload mode keeps them on the host
-        or they are first cast to a smaller storage dtype (cast on the host, then moved)."""
-        return self.device if self.runtime.offload == "none" and self.runtime.storage_dtype is None else "cpu"
-
-    def place(self, model: torch.nn.Module, *, blocks: bool = True, block_modules: list[str] | None = None) -> torch.nn.Module:
-        """Apply weight storage and offloading to a freshly loaded network.
-
-        ``blocks``: the network has transformer blocks (DiTs, T5) that group offloading and layerwise
-        casting act on; the VAE and wav2vec stay whole on the device in group mode. ``block_modules``:
-        submodules whose own block lists group offloading should use (T5 keeps its in ``encoder``).
-        """
-        import torch
-
-        runtime = self.runtime
-        storage = runtime.storage_dtype
-        if blocks and storage is not None and hasattr(model, "enable_layerwise_casting"):
-            model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=self.dtype)
-        if runtime.offload == "none" or (runtime.offload == "group" and not blocks):
-            return model.to(self.device)
-        if runtime.offload == "model":
-            from accelerate import cpu_offload_with_hook
-
-            model, hook = cpu_offload_with_hook(model, self.device)
-            self._hooks[id(model)] = hook
-            return model
-        if runtime.offload == "group":
-            from diffusers.hooks import apply_group_offloading
-
-            apply_group_offloading(
-                model, onload_device=torch.device(self.device), offload_device=torch.device("cpu"),
-                offload_type="block_level", num_blocks_per_group=1, use_stream=self.device.startswith("cuda"),
-                block_modules=block_modules, low_cpu_mem_usage=True,  # no second (pinned) host copy
-            )
-            return model
-        from accelerate import cpu_offload
-
-        return cpu_offload(model, execution_device=self.device)
-
-    def done_with(self, model: torch.nn.Module | None) -> None:
-        """In ``model`` offload mode, move a network back to the host after its phase."""
-        hook = self._hooks.get(id(model)) if model is not None else None
-        if hook is not None:
-            hook.offload()
-
-    def forget(self, model: torch.nn.Module | None) -> None:
-        """Drop a network for good (T5, reference DiT) and return its device memory."""
-        import torch
-
-        if model is not None:
-            self.done_with(model)
-            self._hooks.pop(id(model), None)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()

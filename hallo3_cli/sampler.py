@@ -1,4 +1,4 @@
-"""The exact Hallo3 sampler (SPEC §6): zero-SNR DDPM discretisation + SDE-DPM-Solver++(2M) on x0.
+"""The exact Hallo3 sampler (docs/model.md §6): zero-SNR DDPM discretisation + SDE-DPM-Solver++(2M) on x0.
 
 Plain functions, k-diffusion style::
 
@@ -61,16 +61,18 @@ def alphas_cumprod() -> np.ndarray:
     return np.cumprod(1.0 - betas.numpy())
 
 
-def _zero_snr_sqrt(alphas_cumprod_ascending_t: np.ndarray) -> torch.Tensor:
-    """sqrt(alpha_cumprod) in float32, shifted/rescaled so the last entry is 0 and the first is kept."""
-    s = torch.tensor(alphas_cumprod_ascending_t, dtype=torch.float32).sqrt()
+def _zero_snr_sqrt(alphas_cumprod_ascending_t: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """sqrt(alpha_cumprod), shifted/rescaled so the last entry is 0 and the first is kept. In float32 as the
+    official code computes it (torch's float32 ``sqrt`` is not correctly rounded on every CPU, so the last bit
+    of an entry can differ between machines), or in float64 (the exact maths, for decisions)."""
+    s = torch.tensor(alphas_cumprod_ascending_t, dtype=dtype).sqrt()
     first, last = s[0].clone(), s[-1].clone()
     return (s - last) * (first / (first - last))
 
 
-def zero_snr_table() -> torch.Tensor:
+def zero_snr_table(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The denoiser's 1000-entry zero-SNR table of sqrt(alpha_cumprod), indexed by timestep."""
-    return _zero_snr_sqrt(alphas_cumprod())
+    return _zero_snr_sqrt(alphas_cumprod(), dtype)
 
 
 def network_timesteps(num_steps: int) -> np.ndarray:
@@ -80,27 +82,35 @@ def network_timesteps(num_steps: int) -> np.ndarray:
 
 def snap_to_table(alpha: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Indices of the nearest table entries (argmin of |difference|, first on ties)."""
-    alpha = torch.as_tensor(alpha, dtype=torch.float32).reshape(-1)
+    alpha = torch.as_tensor(alpha, dtype=table.dtype).reshape(-1)
     return (alpha - table[:, None]).abs().argmin(dim=0)
 
 
+def _sampler_alphas(steps: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if len(steps) == 1:
+        # The subsample rescale is 0/0 for one step (the official code yields NaN); its only
+        # meaningful value is the zero-SNR endpoint.
+        return torch.zeros(1, dtype=dtype)
+    # docs/model.md §6: zero-SNR rescale on the subsample itself, anchored at its smallest timestep.
+    return _zero_snr_sqrt(alphas_cumprod()[steps[::-1].copy()], dtype).flip(0)
+
+
 def schedule(num_steps: int) -> Schedule:
-    """The sampling schedule for ``num_steps`` (1 … 1000) steps."""
+    """The sampling schedule for ``num_steps`` (1 … 1000) steps.
+
+    The values are the official float32 ones. Which table entry each step snaps to is decided on the exact
+    (float64) values: the nearest entry is always hundreds of float32 ulps nearer than the next one, so the
+    decision is the official one and cannot flip with the last bit of a float32 ``sqrt`` on another CPU.
+    """
     num_steps = operator.index(num_steps)
     if not 1 <= num_steps <= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"num_steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {num_steps}")
 
     table = zero_snr_table()
     steps = network_timesteps(num_steps)
-    if num_steps == 1:
-        # The subsample rescale is 0/0 for one step (the official code yields NaN); its only
-        # meaningful value is the zero-SNR endpoint.
-        sampler = torch.zeros(1, dtype=torch.float32)
-    else:
-        # SPEC §6: zero-SNR rescale on the subsample itself, anchored at its smallest timestep.
-        sampler = _zero_snr_sqrt(alphas_cumprod()[steps[::-1].copy()]).flip(0)
+    sampler = _sampler_alphas(steps, torch.float32)
     alphas = torch.cat([sampler, torch.ones(1, dtype=torch.float32)])
-    indices = snap_to_table(sampler, table)
+    indices = snap_to_table(_sampler_alphas(steps, torch.float64), zero_snr_table(torch.float64))
     return Schedule(
         timesteps=torch.from_numpy(steps).to(torch.float32),
         alphas=alphas,
@@ -131,7 +141,7 @@ def v_to_x0(x: torch.Tensor, v: torch.Tensor, alpha: float | torch.Tensor) -> to
 
 
 def cfg(x0_uncond: torch.Tensor, x0_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on x0 (SPEC §6: constant scale 3.5 in the release)."""
+    """Classifier-free guidance on x0 (docs/model.md §6: constant scale 3.5 in the release)."""
     return x0_uncond + scale * (x0_cond - x0_uncond)
 
 
@@ -202,7 +212,7 @@ def dpm_solver_step(
     """
     alphas = schedule.alphas
     # Float32 (1,)-shaped scalars as in the official code. Step 0 has alpha = 0: log 0 = -inf gives
-    # h = inf, so the x multiplier is exactly 0 and the step 1 second-order term vanishes (SPEC §6).
+    # h = inf, so the x multiplier is exactly 0 and the step 1 second-order term vanishes (docs/model.md §6).
     a, a_next = alphas[i].reshape(1), alphas[i + 1].reshape(1)
     lam, lam_next = _log_snr(a), _log_snr(a_next)
     h = lam_next - lam
@@ -217,7 +227,7 @@ def dpm_solver_step(
     mult_cur = (1 + 1 / (2 * r)).to(x.device).reshape(shape)
     mult_old = (1 / (2 * r)).to(x.device).reshape(shape)
     # The official code also builds a first-order candidate and throws it away; its noise
-    # draw is kept so that a generator stream matches the official draw order (SPEC §6).
+    # draw is kept so that a generator stream matches the official draw order (docs/model.md §6).
     draw(x)
     x0_2m = mult_cur * x0 - mult_old * old_x0
     return mult_x * x - mult_x0 * x0_2m + mult_noise * draw(x)

@@ -1,4 +1,4 @@
-"""The release's sampler (SPEC §6) as a diffusers scheduler: zero-SNR DDPM timesteps + SDE-DPM-Solver++(2M).
+"""The release's sampler (docs/model.md §6) as a diffusers scheduler: zero-SNR DDPM timesteps + SDE-DPM-Solver++(2M).
 
     scheduler = Hallo3DPMSolverSDEScheduler()
     scheduler.set_timesteps(50)
@@ -10,7 +10,7 @@ The maths lives in :mod:`hallo3_cli.sampler` (plain functions, k-diffusion style
 holds the state diffusers' scheduler protocol asks for (step index, the previous x0), so the exact
 official numbers (``sampler_reference.json``, ``tiny_sample3``) come out of both.
 
-diffusers' ``CogVideoXDPMScheduler`` is close but not this recipe (SPEC §6: up to 1e-2 apart over 50 toy
+diffusers' ``CogVideoXDPMScheduler`` is close but not this recipe (docs/model.md §6: up to 1e-2 apart over 50 toy
 steps). Other diffusers schedulers with the usual ``step(model_output, timestep, sample)`` protocol can be
 swapped in (``pipe.scheduler = DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
 rescale_betas_zero_snr=True, ...)``) to try fewer or other steps; that is not the release's recipe.
@@ -118,7 +118,7 @@ class Hallo3DPMSolverSDEScheduler(SchedulerMixin, ConfigMixin):
         x = sample.to(torch.float32)
         x0 = sampler.v_to_x0(x, model_output, self.schedule.denoiser_alphas[i])
         if i == n - 1:
-            prev = x0  # the last step returns the denoiser's x0 (SPEC §6)
+            prev = x0  # the last step returns the denoiser's x0 (docs/model.md §6)
         else:
             prev = sampler.dpm_solver_step(x, x0, self._old_x0, i, self.schedule, self._draw(generator, variance_noise, i))
         self._old_x0 = x0
@@ -143,6 +143,29 @@ class Hallo3DPMSolverSDEScheduler(SchedulerMixin, ConfigMixin):
             return None if eps is None else sampler._checked(lambda _: eps, like)
 
         return replay
+
+    # -- training (v-prediction on the full 1000-step zero-SNR table, docs/model.md §10.5) ------------------
+    def _alphas_at(self, timesteps, like: torch.Tensor) -> torch.Tensor:
+        """sqrt(alpha_cumprod) of the training table at integer ``timesteps``, shaped to broadcast over ``like``."""
+        table = sampler.zero_snr_table()
+        index = torch.as_tensor(timesteps, dtype=torch.long).reshape(-1).cpu()
+        if bool(((index < 0) | (index >= len(table))).any()):
+            raise ValueError(f"timesteps must be integers from 0 to {len(table) - 1}, got {index.tolist()}")
+        alpha = table[index].to(like.device)
+        return alpha.reshape(-1, *[1] * (like.ndim - 1))
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """``x_t = α·x0 + sqrt(1 − α²)·ε`` at integer ``timesteps`` (one per sample) of the training table, in
+        float32 (the release's training forward process)."""
+        alpha = self._alphas_at(timesteps, original_samples)
+        sigma = (1 - alpha**2) ** 0.5
+        return original_samples.float() * alpha + noise.float() * sigma
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """The v-prediction target ``v = α·ε − sqrt(1 − α²)·x0`` for clean ``sample`` x0 at ``timesteps``."""
+        alpha = self._alphas_at(timesteps, sample)
+        sigma = (1 - alpha**2) ** 0.5
+        return noise.float() * alpha - sample.float() * sigma
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

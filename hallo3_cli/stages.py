@@ -42,16 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hallo3_cli.errors import StageFileError
+from hallo3_cli import geometry, store
+from hallo3_cli.errors import StageFileError, reason
 from hallo3_cli.fsutil import atomic_path, require_file
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-LATENT_CHANNELS = 16
-FACE_EMBEDDING = 512  # insightface's recognition embedding (SPEC §4)
-
-#: The release's widths (SPEC §2, §3, §5), used where no installed config.json of the preset says
-#: otherwise (see :func:`preset_widths`); random presets take theirs from models.toml.
-RELEASE_WIDTHS = {"dit_layers": 42, "dit_width": 3072, "patch": 2, "text_width": 4096, "audio_layers": 12, "audio_width": 768}
 COMMON_META = ("format", "format_version", "model", "weights", "params", "source_sha256")
 
 
@@ -123,7 +118,7 @@ def _check_reference(stage: Stage) -> str | None:
         return "face_box must hold 4 numbers"
     if stage["face_embedding"].shape[0] < 1:
         return "empty face_embedding"
-    if latent.shape[1] * 8 != image.shape[1] or latent.shape[2] * 8 != image.shape[2]:
+    if (latent.shape[1], latent.shape[2]) != geometry.latent_size(image.shape[1], image.shape[2]):
         return f"ref_latent {tuple(latent.shape)} does not match image {tuple(image.shape)}"
     if stage.meta["framing"] not in ("pad", "crop"):
         return f"unknown framing {stage.meta['framing']!r}"
@@ -284,26 +279,13 @@ def save_stage(path: str | Path, kind: StageKind, tensors: dict, meta: dict) -> 
 
 
 def read_header(path: str | Path) -> dict[str, str]:
-    """The raw ``__metadata__`` of a safetensors file, without reading tensor data."""
-    import struct
-
+    """The raw ``__metadata__`` of a safetensors file, without reading tensor data (the header is checked:
+    size, JSON, nesting, and that the tensors end where the file does)."""
     path = require_file(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise ValueError("file too short")
-            (size,) = struct.unpack("<Q", head)
-            if size > 100_000_000:
-                raise ValueError("header too large")
-            raw = f.read(size)
-            if len(raw) != size:
-                raise ValueError("header truncated")
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError, OSError, RecursionError):
-        raise StageFileError("not a safetensors stage file (unreadable, truncated or corrupt header)", path) from None
+        header = store.read_safetensors_header(path)
+    except (ValueError, OSError) as err:
+        raise StageFileError(f"not a safetensors stage file ({err})", path) from None
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise StageFileError("corrupt safetensors metadata (keys and values must be strings)", path)
@@ -366,45 +348,25 @@ def load_stage(
     return stage
 
 
-def preset_widths(preset) -> dict[str, int]:
-    """The widths a preset's networks expect: DiT layers and width, patch size, text-encoder width,
-    wav2vec layers and width. Random presets: models.toml; the release: the installed components'
-    config.json where present, else :data:`RELEASE_WIDTHS`."""
-    if preset.is_random:
-        from hallo3_cli.loading import transformer_config
-
-        config = transformer_config(preset, main=True)
-        return {"dit_layers": config["num_layers"], "dit_width": config["num_attention_heads"] * config["attention_head_dim"],
-                "patch": 2, "text_width": config["text_embed_dim"], "audio_layers": config["audio_layers"],
-                "audio_width": config["audio_channels"]}
-    widths = dict(RELEASE_WIDTHS)
-    transformer = _installed_config(preset, "transformer")
-    if transformer:
-        widths.update(dit_layers=transformer.get("num_layers", widths["dit_layers"]),
-                      dit_width=transformer.get("num_attention_heads", 48) * transformer.get("attention_head_dim", 64),
-                      patch=transformer.get("patch_size", widths["patch"]),
-                      text_width=transformer.get("text_embed_dim", widths["text_width"]),
-                      audio_layers=transformer.get("audio_layers", widths["audio_layers"]),
-                      audio_width=transformer.get("audio_channels", widths["audio_width"]))
-    return widths
-
-
 def expected_shapes(kind: StageKind, preset, meta: dict) -> dict[str, tuple[int | None, ...]]:
     """Shape of each tensor of a ``kind`` file made by ``preset`` (``None``: any length), given its metadata."""
-    w = preset_widths(preset)
-    h, wd = preset.height // 8, preset.width // 8
+    from hallo3_cli.face import EMBEDDING_DIM
+    from hallo3_cli.networks import network_widths
+
+    w = network_widths(preset)
+    h, wd = geometry.latent_size(preset.height, preset.width)
     if kind is AUDIO:
         return {"features": (None, w["audio_layers"], w["audio_width"])}
     if kind is REFERENCE:
         tokens = (h // w["patch"]) * (wd // w["patch"])
-        return {"image": (3, preset.height, preset.width), "ref_latent": (LATENT_CHANNELS, h, wd),
-                "face_embedding": (FACE_EMBEDDING,), "face_box": (4,),
+        return {"image": (3, preset.height, preset.width), "ref_latent": (geometry.LATENT_CHANNELS, h, wd),
+                "face_embedding": (EMBEDDING_DIM,), "face_box": (4,),
                 "prompt_embeds": (preset.text_length, w["text_width"]), "ref_bank": (w["dit_layers"], tokens, w["dit_width"])}
-    latent_frames = (preset.clip_length - 1) // 4 + 1  # the VAE compresses time by 4 (causal: +1)
+    latent_frames = geometry.latent_frames(preset.clip_length)
     if kind is CLIP:
-        return {"latents": (latent_frames, LATENT_CHANNELS, h, wd)}
+        return {"latents": (latent_frames, geometry.LATENT_CHANNELS, h, wd)}
     if kind is CLIPS:
-        return {"latents": (None, latent_frames, LATENT_CHANNELS, meta["height"] // 8, meta["width"] // 8)}
+        return {"latents": (None, latent_frames, geometry.LATENT_CHANNELS, *geometry.latent_size(meta["height"], meta["width"]))}
     return {}
 
 
@@ -434,15 +396,6 @@ def _check_weights(stage: Stage) -> None:
             f"its weights fingerprint {stage.weights[:16]!r} is not that of the installed {preset.name} weights "
             f"({', '.join(components)}): made with other weights, or edited; rerun the stage that wrote it"
         )
-
-
-def _installed_config(preset, component: str) -> dict:
-    path = preset.component_dir(component) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _check_finite(stage: Stage) -> None:
@@ -482,8 +435,7 @@ def _read_tensors(path: Path, device: str) -> dict:
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StageFileError(f"corrupt or truncated safetensors data ({reason})", path) from None
+        raise StageFileError(f"corrupt or truncated safetensors data ({reason(err)})", path) from None
 
 
 def source_digest(*digests: str) -> str:
@@ -491,3 +443,26 @@ def source_digest(*digests: str) -> str:
     import hashlib
 
     return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# stage files -> the pipeline's objects
+
+
+def audio_from_stage(stage: Stage):
+    """An audio stage file as the pipeline's :class:`~hallo3_cli.pipeline_hallo3.Hallo3Audio`."""
+    from hallo3_cli.pipeline_hallo3 import Hallo3Audio
+
+    return Hallo3Audio(stage["features"], stage.meta["num_frames"])
+
+
+def reference_from_stage(stage: Stage):
+    """A reference stage file as the pipeline's :class:`~hallo3_cli.pipeline_hallo3.Hallo3Reference`."""
+    from hallo3_cli.pipeline_hallo3 import Hallo3Reference
+
+    meta = stage.meta
+    return Hallo3Reference(
+        **{name: stage[name] for name in Hallo3Reference.TENSORS}, framing=meta["framing"],
+        source_width=meta["source_width"], source_height=meta["source_height"], face_found=meta["face_found"],
+        prompt=meta["prompt"],
+    )

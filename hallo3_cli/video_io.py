@@ -1,4 +1,4 @@
-"""Streaming mp4 writing with PyAV (SPEC §7.5).
+"""Streaming mp4 writing with PyAV (docs/model.md §7.5).
 
 :class:`VideoWriter` encodes frames as they arrive (H.264, yuv420p) and interleaves the speech track
 (AAC) alongside, trimmed to the video's length, so memory does not grow with the video. The file

@@ -55,7 +55,7 @@ def converted(fixture, tmp_path_factory):
     """The fixture's official weights written as an official checkpoint folder, converted and loaded."""
     import torch
 
-    from hallo3_cli.convert import convert_checkpoint
+    from hallo3_cli.hub.convert import convert_checkpoint
     from hallo3_cli.models import Hallo3ReferenceNet, Hallo3Transformer3DModel
 
     root = tmp_path_factory.mktemp("official")

@@ -21,10 +21,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HALLO3_PRESETS", str(REPO / "tests" / "presets_test.toml"))
 
-from hallo3_cli.loading import transformer_config  # noqa: E402
+from hallo3_cli.networks import transformer_config  # noqa: E402
 from hallo3_cli.models import Hallo3Transformer3DModel  # noqa: E402
 from hallo3_cli.parallel import Degrees, init_parallel, parallelize_transformer  # noqa: E402
-from hallo3_cli.presets import fill_random_, get_preset  # noqa: E402
+from hallo3_cli.networks import fill_random_
+from hallo3_cli.presets import get_preset  # noqa: E402
 
 LATENT = (13, 6, 10)  # 15 tokens per frame and in the bank: 226 + 195 tokens, uneven shards for 2, 3, 4 ranks
 

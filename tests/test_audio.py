@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from hallo3_cli.download import write_marker
+from hallo3_cli.store import write_marker
 from hallo3_cli import audio, stages, vocals
 from hallo3_cli.jobs import embed_audio
-from hallo3_cli.loading import load_audio_encoder, load_feature_extractor
+from hallo3_cli.loading import load_feature_extractor, load_network
 from hallo3_cli.errors import InputError, ModelError, OutputError
 from hallo3_cli.presets import get_preset
 
@@ -55,11 +55,11 @@ def tiny_official(official_dir):
 
 @pytest.fixture(scope="module")
 def tiny_random():
-    return load_audio_encoder(get_preset("tiny-random"), "cpu")
+    return load_network(get_preset("tiny-random"), "wav2vec", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
-# official numerics (SPEC §5 steps 2-5)
+# official numerics (docs/model.md §5 steps 2-5)
 
 
 def test_reproduces_official_tiny_audio(tiny_official):
@@ -136,7 +136,7 @@ def test_chunked_conv_features_equal_one_pass(monkeypatch, norm):
     overrides = {"feat_extract_norm": norm, "conv_bias": norm == "layer"}
     config = Wav2Vec2Config(**{**get_preset("tiny-random").config("wav2vec"), **overrides})
     model = Wav2Vec2Model(config).eval()
-    from hallo3_cli.presets import fill_random_
+    from hallo3_cli.networks import fill_random_
 
     fill_random_(model, 3, std=0.2)
     monkeypatch.setattr(audio, "CONV_CHUNK_FRAMES", 37)
@@ -162,7 +162,7 @@ def local_encoder():
     local (positional conv ±8 frames + per-frame layers), so windowing must not change anything."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from hallo3_cli.presets import fill_random_
+    from hallo3_cli.networks import fill_random_
 
     model = Wav2Vec2Model(Wav2Vec2Config(**get_preset("tiny-random").config("wav2vec"))).eval()
     fill_random_(model, 1, std=0.2)
@@ -201,8 +201,8 @@ def test_windowed_attention_stays_close_to_whole_file(tiny_random):
 
 
 def test_tiny_random_encoder_is_seeded_and_sized():
-    first = load_audio_encoder(get_preset("tiny-random"))
-    second = load_audio_encoder(get_preset("tiny-random"))
+    first = load_network(get_preset("tiny-random"), "wav2vec")
+    second = load_network(get_preset("tiny-random"), "wav2vec")
     extractor = load_feature_extractor(get_preset("tiny-random"))
     assert extractor.sampling_rate == 16000 and extractor.do_normalize
     assert first.config.hidden_size == 32 and first.config.num_hidden_layers == 2
@@ -215,12 +215,12 @@ def test_release_encoder_loads_from_the_model_home(tmp_path, monkeypatch, tiny_r
     monkeypatch.setenv("HALLO3_HOME", str(tmp_path))
     preset = get_preset("hallo3")
     with pytest.raises(ModelError, match="hallo3 download"):
-        load_audio_encoder(preset)
+        load_network(preset, "wav2vec")
     folder = preset.component_dir("wav2vec")
     tiny_random.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({"sampling_rate": 16000, "do_normalize": True}))
     write_marker(folder)  # installed: its files listed with their sizes
-    model = load_audio_encoder(preset)
+    model = load_network(preset, "wav2vec")
     assert load_feature_extractor(preset).do_normalize is True
     speech = speechlike(2.0)
     torch.testing.assert_close(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 import subprocess
 import sys
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from hallo3_cli.convert import convert_checkpoint, load_official_state_dict
+from hallo3_cli.hub.convert import convert_checkpoint, load_official_state_dict
 from hallo3_cli.errors import InputError, ModelError
 from hallo3_cli.models import Hallo3ReferenceNet, Hallo3Transformer3DModel
-from hallo3_cli.presets import fill_random_
+from hallo3_cli.networks import fill_random_
 
 # A second set of dimensions: 3 layers, 3 heads, other widths, a small 8×12 latent (2:3).
 OTHER_DIMS = dict(
@@ -107,23 +108,23 @@ def official_state(other_models):
     main, reference = other_models
     state = to_official(main.state_dict(), "model.diffusion_model.", OTHER_DIMS["num_layers"])
     state.update(to_official(reference.state_dict(), "ref_model.diffusion_model.", OTHER_DIMS["num_layers"]))
-    # Things a release carries that the converter must ignore (SPEC §1).
+    # Things a release carries that the converter must ignore (docs/model.md §1).
     state["model.diffusion_model.transformer.position_embeddings.weight"] = torch.randn(64, 192)
     state["first_stage_model.encoder.conv_in.weight"] = torch.randn(4, 3)
     state["conditioner.embedders.0.transformer.shared.weight"] = torch.randn(5, 4)
     return state
 
 
-def _forward(main, reference, seed=0):
+def _forward(main, reference, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     frames, h, w = 13, OTHER_DIMS["sample_height"], OTHER_DIMS["sample_width"]
-    x = torch.randn(2, frames, 32, h, w, generator=g)
-    text = torch.randn(2, 226, OTHER_DIMS["text_embed_dim"], generator=g)
-    audio = torch.randn(2, 49, 5, 12, MAIN_EXTRA["audio_channels"], generator=g)
-    face = torch.randn(2, 512, generator=g)
-    ref_latent = torch.randn(1, 1, 16, h, w, generator=g)
+    x = torch.randn(2, frames, 32, h, w, generator=g).to(dtype)
+    text = torch.randn(2, 226, OTHER_DIMS["text_embed_dim"], generator=g).to(dtype)
+    audio = torch.randn(2, 49, 5, 12, MAIN_EXTRA["audio_channels"], generator=g).to(dtype)
+    face = torch.randn(2, 512, generator=g).to(dtype)
+    ref_latent = torch.randn(1, 1, 16, h, w, generator=g).to(dtype)
     with torch.no_grad():
-        bank = reference(hidden_states=ref_latent, encoder_hidden_states=torch.zeros(1, 226, OTHER_DIMS["text_embed_dim"]))
+        bank = reference(hidden_states=ref_latent, encoder_hidden_states=torch.zeros(1, 226, OTHER_DIMS["text_embed_dim"], dtype=dtype))
         out = main(
             hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500.0, 500.0]),
             audio_embeds=audio, face_embeds=face, ref_states=bank, return_dict=False,
@@ -132,7 +133,7 @@ def _forward(main, reference, seed=0):
 
 
 def _write_training_save(path, module):
-    """A DeepSpeed/SAT-style training save: state dict under 'module' plus RNG bookkeeping (SPEC §1)."""
+    """A DeepSpeed/SAT-style training save: state dict under 'module' plus RNG bookkeeping (docs/model.md §1)."""
     import random
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +178,14 @@ def test_round_trip_at_other_dimensions(tmp_path, other_models, official_state):
     bank, out = _forward(main, reference)
     bank2, out2 = _forward(loaded_main, loaded_ref)
     assert out.shape == (2, 13, 16, 8, 12) and len(bank) == 3 and bank[0].shape == (1, 24, 192)
-    assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(bank, bank2))
+    # Equal weights compute the same function; the float32 sums may still round differently (the BLAS picks
+    # kernels by the tensors' memory alignment, and a loaded file is aligned differently): both runs must
+    # be within the spec gate of the exact (float64) result.
+    bank64, out64 = _forward(copy.deepcopy(main).double(), copy.deepcopy(reference).double(), dtype=torch.float64)
+    for got in (out, out2):
+        assert ((got.double() - out64).abs().max() / out64.abs().max()).item() <= 2e-6
+    for entries in (bank, bank2):
+        assert all(((a.double() - b).abs().max() / b.abs().max()).item() <= 2e-6 for a, b in zip(entries, bank64))
 
 
 def test_single_pt_and_safetensors_sources(tmp_path, official_state):

@@ -24,10 +24,12 @@ import torch
 from huggingface_hub.file_download import HfFileMetadata
 from test_convert import MAIN_EXTRA, OTHER_DIMS, to_official
 
-from hallo3_cli import download as dl
+import hallo3_cli.hub as weights
+from hallo3_cli import formatting, store
 from hallo3_cli.doctor import doctor, format_doctor
 from hallo3_cli.errors import InputError, ModelError, OutputError
-from hallo3_cli.presets import MODELS_TOML, fill_random_, get_preset
+from hallo3_cli.networks import fill_random_
+from hallo3_cli.presets import MODELS_TOML, get_preset
 
 RELEASE = "hallo3"
 
@@ -119,7 +121,7 @@ def hub_root(tmp_path_factory, tiny_dits):
     root = tmp_path_factory.mktemp("hub")
     preset = get_preset(RELEASE)
     made = {}
-    for source in dl.sources(preset):
+    for source in weights.sources(preset):
         base = root / source.repo / source.revision / source.subfolder
         base.mkdir(parents=True, exist_ok=True)
         if source.name == "dit":
@@ -135,7 +137,7 @@ def hub_root(tmp_path_factory, tiny_dits):
             if not path.exists():
                 path.write_text("{}" if file.endswith(".json") else f"fake {file}\n" * 50)
         made[source.name] = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
-    for source in dl.sources(preset):
+    for source in weights.sources(preset):
         assert set(source.files) <= set(made[source.name]), source.name
     return root
 
@@ -212,7 +214,7 @@ def _assert_nothing_incomplete_looks_complete(preset_dir: Path) -> None:
     for folder in preset_dir.iterdir():
         if folder.name.startswith(".") or folder.is_symlink() or folder.name in ("model_index.json", "scheduler"):
             continue  # the pipeline's index, scheduler config and component-name links (write_model_index)
-        marker = json.loads((folder / dl.MARKER).read_text())
+        marker = json.loads((folder / store.MARKER).read_text())
         assert marker["files"], folder
         for name, size in marker["files"].items():
             assert (folder / name).stat().st_size == size, (folder, name)
@@ -225,39 +227,39 @@ def _assert_nothing_incomplete_looks_complete(preset_dir: Path) -> None:
 def test_dry_run_lists_every_component_and_the_total_of_models_toml(home):
     with open(MODELS_TOML, "rb") as f:
         table = tomllib.load(f)[RELEASE]["components"]
-    report = dl.download(RELEASE, dry_run=True)
+    report = weights.download(RELEASE, dry_run=True)
     assert report.total == sum(entry["size"] for entry in table.values())
     assert 35e9 < report.total < 55e9
     assert {c.name for c in report.components} == set(table)
     assert all(c.action == "fetch" and c.size == table[c.name]["size"] for c in report.components)
     text = str(report)
     assert str(home / RELEASE) in text and "transformer/, reference/" in text
-    assert dl.human_size(report.total) in text
+    assert formatting.human_size(report.total) in text
     assert not home.exists()  # a dry run writes nothing
-    elsewhere = dl.download(RELEASE, dry_run=True, dest=home.parent / "elsewhere")
+    elsewhere = weights.download(RELEASE, dry_run=True, dest=home.parent / "elsewhere")
     assert elsewhere.home == home.parent / "elsewhere" / RELEASE and f"HALLO3_HOME={home.parent / 'elsewhere'}" in elsewhere.summary()
 
 
 def test_release_components_are_pinned_and_documented():
     preset = get_preset(RELEASE)
-    folders = dl.component_names(preset)
+    folders = weights.component_names(preset)
     assert sorted(folders) == sorted(
         ["transformer", "reference", "vae", "text_encoder", "tokenizer", "wav2vec", "face_analysis", "audio_separator",
          "syncnet"]
     )
-    for source in dl.sources(preset):
+    for source in weights.sources(preset):
         assert len(source.revision) == 40 and int(source.revision, 16) >= 0, source.name
         assert source.licence and source.size > 0 and source.files
-    dit = next(s for s in dl.sources(preset) if s.convert)
+    dit = next(s for s in weights.sources(preset) if s.convert)
     assert "CogVideoX" in dit.licence and dit.produces == ("transformer", "reference")
 
 
 def test_unknown_component_and_random_presets():
     with pytest.raises(InputError, match="unknown component 'nope'"):
-        dl.download(RELEASE, dry_run=True, components=["nope"])
-    report = dl.download("tiny-random")
+        weights.download(RELEASE, dry_run=True, components=["nope"])
+    report = weights.download("tiny-random")
     assert report.components == [] and "generated in memory" in report.summary()
-    dl.ensure_weights("tiny-random", ["transformer", "vae"], allow_download=False)  # no-op
+    weights.ensure_weights("tiny-random", ["transformer", "vae"], allow_download=False)  # no-op
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def test_unknown_component_and_random_presets():
 def test_fetch_installs_loadable_components_and_a_second_run_does_nothing(hub, home, tiny_dits, monkeypatch):
     from transformers import T5EncoderModel
 
-    from hallo3_cli.loading import load_audio_encoder, load_feature_extractor, load_reference, load_transformer, load_vae
+    from hallo3_cli.loading import load_feature_extractor, load_network
 
     preset = get_preset(RELEASE)
     preset_dir = home / RELEASE
@@ -276,29 +278,29 @@ def test_fetch_installs_loadable_components_and_a_second_run_does_nothing(hub, h
 
     def spy_replace(src, dst, *args, **kwargs):  # a component folder must be complete before it appears
         if Path(dst).parent == preset_dir and not Path(dst).name.startswith(".") and Path(src).is_dir():
-            published.append((Path(dst).name, (Path(src) / dl.MARKER).is_file()))
+            published.append((Path(dst).name, (Path(src) / store.MARKER).is_file()))
         return real_replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", spy_replace)
-    report = dl.download(RELEASE, progress=False)
-    assert sorted(published) == sorted((name, True) for name in dl.component_names(preset))
+    report = weights.download(RELEASE, progress=False)
+    assert sorted(published) == sorted((name, True) for name in weights.component_names(preset))
     assert report.home == preset_dir and not report.already_installed
     pipeline_files = {"model_index.json", "scheduler", "reference_net", "audio_encoder", "feature_extractor"}
     assert sorted(p.name for p in preset_dir.iterdir() if not p.name.startswith(".")) == sorted(
-        [*dl.component_names(preset), *pipeline_files])
-    assert not (preset_dir / dl.DOWNLOADS / "dit").exists()  # the staging checkpoint is deleted after conversion
-    assert not (preset_dir / dl.BUILD).exists()
+        [*weights.component_names(preset), *pipeline_files])
+    assert not (preset_dir / store.DOWNLOADS / "dit").exists()  # the staging checkpoint is deleted after conversion
+    assert not (preset_dir / store.BUILD).exists()
     _assert_nothing_incomplete_looks_complete(preset_dir)
-    marker = dl.read_marker(preset_dir / "transformer")
-    assert marker["revision"] == next(s for s in dl.sources(preset) if s.convert).revision
+    marker = store.read_marker(preset_dir / "transformer")
+    assert marker["revision"] == next(s for s in weights.sources(preset) if s.convert).revision
     assert marker["fingerprint"] and marker["source"] == "hub"
 
-    for ours, loaded in zip(tiny_dits, (load_transformer(preset), load_reference(preset))):
+    for ours, loaded in zip(tiny_dits, (load_network(preset, "transformer"), load_network(preset, "reference"))):
         state = loaded.state_dict()
         assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
-    assert list(load_vae(preset).config.block_out_channels) == [8] * 4
+    assert list(load_network(preset, "vae").config.block_out_channels) == [8] * 4
     assert T5EncoderModel.from_pretrained(preset.require("text_encoder")).config.d_model == 16
-    encoder = load_audio_encoder(preset)
+    encoder = load_network(preset, "wav2vec")
     assert encoder.config.hidden_size == 32 and load_feature_extractor(preset).sampling_rate == 16000
     assert (preset.require("face_analysis") / "glintr100.onnx").is_file()
 
@@ -317,82 +319,82 @@ def test_fetch_installs_loadable_components_and_a_second_run_does_nothing(hub, h
 
     fetched = list(hub.downloaded)
     stamps = {p: p.stat().st_mtime_ns for p in preset_dir.rglob("*")}
-    again = dl.download(RELEASE, progress=False)
+    again = weights.download(RELEASE, progress=False)
     assert again.already_installed and "already installed" in again.summary()
     assert hub.downloaded == fetched  # nothing fetched again
-    assert {p: p.stat().st_mtime_ns for p in preset_dir.rglob("*") if p.name != dl.LOCK} == {
-        p: t for p, t in stamps.items() if p.name != dl.LOCK
+    assert {p: p.stat().st_mtime_ns for p in preset_dir.rglob("*") if p.name != store.LOCK} == {
+        p: t for p, t in stamps.items() if p.name != store.LOCK
     }
-    dl.ensure_weights(preset, dl.component_names(preset), allow_download=False)  # all there: no error
+    weights.ensure_weights(preset, weights.component_names(preset), allow_download=False)  # all there: no error
 
 
 def test_interrupted_download_leaves_nothing_that_looks_complete_and_resumes(hub, home):
     preset_dir = home / RELEASE
     hub.fail_on = "hallo3/1/mp_rank_00_model_states.pt"  # the DiT comes last (largest)
     with pytest.raises(ModelError, match="cannot reach") as err:
-        dl.download(RELEASE, progress=False)
+        weights.download(RELEASE, progress=False)
     assert "\n" not in str(err.value)
     assert not (preset_dir / "transformer").exists() and not (preset_dir / "reference").exists()
-    dit = next(s for s in dl.sources(get_preset(RELEASE)) if s.convert)
-    assert dl.component_state(preset_dir, "transformer", dit).state == "partial"
+    dit = next(s for s in weights.sources(get_preset(RELEASE)) if s.convert)
+    assert store.component_state(preset_dir, "transformer", dit.name).state == "partial"
     _assert_nothing_incomplete_looks_complete(preset_dir)
     with pytest.raises(ModelError, match="not installed"):
-        dl.ensure_weights(RELEASE, ["transformer"], allow_download=False)
+        weights.ensure_weights(RELEASE, ["transformer"], allow_download=False)
     first = list(hub.downloaded)
     assert "hallo3/latest" in first and "vae/config.json" in first
 
     hub.fail_on = None
-    report = dl.download(RELEASE, progress=False)
+    report = weights.download(RELEASE, progress=False)
     assert {c.name: c.action for c in report.components} == {
-        s.name: "fetch" if s.convert else "installed" for s in dl.sources(get_preset(RELEASE))
+        s.name: "fetch" if s.convert else "installed" for s in weights.sources(get_preset(RELEASE))
     }
     assert "rerun the same command to resume" in str(err.value)
     assert hub.downloaded[len(first):] == ["hallo3/1/mp_rank_00_model_states.pt"]  # only what was missing
     _assert_nothing_incomplete_looks_complete(preset_dir)
-    assert dl.component_state(preset_dir, "reference").state == "complete"
+    assert store.component_state(preset_dir, "reference").state == "complete"
 
 
 def test_corrupt_transfer_is_refused(hub, home):
     hub.truncate = "vae/diffusion_pytorch_model.safetensors"
     with pytest.raises(ModelError, match="the Hub announced"):
-        dl.download(RELEASE, progress=False, components=["vae"])
+        weights.download(RELEASE, progress=False, components=["vae"])
     assert not (home / RELEASE / "vae").exists()
     hub.truncate = None
     hub.garble = "vae/diffusion_pytorch_model.safetensors"
     with pytest.raises(ModelError, match="diffusion_pytorch_model.safetensors from THUDM.* is damaged.*rerun"):
-        dl.download(RELEASE, progress=False, components=["vae"])
+        weights.download(RELEASE, progress=False, components=["vae"])
     assert not (home / RELEASE / "vae").exists()
     hub.garble = None
-    dl.download(RELEASE, progress=False, components=["vae"])
-    assert dl.component_state(home / RELEASE, "vae").state == "complete"
+    weights.download(RELEASE, progress=False, components=["vae"])
+    assert store.component_state(home / RELEASE, "vae").state == "complete"
     assert hub.downloaded.count("vae/diffusion_pytorch_model.safetensors") == 3  # refetched after each failure
     (home / RELEASE / "vae" / "config.json").write_text("{}")  # changed behind our back
-    assert dl.component_state(home / RELEASE, "vae").state == "damaged"
+    assert store.component_state(home / RELEASE, "vae").state == "damaged"
 
 
 def test_converted_folders_are_checked_against_the_model_class(hub, home, tmp_path):
-    dl.download(RELEASE, progress=False, components=["dit"])
+    weights.download(RELEASE, progress=False, components=["dit"])
     folder = tmp_path / "transformer"
     shutil.copytree(home / RELEASE / "transformer", folder)
-    dl.verify_converted(folder, "Hallo3Transformer3DModel")
+    weights.verify_converted(folder, "Hallo3Transformer3DModel")
     with pytest.raises(ModelError, match="do not match Hallo3ReferenceNet: unexpected .*audio"):
-        dl.verify_converted(folder, "Hallo3ReferenceNet")
+        weights.verify_converted(folder, "Hallo3ReferenceNet")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_layers": config["num_layers"] + 1}))
     with pytest.raises(ModelError, match=r"missing transformer_blocks\.3\."):
-        dl.verify_converted(folder, "Hallo3Transformer3DModel")
+        weights.verify_converted(folder, "Hallo3Transformer3DModel")
     (folder / "config.json").write_text(json.dumps(config))
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-4])
+    shard = folder / "diffusion_pytorch_model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4])
     with pytest.raises(ModelError, match="truncated"):
-        dl.verify_converted(folder, "Hallo3Transformer3DModel")
+        weights.verify_converted(folder, "Hallo3Transformer3DModel")
 
 
 def test_not_enough_disk_space_fails_before_writing_anything(hub, home, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(OutputError, match=r"not enough free disk space.*only 1\.0 kB free"):
-        dl.download(RELEASE, progress=False)
+        weights.download(RELEASE, progress=False)
     assert not home.exists() and hub.downloaded == []
 
 
@@ -400,17 +402,17 @@ def test_a_second_concurrent_download_is_refused(hub, home):
     from filelock import FileLock
 
     (home / RELEASE).mkdir(parents=True)
-    with FileLock(str(home / RELEASE / dl.LOCK)):
+    with FileLock(str(home / RELEASE / store.LOCK)):
         with pytest.raises(ModelError, match="another 'hallo3 download' is installing"):
-            dl.download(RELEASE, progress=False, components=["tokenizer"])
+            weights.download(RELEASE, progress=False, components=["tokenizer"])
     assert hub.downloaded == []
-    dl.download(RELEASE, progress=False, components=["tokenizer"])
-    assert dl.component_state(home / RELEASE, "tokenizer").state == "complete"
+    weights.download(RELEASE, progress=False, components=["tokenizer"])
+    assert store.component_state(home / RELEASE, "tokenizer").state == "complete"
 
 
 def test_ensure_weights_downloads_what_is_missing_and_announces_it(hub, home, caplog):
     with caplog.at_level("WARNING", logger="hallo3"):
-        dl.ensure_weights(RELEASE, ["vae", "wav2vec"], progress=False)
+        weights.ensure_weights(RELEASE, ["vae", "wav2vec"], progress=False)
     assert any("downloading" in r.getMessage() and str(home / RELEASE) in r.getMessage() for r in caplog.records)
     assert sorted(p.name for p in (home / RELEASE).iterdir() if not p.name.startswith(".")) == ["vae", "wav2vec"]
     assert not any(p.startswith("hallo3/") for p in hub.downloaded)
@@ -423,17 +425,17 @@ def test_ensure_weights_downloads_what_is_missing_and_announces_it(hub, home, ca
 def test_offline_mode_refuses_with_the_command_to_run(home, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match=r"HF_HUB_OFFLINE=1.*run: hallo3 download --model hallo3$"):
-        dl.ensure_weights(RELEASE, ["transformer", "vae"])
+        weights.ensure_weights(RELEASE, ["transformer", "vae"])
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(ModelError, match=r"--no-download.*run: hallo3 download --model hallo3$"):
-        dl.ensure_weights(RELEASE, ["transformer"], allow_download=False)
+        weights.ensure_weights(RELEASE, ["transformer"], allow_download=False)
     assert not home.exists()
 
 
 _RUN = """
 import sys
 from hallo3_cli.errors import Hallo3Error
-from hallo3_cli.download import download
+from hallo3_cli.hub import download
 try:
     download(progress=False)
 except Hallo3Error as err:
@@ -483,7 +485,7 @@ def official(tmp_path_factory, tiny_dits):
 
 
 def test_import_official_folder_without_network(official, home, tiny_dits, monkeypatch):
-    from hallo3_cli.loading import load_reference, load_text_encoder, load_tokenizer, load_transformer
+    from hallo3_cli.loading import load_network, load_tokenizer
 
     def no_network(*args, **kwargs):
         raise AssertionError("--from must not touch the network")
@@ -492,11 +494,11 @@ def test_import_official_folder_without_network(official, home, tiny_dits, monke
     monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", no_network)
     before = sorted((p.relative_to(official), p.stat().st_size) for p in official.rglob("*") if p.is_file())
 
-    plan = dl.download(RELEASE, from_dir=official, dry_run=True)
+    plan = weights.download(RELEASE, from_dir=official, dry_run=True)
     assert not home.exists() and {c.name for c in plan.components if c.action == "import"} == {
         "dit", "text_encoder", "tokenizer", "wav2vec", "face_analysis", "audio_separator"
     }
-    report = dl.download(RELEASE, from_dir=official, progress=False)
+    report = weights.download(RELEASE, from_dir=official, progress=False)
     preset = get_preset(RELEASE)
     preset_dir = home / RELEASE
     assert [c.name for c in report.missing] == ["vae"]
@@ -504,10 +506,10 @@ def test_import_official_folder_without_network(official, home, tiny_dits, monke
     _assert_nothing_incomplete_looks_complete(preset_dir)
     assert sorted((p.relative_to(official), p.stat().st_size) for p in official.rglob("*") if p.is_file()) == before
 
-    for ours, loaded in zip(tiny_dits, (load_transformer(preset), load_reference(preset))):
+    for ours, loaded in zip(tiny_dits, (load_network(preset, "transformer"), load_network(preset, "reference"))):
         state = loaded.state_dict()
         assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())
-    tokenizer, encoder = load_tokenizer(preset), load_text_encoder(preset)
+    tokenizer, encoder = load_tokenizer(preset), load_network(preset, "text_encoder")
     assert encoder(tokenizer("a person talking", return_tensors="pt").input_ids)[0].shape[-1] == 16
     assert sorted(p.name for p in preset.require("tokenizer").iterdir() if not p.name.startswith(".")) == sorted(
         p.name for p in (official / "t5-v1_1-xxl").iterdir() if p.name.startswith(("tokenizer", "special"))
@@ -519,7 +521,7 @@ def test_import_official_folder_without_network(official, home, tiny_dits, monke
     with pytest.raises(ModelError, match="hallo3 download --model hallo3"):
         preset.require("vae")
 
-    again = dl.download(RELEASE, from_dir=official, progress=False)
+    again = weights.download(RELEASE, from_dir=official, progress=False)
     assert [c.name for c in again.components if c.action not in ("installed", "skipped")] == ["vae"]
     assert [c.name for c in again.components if c.action == "skipped"] == ["syncnet"]  # optional, not in that layout
     assert all(c.size == 0 for c in again.components if c.action == "installed")
@@ -528,9 +530,9 @@ def test_import_official_folder_without_network(official, home, tiny_dits, monke
 def test_import_rejects_a_folder_that_is_not_official(tmp_path, home):
     (tmp_path / "random").mkdir()
     with pytest.raises(InputError, match="not an official pretrained_models"):
-        dl.download(RELEASE, from_dir=tmp_path / "random")
+        weights.download(RELEASE, from_dir=tmp_path / "random")
     with pytest.raises(InputError, match="not a folder"):
-        dl.download(RELEASE, from_dir=tmp_path / "nope")
+        weights.download(RELEASE, from_dir=tmp_path / "nope")
     assert not home.exists()
 
 
@@ -539,9 +541,9 @@ def test_import_rejects_a_folder_that_is_not_official(tmp_path, home):
 
 
 def test_doctor_reports_states_disk_and_fit(hub, home):
-    dl.download(RELEASE, progress=False, components=["wav2vec"])
-    (home / RELEASE / dl.DOWNLOADS / "vae").mkdir(parents=True)
-    (home / RELEASE / dl.DOWNLOADS / "vae" / "part.incomplete").write_bytes(b"x" * 1000)
+    weights.download(RELEASE, progress=False, components=["wav2vec"])
+    (home / RELEASE / store.DOWNLOADS / "vae").mkdir(parents=True)
+    (home / RELEASE / store.DOWNLOADS / "vae" / "part.incomplete").write_bytes(b"x" * 1000)
     report = doctor(RELEASE, device="cpu", dtype="bfloat16")
     states = {c["name"]: c["state"] for c in report["components"]}
     assert states["wav2vec"] == "complete" and states["vae"] == "partial" and states["transformer"] == "missing"

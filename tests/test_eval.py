@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hallo3_cli.download import write_marker
+from hallo3_cli.store import write_marker
 from hallo3_cli.errors import InputError, ModelError
 from hallo3_cli.evaluate import frames as vf
 from hallo3_cli.evaluate.mfcc import mfcc, to_pcm16

@@ -1,4 +1,4 @@
-"""Face analysis (SPEC §4) on small ONNX graphs built here: fake SCRFD detectors whose outputs are
+"""Face analysis (docs/model.md §4) on small ONNX graphs built here: fake SCRFD detectors whose outputs are
 simple functions of the image, and fake ArcFace recognizers with known arithmetic."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from hallo3_cli.download import write_marker
+from hallo3_cli.store import write_marker
 from hallo3_cli import face  # noqa: E402
 from hallo3_cli.errors import ModelError  # noqa: E402
 
@@ -479,15 +479,16 @@ def test_from_dir_and_presets(tmp_path, models, monkeypatch):
     analyzer = face.FaceAnalyzer.from_dir(tmp_path)
     assert analyzer.detector.path.parent == release
 
+    from hallo3_cli.loading import load_face_analyzer
     from hallo3_cli.presets import get_preset
 
-    assert face.load_face_analyzer(get_preset("tiny-random")) is None
+    assert load_face_analyzer(get_preset("tiny-random")) is None
     monkeypatch.setenv("HALLO3_HOME", str(tmp_path / "home"))
     with pytest.raises(ModelError, match="face_analysis"):
-        face.load_face_analyzer(get_preset("hallo3"))
+        load_face_analyzer(get_preset("hallo3"))
     component = tmp_path / "home" / "hallo3" / "face_analysis"
     component.mkdir(parents=True)
     for name in (face.DETECTOR_FILE, face.RECOGNIZER_FILE):
         (component / name).write_bytes(release.joinpath(name).read_bytes())
     write_marker(component)  # installed: its files listed with their sizes
-    assert isinstance(face.load_face_analyzer(get_preset("hallo3")), face.FaceAnalyzer)
+    assert isinstance(load_face_analyzer(get_preset("hallo3")), face.FaceAnalyzer)

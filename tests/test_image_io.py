@@ -1,4 +1,4 @@
-"""load_image (modes, orientation, huge and bad inputs) and the SPEC §7.1 framing."""
+"""load_image (modes, orientation, huge and bad inputs) and the docs/model.md §7.1 framing."""
 
 from __future__ import annotations
 

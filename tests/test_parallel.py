@@ -138,7 +138,7 @@ def test_cfg_split_keeps_shared_inputs():
 # -- cost model ------------------------------------------------------------------------------
 
 
-FLOPS = 700e12  # one batch-2 CFG call at production size (SPEC §9)
+FLOPS = 700e12  # one batch-2 CFG call at production size (docs/model.md §9)
 
 
 def test_cost_of_one_gpu_is_the_compute_alone():
@@ -252,7 +252,7 @@ def test_plan_command_with_gpus_prints_the_parallel_keys(capsys):
 
 def test_one_rank_speaks_for_a_parallel_render(monkeypatch):
     """Who prints a failure (``hallo3 render --parallel video``): see ``session.reports_failure``."""
-    from hallo3_cli.parallel import session
+    from hallo3_cli.jobs import parallel_session as session
 
     monkeypatch.setitem(session._active, "stage", "none")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -86,9 +86,9 @@ def status(name):
                 return int(line.split()[1]) * 1024
 
 preset = get_preset(sys.argv[1])
-nets = {"transformer": loading.load_transformer(preset, "cpu", torch.float32),
-        "reference": loading.load_reference(preset, "cpu", torch.float32),
-        "vae": loading.load_vae(preset, "cpu", torch.float32)}
+nets = {"transformer": loading.load_network(preset, "transformer", "cpu", torch.float32),
+        "reference": loading.load_network(preset, "reference", "cpu", torch.float32),
+        "vae": loading.load_network(preset, "vae", "cpu", torch.float32)}
 results = {}
 for spec in sys.argv[2:]:
     step, height, width = spec.split(":")
@@ -162,7 +162,7 @@ def production():
 def test_release_configuration_is_the_official_checkpoint(official_dir):
     import inspect
 
-    from hallo3_cli.convert import infer_config
+    from hallo3_cli.hub.convert import infer_config
     from hallo3_cli.models import Hallo3ReferenceNet, Hallo3Transformer3DModel
 
     manifest = json.loads((official_dir / "manifest_full.json").read_text())["parameters"]
@@ -195,7 +195,7 @@ def test_production_weights_and_fp8_halves_the_dits():
 def test_production_flops_match_the_spec_and_the_parts(production):
     default = production["none", "bf16"]
     per_forward = default.flops_per_forward  # one DiT call at batch 2 (CFG)
-    # SPEC §9: ≈ 350 TFLOP per batch-1 forward without the face/audio cross-attention projections:
+    # docs/model.md §9: ≈ 350 TFLOP per batch-1 forward without the face/audio cross-attention projections:
     # per video token and layer 2·d² for the two queries, and the output projections folded into the
     # values (d · heads · context tokens: 3072 · 48 · (4 + 32)) ≈ 34.8 TFLOP in all
     cross = 2 * 42 * 17550 * (2 * 3072**2 + 3072 * 48 * 36)
@@ -270,7 +270,7 @@ def test_bad_arguments():
 
 
 def _dit_forward_flops(config: dict, frames: int, height: int, width: int, text: int, batch: int = 2) -> int:
-    """Multiply-adds × 2 of one Hallo3 DiT forward, counted by hand from the architecture (SPEC §2)."""
+    """Multiply-adds × 2 of one Hallo3 DiT forward, counted by hand from the architecture (docs/model.md §2)."""
     heads = config["num_attention_heads"]
     d = heads * config.get("attention_head_dim", 64)
     temb, p = config["time_embed_dim"], 2
@@ -302,7 +302,7 @@ def _cross_attention_flops(batch: int, frames: int, video: int, d: int, heads: i
 
 
 def test_traced_flops_equal_an_analytic_count():
-    from hallo3_cli.loading import transformer_config
+    from hallo3_cli.networks import transformer_config
     from hallo3_cli.presets import get_preset
 
     preset = get_preset("tiny-random")
@@ -330,10 +330,10 @@ def test_random_preset_networks_match_the_loaders():
     preset = get_preset("tiny-random")
     counted = planning.weight_bytes(preset, dtype="float32")  # weights stored in the compute dtype
     built = {
-        "transformer": loading.load_transformer(preset),
-        "reference": loading.load_reference(preset),
-        "vae": loading.load_vae(preset),
-        "text_encoder": loading.load_text_encoder(preset),
+        "transformer": loading.load_network(preset, "transformer"),
+        "reference": loading.load_network(preset, "reference"),
+        "vae": loading.load_network(preset, "vae"),
+        "text_encoder": loading.load_network(preset, "text_encoder"),
     }
     for name, module in built.items():
         assert counted[name] == sum(t.nbytes for t in [*module.parameters(), *module.buffers()]), name

@@ -9,8 +9,10 @@ import torch
 
 from hallo3_cli import stages
 from hallo3_cli.errors import Hallo3Error
-from hallo3_cli.jobs import RenderSettings, _finished_parts, render_key
-from hallo3_cli.pipeline_hallo3 import clip_audio, clip_generator, num_clips
+from hallo3_cli.geometry import num_clips
+from hallo3_cli.jobs import RenderSettings, render_key
+from hallo3_cli.jobs.resume import _finished_parts
+from hallo3_cli.pipeline_hallo3 import clip_audio, clip_generator
 from hallo3_cli.presets import get_preset
 from hallo3_cli.runtime import Runtime
 
@@ -56,16 +58,22 @@ def test_clip_generators_are_independent_and_reproducible():
 
 
 def test_settings_are_validated_by_the_pipeline():
+    """The pipeline takes the ranges the CLI takes (one range per option: hallo3_cli.options); a bad value is a
+    ValueError naming the argument, and a usage error (exit 2) if it reaches the CLI."""
     from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
 
     check = Hallo3Pipeline.check_inputs
     pipe = object.__new__(Hallo3Pipeline)  # check_inputs reads nothing but its arguments and the class
-    for steps, scale in ((0, 3.5), (1001, 3.5), (2.5, 3.5), (4, float("nan")), (4, float("inf")), (4, 1e9), (4, "x")):
-        with pytest.raises(Hallo3Error) as info:
+    cases = ((0, 3.5, "num_inference_steps"), (1001, 3.5, "num_inference_steps"), (2.5, 3.5, "num_inference_steps"),
+             (4, float("nan"), "guidance_scale"), (4, float("inf"), "guidance_scale"), (4, 1e9, "guidance_scale"),
+             (4, "x", "guidance_scale"), (4, -1.0, "guidance_scale"))
+    for steps, scale, name in cases:
+        with pytest.raises(ValueError, match=name) as info:
             check(pipe, steps, scale)
-        assert info.value.exit_code == 2
+        assert isinstance(info.value, Hallo3Error) and info.value.exit_code == 2
     check(pipe, 1, 3.5)
-    check(pipe, 1000, -1.0)
+    check(pipe, 1000, 0.0)
+    check(pipe, 1000, 100.0)
 
 
 def _stage(kind, tensors, **meta):

@@ -68,7 +68,7 @@ def one_shot(inputs, tmp_path_factory):
 
 
 def video_frames(speech: Path) -> int:
-    """The official frame count: ``ceil(samples / 16000 * 25)`` in floating point (SPEC §5.3)."""
+    """The official frame count: ``ceil(samples / 16000 * 25)`` in floating point (docs/model.md §5.3)."""
     from hallo3_cli.audio_io import load_audio
 
     return math.ceil(len(load_audio(speech)) / 16000 * 25)

@@ -21,6 +21,7 @@ import torch
 from hallo3_cli import fsutil, stages
 from hallo3_cli.cli import main
 from hallo3_cli.errors import InputError, NonFiniteError, OutputError, StageFileError
+from hallo3_cli.networks import network_widths
 from hallo3_cli.presets import get_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,7 +262,7 @@ def test_non_finite_error_names_clip_and_step():
 
 def tiny_audio_stage(path: Path, **changes) -> Path:
     preset = get_preset("tiny-random")
-    widths = stages.preset_widths(preset)
+    widths = network_widths(preset)
     features = changes.pop("features", torch.randn(49, widths["audio_layers"], widths["audio_width"]))
     meta = {"model": preset.name, "params": {}, "source_sha256": "0" * 64, "fps": 25, "num_frames": 40,
             "clip_length": 49, "sample_rate": 16000}
@@ -272,7 +273,7 @@ def tiny_audio_stage(path: Path, **changes) -> Path:
 
 def tiny_reference_tensors(**changes) -> dict:
     preset = get_preset("tiny-random")
-    w = stages.preset_widths(preset)
+    w = network_widths(preset)
     h, wd = preset.height // 8, preset.width // 8
     tensors = {
         "image": torch.zeros(3, preset.height, preset.width),
@@ -342,14 +343,15 @@ def test_edited_fingerprint_is_refused(tmp_path):
         stages.load_stage(path, stages.AUDIO)
 
 
-def test_release_widths_are_the_model_defaults():
-    """The one table of release sizes agrees with the model classes' defaults (the release's config)."""
+def test_release_widths_are_the_model_defaults(tmp_path, monkeypatch):
+    """The release's stage-file widths come from the model classes' defaults (the release's config, checked
+    against the official manifest in test_models), or from an installed config.json."""
     from hallo3_cli.models import Hallo3Transformer3DModel
 
+    monkeypatch.setenv("HALLO3_HOME", str(tmp_path))  # nothing installed
     defaults = {k: v.default for k, v in inspect.signature(Hallo3Transformer3DModel.__init__).parameters.items()}
-    widths = stages.preset_widths(get_preset("hallo3")) if not (get_preset("hallo3").component_dir("transformer") / "config.json").exists() else stages.RELEASE_WIDTHS
-    assert widths == stages.RELEASE_WIDTHS
-    assert widths["dit_layers"] == defaults["num_layers"]
+    widths = network_widths(get_preset("hallo3"))
+    assert widths["dit_layers"] == defaults["num_layers"] == 42
     assert widths["dit_width"] == defaults["num_attention_heads"] * defaults["attention_head_dim"]
     assert (widths["text_width"], widths["audio_layers"], widths["audio_width"], widths["patch"]) == (
         defaults["text_embed_dim"], defaults["audio_layers"], defaults["audio_channels"], defaults["patch_size"])
@@ -431,7 +433,7 @@ def test_readme_xargs_line_runs_as_written(tmp_path):
 
 
 def test_job_lock_excludes_and_leaves_nothing(tmp_path):
-    from hallo3_cli.jobs import job_lock
+    from hallo3_cli.jobs.common import job_lock
 
     lock = tmp_path / ".out.mp4.lock"
     inside, overlaps = [], []

@@ -63,7 +63,7 @@ def test_without_gradio_the_command_says_how_to_install(tmp_path):
 
 def test_auth_file_format_and_permissions(tmp_path):
     from hallo3_cli.errors import InputError
-    from hallo3_cli.web import read_auth_file
+    from hallo3_cli.web.auth import read_auth_file
 
     good = tmp_path / "users"
     good.write_text("# team logins\nana:s3cret:with:colons\n\n bo : pw \n")

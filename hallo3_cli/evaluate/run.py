@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hallo3_cli.errors import InputError
-from hallo3_cli.evaluate import frames as vf
+import hallo3_cli.evaluate.frames as vf
 from hallo3_cli.evaluate.mfcc import SAMPLE_RATE, to_pcm16
 from hallo3_cli.evaluate.scores import FPS, IdentityResult, SyncResult, SyncScorer, check_audio_length, cosine, summarise_seconds
 from hallo3_cli.fsutil import atomic_path, check_outputs, require_file
@@ -145,14 +145,14 @@ def evaluate_video(
     portrait = _load_portrait(ref_path) if ref_path is not None else None
 
     if analyzer is None or syncnet is None:
-        from hallo3_cli.download import ensure_weights
+        from hallo3_cli.hub import ensure_weights
 
         needed = (["face_analysis"] if analyzer is None else []) + (["syncnet"] if syncnet is None else [])
         ensure_weights(preset, needed, allow_download=allow_download)
     if analyzer is None:
-        from hallo3_cli.face import load_face_analyzer, providers_for_device
+        from hallo3_cli.loading import load_face_analyzer
 
-        analyzer = load_face_analyzer(preset, providers_for_device(device))
+        analyzer = load_face_analyzer(preset, device)
     if syncnet is None:
         from hallo3_cli.evaluate.syncnet import load_syncnet
 

@@ -23,7 +23,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from hallo3_cli.errors import ModelError
+from hallo3_cli.components import random_seed
+from hallo3_cli.errors import ModelError, reason as first_line
 
 #: release prefix -> ours
 ORIGINAL_PREFIXES = {
@@ -142,9 +143,9 @@ def convert_original_state_dict(state: dict, model: SyncNetModel | None = None) 
 
 
 def randomize_(model: SyncNetModel, seed: int, std: float = 0.02) -> SyncNetModel:
-    """Seeded random weights (:func:`~hallo3_cli.presets.fill_random_`) with BatchNorm kept sane:
+    """Seeded random weights (:func:`~hallo3_cli.networks.fill_random_`) with BatchNorm kept sane:
     scales around 1 and running variances 1 + |x| (a negative variance would give NaN)."""
-    from hallo3_cli.presets import fill_random_
+    from hallo3_cli.networks import fill_random_
 
     fill_random_(model, seed, std=std)
     with torch.no_grad():
@@ -160,7 +161,6 @@ def randomize_(model: SyncNetModel, seed: int, std: float = 0.02) -> SyncNetMode
 
 SYNCNET_COMPONENT = "syncnet"
 SYNCNET_FILE = "syncnet_v2.model"
-_RANDOM_SALT = 6  # after loading.py's transformer..wav2vec salts
 
 
 def load_syncnet(preset, device="cpu") -> SyncNetModel:
@@ -173,7 +173,7 @@ def load_syncnet(preset, device="cpu") -> SyncNetModel:
     (the file is a pickled state dict; only tensors and plain containers are admitted).
     """
     if preset.is_random:
-        model = randomize_(SyncNetModel(**preset.config(SYNCNET_COMPONENT)), preset.seed * 100 + _RANDOM_SALT)
+        model = randomize_(SyncNetModel(**preset.config(SYNCNET_COMPONENT)), random_seed(preset.seed, SYNCNET_COMPONENT))
     else:
         from hallo3_cli.fsutil import sha256_file
 
@@ -189,7 +189,7 @@ def load_syncnet(preset, device="cpu") -> SyncNetModel:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             raise ModelError(f"cannot be loaded as plain tensors (weights_only): {reason[:200]}", path) from None
         model = SyncNetModel()
         model.load_state_dict(convert_original_state_dict(state, model))

@@ -1,7 +1,7 @@
 """Attention processors of the Hallo3 DiTs (swappable, diffusers-style).
 
 Both take every extra argument explicitly: diffusers' ``Attention.forward`` silently drops keyword
-arguments that a processor's ``__call__`` does not declare (SPEC §8b.10).
+arguments that a processor's ``__call__`` does not declare (docs/model.md §8b.10).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
 class Hallo3SelfAttnProcessor:
     """Joint self-attention over ``[text | video]`` plus the reference-network bank as extra keys.
 
-    - qk-LayerNorm on every token, RoPE on the video slice only (SPEC §2.2).
+    - qk-LayerNorm on every token, RoPE on the video slice only (docs/model.md §2.2).
     - The reference tokens go through this layer's ``to_k``/``to_v`` and ``norm_k`` without RoPE.
       The official code also gives them query rows and then discards those outputs; appending them
-      only as keys/values is numerically identical and saves one frame of queries (SPEC §8b.6).
+      only as keys/values is numerically identical and saves one frame of queries (docs/model.md §8b.6).
     """
 
     def __call__(
@@ -82,7 +82,7 @@ class Hallo3SelfAttnProcessor:
 
 
 class Hallo3CrossAttnProcessor:
-    """Face / audio cross-attention (SPEC §2.3–2.4, §8b.7).
+    """Face / audio cross-attention (docs/model.md §2.3–2.4, §8b.7).
 
     The query and the keys use the layer's self-attention q/k LayerNorms (passed in as
     ``norm_q``/``norm_k`` rather than registered twice: safetensors refuses shared tensors), and the
@@ -138,7 +138,7 @@ class Hallo3FoldedCrossAttnProcessor(Hallo3CrossAttnProcessor):
     projections. Same maths, other summation order. The scores are a (batch, heads, N, K) tensor:
     linear in N. Used when ``heads·K < dim`` and the output weight is a plain tensor on the compute
     device in the compute dtype; otherwise (offload hooks that load weights inside the module call,
-    fp8 storage, long contexts) it takes the SDPA path of the parent class.
+    fp8 storage, a LoRA adapter on the output projection, long contexts) it takes the SDPA path of the parent class.
     """
 
     def __call__(
@@ -154,7 +154,8 @@ class Hallo3FoldedCrossAttnProcessor(Hallo3CrossAttnProcessor):
         out_proj = attn.to_out[0]
         weight = out_proj.weight
         foldable = (
-            attention_mask is None
+            type(out_proj) is torch.nn.Linear  # not a LoRA-wrapped layer: its adapter must run in its own call
+            and attention_mask is None
             and attn.heads * encoder_hidden_states.shape[1] < weight.shape[1]
             and weight.device == hidden_states.device
             and weight.dtype == hidden_states.dtype

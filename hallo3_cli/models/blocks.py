@@ -19,7 +19,7 @@ class Hallo3PatchEmbed(CogVideoXPatchEmbed):
 
     diffusers replaces the learned table with fresh sin-cos whenever the latent frame count is not the
     configured one; the 1-frame reference pass would silently hit that. The official code always adds
-    ``pos_embedding[:, :text + video_tokens]`` (SPEC §8b.1). The table is float32 (diffusers: float64).
+    ``pos_embedding[:, :text + video_tokens]`` (docs/model.md §8b.1). The table is float32 (diffusers: float64).
     """
 
     def __init__(self, *args, **kwargs):
@@ -47,7 +47,7 @@ class Hallo3PatchEmbed(CogVideoXPatchEmbed):
 def video_rotary_embedding(
     num_frames: int, grid_height: int, grid_width: int, head_dim: int, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAT's 3D RoPE for a ``num_frames × grid_height × grid_width`` token grid (SPEC §8b.9)."""
+    """SAT's 3D RoPE for a ``num_frames × grid_height × grid_width`` token grid (docs/model.md §8b.9)."""
     cos, sin = get_3d_rotary_pos_embed(
         embed_dim=head_dim,
         crops_coords=((0, 0), (grid_height, grid_width)),
@@ -64,11 +64,15 @@ def video_rotary_embedding(
 class Hallo3Block(CogVideoXBlock):
     """A CogVideoX block with Hallo3's reference keys and (main DiT only) face and audio cross-attention.
 
-    Order (SPEC §2): adaLN → joint self-attention over ``[text | video]`` + reference keys → gated
+    Order (docs/model.md §2): adaLN → joint self-attention over ``[text | video]`` + reference keys → gated
     residuals → face cross-attention (no gate) → audio cross-attention (no gate) → adaLN-gated MLP.
     The modulated video input of the self-attention (``norm1``'s first output) is returned too: in the
-    reference network it is the bank entry of this layer (SPEC §3, §8b.5).
+    reference network it is the bank entry of this layer (docs/model.md §3, §8b.5).
     """
+
+    #: The forward's arguments in order (gradient checkpointing passes them positionally).
+    INPUTS = ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "attention_kwargs", "ref_states",
+              "face_tokens", "audio_tokens", "query_rotary_emb", "bank_only")
 
     def __init__(
         self,
@@ -98,7 +102,7 @@ class Hallo3Block(CogVideoXBlock):
 
     @staticmethod
     def _cross_attention(dim: int, context_dim: int, heads: int, head_dim: int) -> Attention:
-        # No qk_norm of its own: it borrows the self-attention's (SPEC §8b.7).
+        # No qk_norm of its own: it borrows the self-attention's (docs/model.md §8b.7).
         return Attention(
             query_dim=dim,
             cross_attention_dim=context_dim,
@@ -146,13 +150,14 @@ class Hallo3Block(CogVideoXBlock):
         encoder_hidden_states = encoder_hidden_states + enc_gate_msa * attn_encoder
 
         if self.has_cross_attention:
-            # No gates on the cross-attention residuals (SPEC §2.3–2.4).
+            # No gates on the cross-attention residuals (docs/model.md §2.3–2.4).
             hidden_states = hidden_states + self._per_frame_cross_attention(
                 self.attn_face, self.norm_face(hidden_states), face_tokens, query_rotary_emb
             )
-            hidden_states = hidden_states + self._per_frame_cross_attention(
-                self.attn_audio, self.norm_audio(hidden_states), audio_tokens, query_rotary_emb
-            )
+            if audio_tokens is not None:  # (none: the stage-1 model of the release, which has no audio path)
+                hidden_states = hidden_states + self._per_frame_cross_attention(
+                    self.attn_audio, self.norm_audio(hidden_states), audio_tokens, query_rotary_emb
+                )
 
         norm_hidden_ff, norm_encoder_ff, gate_ff, enc_gate_ff = self.norm2(hidden_states, encoder_hidden_states, temb)
         ff_output = self.ff(torch.cat([norm_encoder_ff, norm_hidden_ff], dim=1))

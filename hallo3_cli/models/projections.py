@@ -1,4 +1,4 @@
-"""Audio and face projections of the Hallo3 main DiT (SPEC §4, §5.6)."""
+"""Audio and face projections of the Hallo3 main DiT (docs/model.md §4, §5.6)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ class AudioProjModel(nn.Module):
 
     ``(B, frames, window, layers, channels)`` → MLP per frame → ``context_tokens × output_dim`` →
     temporal compression with ONE ``conv1`` applied repeatedly (49 → 25 → 13): while the length is
-    odd, frame 0 is kept and frames 1.. are convolved pairwise (SPEC §8b.8) → LayerNorm.
+    odd, frame 0 is kept and frames 1.. are convolved pairwise (docs/model.md §8b.8) → LayerNorm.
     """
 
     def __init__(

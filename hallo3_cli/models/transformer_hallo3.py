@@ -1,45 +1,44 @@
-"""Hallo3's main DiT: CogVideoX-5B-I2V with reference keys, face and audio cross-attention (SPEC §2)."""
+"""Hallo3's main DiT: CogVideoX-5B-I2V with reference keys, face and audio cross-attention (docs/model.md §2)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from diffusers.configuration_utils import register_to_config
-from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (DiffusionPipeline.from_pretrained looks it up here)
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.cache_utils import CacheMixin
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXTransformer3DModel
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import AdaLayerNorm
+from diffusers.utils import apply_lora_scale
 from torch import nn
 
 from hallo3_cli.models.blocks import Hallo3Block, Hallo3PatchEmbed, video_rotary_embedding
 from hallo3_cli.models.projections import AudioProjModel, FaceProjModel
 
 
-#: Config entries handed to ``CogVideoXTransformer3DModel``'s constructor.
-_PARENT_ARGUMENTS = (
-    "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "time_embed_dim", "text_embed_dim",
-    "sample_width", "sample_height", "sample_frames", "patch_size", "temporal_compression_ratio",
-    "max_text_seq_length", "norm_eps",
-)
+class Hallo3DiTMixin(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
+    """What the main DiT and the reference network share: CogVideoX's layout (the same module names as
+    diffusers' ``CogVideoXTransformer3DModel``, so its conversion rules and LoRA target names apply), built from
+    the registered config, and the forward preamble (time embedding, patch embedding, rotary embedding).
 
-
-class Hallo3DiTMixin:
-    """What the main DiT and the reference network share on top of ``CogVideoXTransformer3DModel``."""
+    Trainable as any diffusers model: ``enable_gradient_checkpointing()`` (per block), the PEFT adapter API
+    (``add_adapter``, ``set_adapters``, ``save_lora_adapter``/``load_lora_adapter``), a LoRA scale through
+    ``attention_kwargs={"scale": s}``.
+    """
 
     _no_split_modules = ["Hallo3Block", "Hallo3PatchEmbed"]
     _repeated_blocks = ["Hallo3Block"]  # for compile_repeated_blocks()
-    _supports_gradient_checkpointing = False
+    _skip_layerwise_casting_patterns = ["patch_embed", "norm"]
+    _supports_gradient_checkpointing = True
 
-    def _build_common(self, *, num_layers: int, face_cross_attention_dim=None, audio_cross_attention_dim=None):
-        """Build both DiTs from the registered config: the parent's undecorated constructor makes the time
-        embedding, final norms and projection; blocks and patch embedding are ours."""
+    def _build(self, *, num_layers: int, face_cross_attention_dim: int | None = None,
+               audio_cross_attention_dim: int | None = None) -> None:
+        """The modules of both DiTs from the registered config (called by each constructor)."""
         config = self.config
-        CogVideoXTransformer3DModel.__init__.__wrapped__(
-            self,
-            **{name: config[name] for name in _PARENT_ARGUMENTS},
-            num_layers=0,
-            use_rotary_positional_embeddings=True,
-        )
         inner_dim = config.num_attention_heads * config.attention_head_dim
         self.patch_embed = Hallo3PatchEmbed(
             patch_size=config.patch_size,
@@ -52,6 +51,9 @@ class Hallo3DiTMixin:
             temporal_compression_ratio=config.temporal_compression_ratio,
             max_text_seq_length=config.max_text_seq_length,
         )
+        # Time embedding = [cos, sin] of the timestep (docs/model.md §8b.3).
+        self.time_proj = Timesteps(inner_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(inner_dim, config.time_embed_dim, "silu")
         self.transformer_blocks = nn.ModuleList(
             Hallo3Block(
                 dim=inner_dim,
@@ -64,11 +66,15 @@ class Hallo3DiTMixin:
             )
             for _ in range(num_layers)
         )
-        # The official final_layer.norm_final uses eps 1e-6; diffusers builds it with norm_eps (SPEC §8b.4).
-        self.norm_out.norm.eps = 1e-6
+        self.norm_final = nn.LayerNorm(inner_dim, config.norm_eps, elementwise_affine=True)
+        # The official final_layer.norm_final uses eps 1e-6, not norm_eps (docs/model.md §8b.4).
+        self.norm_out = AdaLayerNorm(embedding_dim=config.time_embed_dim, output_dim=2 * inner_dim,
+                                     norm_elementwise_affine=True, norm_eps=1e-6, chunk_dim=1)
+        self.proj_out = nn.Linear(inner_dim, config.patch_size * config.patch_size * config.out_channels)
+        self.gradient_checkpointing = False
 
     def time_embedding_of(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``time_embed(timestep_embedding(t))`` with embedding = [cos, sin] (SPEC §2.1, §8b.3)."""
+        """``time_embed(timestep_embedding(t))`` (docs/model.md §2.1, §8b.3)."""
         return self.time_embedding(self.time_proj(timestep).to(dtype))
 
     def rotary_embedding(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +87,27 @@ class Hallo3DiTMixin:
             self._rotary_cache = cache = (key, rope)
         return cache[1]
 
-    def _embed(self, hidden_states, encoder_hidden_states):
-        tokens = self.patch_embed(encoder_hidden_states, hidden_states)
+    def _prepare(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep):
+        """The forward preamble of both DiTs: ``(video tokens, text tokens, temb, rope)``."""
+        batch = hidden_states.shape[0]
+        dtype = hidden_states.dtype
+        timestep = torch.as_tensor(timestep, device=hidden_states.device, dtype=torch.float32).reshape(-1).expand(batch)
+        temb = self.time_embedding_of(timestep, dtype)
+        tokens = self.patch_embed(encoder_hidden_states.to(dtype), hidden_states)
         text_length = encoder_hidden_states.shape[1]
         # contiguous: every block then sees the same strides (no torch.compile recompilation)
-        return tokens[:, text_length:].contiguous(), tokens[:, :text_length].contiguous()
+        hidden, text = tokens[:, text_length:].contiguous(), tokens[:, :text_length].contiguous()
+        return hidden, text, temb, self.rotary_embedding(hidden_states)
+
+    def _run_block(self, block: Hallo3Block, **inputs) -> tuple:
+        """One block; checkpointed when gradient checkpointing is on and gradients are being recorded
+        (diffusers' checkpointing function takes positional arguments: passed in the block's order)."""
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, *(inputs.get(name) for name in Hallo3Block.INPUTS))
+        return block(**inputs)
 
 
-class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
+class Hallo3Transformer3DModel(Hallo3DiTMixin):
     """The Hallo3 denoiser (v-prediction).
 
     Call convention::
@@ -132,7 +151,8 @@ class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
         face_tokens: int = 4,
         face_cross_attention_dim: int = 1024,
     ):
-        self._build_common(
+        super().__init__()
+        self._build(
             num_layers=num_layers,
             face_cross_attention_dim=face_cross_attention_dim,
             audio_cross_attention_dim=audio_cross_attention_dim,
@@ -159,6 +179,7 @@ class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
         """(B, 512) → (B, tokens, dim) (through the module call, like :meth:`project_audio`)."""
         return self(face_embeds=face_embeds, return_dict=False)[1]
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor | None = None,
@@ -172,6 +193,9 @@ class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
         attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> tuple[torch.Tensor] | Transformer2DModelOutput:
+        """Without ``audio_embeds`` and ``audio_tokens`` the audio cross-attention is skipped: the release's
+        stage-1 model, which has no audio path (docs/model.md §10.4). ``attention_kwargs={"scale": s}`` scales
+        LoRA adapters."""
         if hidden_states is None:  # projections only: (audio_tokens, face_tokens), see project_audio()
             return (
                 self.audio_proj(audio_embeds) if audio_embeds is not None else None,
@@ -180,31 +204,26 @@ class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
         batch, frames, _, height, width = hidden_states.shape
         if ref_states is None or len(ref_states) != len(self.transformer_blocks):
             raise ValueError(f"ref_states must hold one tensor per layer ({len(self.transformer_blocks)})")
-        if audio_tokens is None:
-            if audio_embeds is None:
-                raise ValueError("pass audio_embeds or audio_tokens")
+        if audio_tokens is None and audio_embeds is not None:
             audio_tokens = self.audio_proj(audio_embeds)
         if face_tokens is None:
             if face_embeds is None:
                 raise ValueError("pass face_embeds or face_tokens")
             face_tokens = self.face_proj(face_embeds)
-        if audio_tokens.shape[1] != frames:
+        if audio_tokens is not None and audio_tokens.shape[1] != frames:
             raise ValueError(f"audio gives {audio_tokens.shape[1]} latent frames, the latent has {frames}")
 
         dtype = hidden_states.dtype
-        timestep = torch.as_tensor(timestep, device=hidden_states.device, dtype=torch.float32).reshape(-1).expand(batch)
-        temb = self.time_embedding_of(timestep, dtype)
-        hidden, text = self._embed(hidden_states, encoder_hidden_states.to(dtype))
-
-        rope = self.rotary_embedding(hidden_states)
+        hidden, text, temb, rope = self._prepare(hidden_states, encoder_hidden_states, timestep)
         tokens_per_frame = hidden.shape[1] // frames
-        query_rope = (rope[0][:tokens_per_frame], rope[1][:tokens_per_frame])  # frame-0 positions (SPEC §2.3)
-        audio_context = audio_tokens.to(dtype).flatten(0, 1)  # (B·frames, tokens, dim)
+        query_rope = (rope[0][:tokens_per_frame], rope[1][:tokens_per_frame])  # frame-0 positions (docs/model.md §2.3)
+        audio_context = audio_tokens.to(dtype).flatten(0, 1) if audio_tokens is not None else None  # (B·frames, tokens, dim)
         face_context = face_tokens.to(dtype).repeat_interleave(frames, dim=0)
 
         for block, ref in zip(self.transformer_blocks, ref_states):
             # (a First Block Cache hook may return just (hidden, text) for skipped blocks)
-            hidden, text = block(
+            hidden, text = self._run_block(
+                block,
                 hidden_states=hidden,
                 encoder_hidden_states=text,
                 temb=temb,
@@ -216,7 +235,7 @@ class Hallo3Transformer3DModel(Hallo3DiTMixin, CogVideoXTransformer3DModel):
                 query_rotary_emb=query_rope,
             )[:2]
 
-        # final_layernorm, then the final layer's own norm_final (SPEC §2, "double final norm")
+        # final_layernorm, then the final layer's own norm_final (docs/model.md §2, "double final norm")
         hidden = self.proj_out(self.norm_out(self.norm_final(hidden), temb=temb))
         p = self.config.patch_size
         output = hidden.reshape(batch, frames, height // p, width // p, -1, p, p)

@@ -10,7 +10,7 @@ Pieces and what carries them:
   all-gathers the two halves.
 - **Sequence parallel** (:mod:`.engine`, :mod:`.processors`): each rank holds a contiguous, possibly
   uneven shard of the joint ``[text | video]`` tokens and of the reference bank (extra keys/values,
-  SPEC §8b.6). Norms, adaLN and the MLP are per token and run on the shard as they are. RoPE rows
+  docs/model.md §8b.6). Norms, adaLN and the MLP are per token and run on the shard as they are. RoPE rows
   are cut with the tokens; the per-frame face/audio cross-attention goes by each token's latent
   frame (a shard may straddle frames). Attention: Ulysses all-to-all over heads (``ulysses`` must
   divide the heads), then an all-gather of the keys/values over the ring ranks, then local attention

@@ -29,7 +29,7 @@ from hallo3_cli.parallel.degrees import Degrees, ParallelUsageError
 #: Nominal one-direction bandwidth per GPU, bytes/s: NVLink 4 on H100/H200 SXM (900 GB/s both
 #: directions); PCIe 4.0 x16 as achieved by peer copies (32 GB/s nominal).
 INTERCONNECTS = {"nvlink": 450e9, "pcie": 25e9}
-#: Dense bf16 throughput assumed for compute time (an H100 SXM's sustained rate, as in SPEC §9).
+#: Dense bf16 throughput assumed for compute time (an H100 SXM's sustained rate, as in docs/model.md §9).
 DEFAULT_TFLOPS = 800.0
 
 
@@ -79,7 +79,7 @@ def parallel_cost(
 ) -> ParallelCost:
     """Cost of one batch-2 CFG denoiser call (``flops_per_step`` FLOPs on one GPU) split by ``degrees``.
 
-    Sizes default to the production model (SPEC §2, §9): 226 text, 13·1350 video and 1350 reference
+    Sizes default to the production model (docs/model.md §2, §9): 226 text, 13·1350 video and 1350 reference
     tokens, width 3072, 42 layers, ``output_channels`` = patch² × 16. ``bandwidth``: a key of
     :data:`INTERCONNECTS` or bytes/s.
     """

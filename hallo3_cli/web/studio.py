@@ -1,19 +1,7 @@
-"""``hallo3 serve``: the whole render as a Gradio web page (the optional extra ``pip install "hallo3-cli[web]"``).
+"""The page's work, without Gradio (testable): the sessions, the models kept loaded between jobs, the one-GPU
+lock, and the render worker whose events the page shows."""
 
-The page drives :class:`hallo3_cli.jobs.VideoRenderer`, exactly what ``hallo3 render`` runs, on the same
-stage cache: the same inputs, seed and settings give the same latents as the CLI, finished clips are kept
-(a cancelled render resumes), and another seed on the same portrait and speech reuses their stage files.
-
-Security model: the server binds 127.0.0.1 unless told otherwise, and refuses any other address without
-an auth file (lines ``user:password``, not readable by others). Users only upload files (no path typed in
-the page is ever opened); uploads are limited in size and speech duration; each browser session has its own
-folder in a private temporary directory (removed when the session ends and when the server stops) for
-its renders and clip previews; bad inputs show the CLI's one-line message. Shared between sessions: the
-stage cache (``--cache-dir``; stage files and finished clips, keyed by content, never shown or served)
-and the one GPU: one render at a time, the others wait in Gradio's queue with their position shown.
-"""
-
-# No ``from __future__ import annotations``: Gradio reads the handlers' annotations (gr.Request) at runtime.
+from __future__ import annotations
 
 import contextlib
 import logging
@@ -22,79 +10,20 @@ import os
 import queue
 import re
 import shutil
-import stat
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hallo3_cli.errors import Hallo3Error, InputError, UsageError
+from hallo3_cli import geometry, options
+from hallo3_cli.errors import Hallo3Error, InputError, UsageError, reason
+from hallo3_cli.runtime import OFFLOAD_CHOICES
 
 log = logging.getLogger("hallo3")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7860
-DEFAULT_MAX_UPLOAD_MB = 50.0
 DEFAULT_MAX_SPEECH_SECONDS = 600.0
-#: Addresses that only this machine can reach: serving there needs no auth file.
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-MEMORY_MODES = ("auto", "none", "model", "group", "sequential")
-INSTALL_HINT = 'the web page needs Gradio, an optional extra: pip install "hallo3-cli[web]"'
 #: Seconds between two progress updates sent to the page (tiny models step far faster than a browser repaints).
 UPDATE_INTERVAL = 0.25
-
-
-# ---------------------------------------------------------------------------------------------
-# start-up checks (no Gradio needed)
-
-
-def check_host(host: str, auth_file: str | os.PathLike | None) -> None:
-    """Only a local address may be served without an auth file."""
-    if host not in LOCAL_HOSTS and auth_file is None:
-        raise UsageError(f"--host {host} opens the page to the network: give --auth-file FILE (lines user:password), "
-                         f"or keep the default {DEFAULT_HOST}")
-
-
-def read_auth_file(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """``user:password`` lines (blank lines and ``#`` comments ignored; the password is everything after the
-    first colon). Refused if others may read it (``chmod 600 FILE``), if a line is malformed, or if empty."""
-    from hallo3_cli.fsutil import require_file
-
-    path = require_file(path)
-    mode = path.stat().st_mode
-    if os.name == "posix" and mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise InputError(f"holds passwords but is readable or writable by others (mode {stat.S_IMODE(mode):o}); "
-                         "run chmod 600 on it", path)
-    users = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read the auth file ({err})", path) from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        user, sep, password = line.partition(":")
-        if not sep or not user.strip() or not password:
-            raise InputError(f"line {number}: expected user:password", path)
-        users.append((user.strip(), password))
-    if not users:
-        raise InputError("has no user:password line", path)
-    return users
-
-
-def require_gradio():
-    """The gradio module, or a one-line error saying how to install it."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home, at import or at page load
-    try:
-        import gradio
-    except ImportError:
-        raise Hallo3Error(INSTALL_HINT) from None
-    return gradio
-
-
-# ---------------------------------------------------------------------------------------------
-# the page's work, without Gradio (testable functions)
 
 
 def one_line(err: BaseException, names: dict[str, str]) -> str:
@@ -102,8 +31,7 @@ def one_line(err: BaseException, names: dict[str, str]) -> str:
     if isinstance(err, Hallo3Error):
         message = str(err)
     else:  # as the CLI's main() reports an unexpected error
-        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        message = f"{type(err).__name__}: {text}"
+        message = f"{type(err).__name__}: {reason(err)}"
     for path, name in sorted(names.items(), key=lambda item: -len(item[0])):
         message = message.replace(path, name)
     return message
@@ -128,10 +56,10 @@ def check_speech(path: str | os.PathLike, max_seconds: float) -> float:
 
 def memory_verdict(preset, memory: str, vae_tiling: bool) -> str:
     """What ``plan`` predicts for this memory mode on this machine's device, in one line."""
-    from hallo3_cli.doctor import _cpu_device
-    from hallo3_cli.download import human_size
-    from hallo3_cli.plan import plan
-    from hallo3_cli.runtime import DEVICE_RESERVE, Runtime, choose_memory_mode, free_device_memory, resolve_device
+    from hallo3_cli.doctor import cpu_device
+    from hallo3_cli.formatting import memory_size
+    from hallo3_cli.plan import DEVICE_RESERVE, choose_memory_mode, free_device_memory, plan
+    from hallo3_cli.runtime import Runtime, resolve_device
 
     device = resolve_device("auto")
     try:
@@ -145,14 +73,14 @@ def memory_verdict(preset, memory: str, vae_tiling: bool) -> str:
                 prefix = f"auto → {offload}{' + VAE tiling' if tiling else ''}: "
             need = plan(preset, offload=offload, vae_tiling=tiling, device_kind="cuda").peak_device_bytes
             if free is None:
-                return f"{prefix}{device}: planned peak {human_size(need)}; free memory unknown"
+                return f"{prefix}{device}: planned peak {memory_size(need)}; free memory unknown"
             fits = "fits" if need + DEVICE_RESERVE <= free else "does NOT fit"
-            return f"{prefix}{device}: planned peak {human_size(need)} of {human_size(free)} free — {fits}"
+            return f"{prefix}{device}: planned peak {memory_size(need)} of {memory_size(free)} free — {fits}"
         planned = plan(preset, offload="none", vae_tiling=vae_tiling, device_kind="cpu")
-        free = _cpu_device()["free"]
-        available = f" of {human_size(free)} available" if free else ""
+        free = cpu_device()["free"]
+        available = f" of {memory_size(free)} available" if free else ""
         return (f"{device}: memory is shared with the host, offloading moves nothing; planned peak "
-                f"{human_size(planned.peak_host_bytes)} of RAM{available}")
+                f"{memory_size(planned.peak_host_bytes)} of RAM{available}")
     except Hallo3Error as err:
         return f"plan unavailable: {err}"
 
@@ -213,11 +141,13 @@ class Studio:
 
     def __init__(self, model: str, *, cache_dir: str | os.PathLike, root: str | os.PathLike,
                  max_speech_seconds: float = DEFAULT_MAX_SPEECH_SECONDS):
+        from hallo3_cli import stages
         from hallo3_cli.jobs import require_weights
         from hallo3_cli.presets import get_preset
 
         self.preset = get_preset(model)
-        require_weights(self.preset, ("embed-audio", "encode-ref", "render"), allow_download=True)
+        # every weight a render needs, checked (or fetched) before the page starts, not at its first render
+        require_weights(self.preset, (stages.AUDIO, stages.REFERENCE, stages.CLIPS), allow_download=True)
         self.cache_dir = Path(cache_dir)
         self.root = Path(root)
         self.max_speech_seconds = float(max_speech_seconds)
@@ -263,8 +193,8 @@ class Studio:
         from hallo3_cli.jobs import VideoRenderer
         from hallo3_cli.runtime import Runtime
 
-        if memory not in MEMORY_MODES:
-            raise UsageError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got {memory!r}")
+        if memory not in OFFLOAD_CHOICES:
+            raise UsageError(f"memory mode must be one of {', '.join(OFFLOAD_CHOICES)}, got {memory!r}")
         if self._renderer is not None and self._renderer[:2] == (memory, bool(vae_tiling)):
             return self._renderer[2]
         self._renderer = None
@@ -275,11 +205,11 @@ class Studio:
 
     def framer(self):
         """A CPU pipeline for framing previews (only its face models ever load)."""
-        from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
+        from hallo3_cli.loading import PipelineLoader
         from hallo3_cli.runtime import Runtime
 
         if self._framer is None:
-            self._framer = Hallo3Pipeline.from_preset(self.preset, Runtime(device="cpu"), lazy=True)
+            self._framer = PipelineLoader(self.preset, Runtime(device="cpu")).need("face_analyzer")
         return self._framer
 
     def preview(self, face: str | None):
@@ -294,13 +224,13 @@ class Studio:
 
         try:
             seed, steps = int(seed), int(steps)
-            cfg = float(cfg)
-        except (TypeError, ValueError):
-            raise UsageError(f"seed and steps must be whole numbers and CFG a number, got {seed!r}, {steps!r}, {cfg!r}") from None
-        if not 1 <= steps <= 1000:
-            raise UsageError(f"steps must be from 1 to 1000, got {steps}")
-        if not (math.isfinite(cfg) and -100 <= cfg <= 100):
-            raise UsageError(f"CFG must be a finite number between -100 and 100, got {cfg}")
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(f"seed and steps must be whole numbers, got {seed!r}, {steps!r}") from None
+        try:
+            options.check_steps(steps, "steps")
+            cfg = options.check_guidance(cfg, "CFG scale")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         return RenderSettings.for_preset(self.preset, seed, steps, cfg)
 
     def render_events(self, session: Session, face: str, speech: str, prompt: str | None, settings, memory: str,
@@ -308,7 +238,6 @@ class Studio:
         """The render itself (runs in a worker thread): puts ``(kind, ...)`` events for the page."""
         from hallo3_cli.image_io import crop_box_for_output
         from hallo3_cli.jobs import Job
-        from hallo3_cli.pipeline_hallo3 import num_clips
         from hallo3_cli.video_io import VideoWriter
 
         preset = self.preset
@@ -320,7 +249,7 @@ class Studio:
             events.put(("status", "embedding the speech"))
             audio = renderer.audio_stage(Path(speech), self.cache_dir)
             num_frames = audio.meta["num_frames"]
-            events.put(("total", num_clips(num_frames, preset.clip_length, preset.motion_frames)))
+            events.put(("total", geometry.num_clips(num_frames, preset.clip_length, preset.motion_frames)))
             if cancel.is_set():
                 raise Cancelled
             events.put(("status", "encoding the portrait"))
@@ -340,7 +269,7 @@ class Studio:
 
             def on_clip(clip):
                 new = preset.clip_length - preset.motion_frames
-                frames = clip.frames[preset.motion_frames:][: num_frames - clip.index * new]
+                frames = geometry.new_frames(clip.frames, preset.motion_frames, num_frames - clip.index * new)
                 path = clips_dir / f"clip_{clip.index + 1:05d}.mp4"
                 with VideoWriter(path, preset.width, preset.height, fps=preset.fps, crop=crop) as writer:
                     writer.write(frames)
@@ -489,158 +418,3 @@ def _duration(seconds: float) -> str:
         return f"{minutes} min {seconds:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
-
-
-# ---------------------------------------------------------------------------------------------
-# the page
-
-
-CSS = "#status {min-height: 2.5em} footer {display: none !important}"
-
-
-def build_page(studio: Studio):
-    """The Gradio Blocks of the page (``/render`` is its API)."""
-    import gradio as gr
-
-    preset = studio.preset
-
-    def portrait_file(payload):
-        """The portrait's preprocess: the uploaded file untouched (gr.Image would open it with PIL first), so the
-        render decodes it as the CLI does and a bad file gets the CLI's message. (An instance attribute, not a
-        subclass: Gradio writes a .pyi stub next to the module of every component subclass.)"""
-        return None if payload is None or not payload.path else str(payload.path)
-
-    def error(err: BaseException, *paths) -> Exception:
-        return gr.Error(one_line(err, {str(p): Path(str(p)).name for p in paths if p}), print_exception=False)
-
-    def on_preview(face, request: gr.Request):
-        if face is not None:
-            studio.session(request.session_hash).uploads.add(str(face))
-        try:
-            return studio.preview(face)
-        except Hallo3Error as err:
-            raise error(err, face) from None
-
-    def on_speech(speech):
-        if speech is None:
-            return ""
-        try:
-            seconds = check_speech(speech, studio.max_speech_seconds)
-        except Hallo3Error as err:
-            raise error(err, speech) from None
-        return f"speech: {seconds:.1f} s"
-
-    def on_memory(memory, vae_tiling):
-        return memory_verdict(preset, memory, bool(vae_tiling))
-
-    def render(face, speech, prompt=preset.default_prompt, seed=42, steps=preset.steps, cfg=preset.cfg,
-               memory="auto", vae_tiling=False, request: gr.Request = None, progress=gr.Progress()):
-        session = studio.session(request.session_hash if request is not None else None)
-        session.uploads.update(str(path) for path in (face, speech) if path is not None)
-        try:
-            for video, clips, status, name in studio.render(session, face, speech, prompt, seed, steps, cfg, memory,
-                                                             vae_tiling, progress):
-                renders = gr.skip() if name is None else gr.update(choices=list(session.renders), value=name)
-                yield (gr.skip() if video is None else video), clips, status, renders
-        except Exception as err:  # noqa: BLE001 - the page shows one line, the server log the traceback
-            if not isinstance(err, Hallo3Error):
-                log.error("render failed: %s", one_line(err, {}))
-            raise error(err, face, speech) from None
-
-    def cancel(request: gr.Request):
-        return studio.cancel(studio.session(request.session_hash))
-
-    def reopen(name, request: gr.Request):
-        try:
-            return studio.reopen(studio.session(request.session_hash), name)
-        except Hallo3Error as err:
-            raise error(err) from None
-
-    def unload(request: gr.Request):
-        studio.end_session(request.session_hash)
-
-    with gr.Blocks(title="Hallo3", analytics_enabled=False, delete_cache=(3600, 6 * 3600)) as page:
-        gr.Markdown(f"## Hallo3 — talking portrait\nModel **{preset.name}**"
-                    + (" (random weights: the output is noise)" if preset.is_random else "")
-                    + f" · {preset.width}×{preset.height}, {preset.fps} fps · one render at a time, others queue")
-        with gr.Row():
-            with gr.Column():
-                face = gr.Image(label="Portrait", type="filepath", sources=["upload"],
-                                elem_id="face", height=260)
-                face.preprocess = portrait_file
-                speech = gr.Audio(label="Speech (upload or record)", type="filepath", sources=["upload", "microphone"],
-                                  elem_id="speech")
-                prompt = gr.Textbox(label="Prompt", value=preset.default_prompt, lines=2, elem_id="prompt")
-                with gr.Row():
-                    seed = gr.Number(label="Seed", value=42, precision=0, elem_id="seed")
-                    steps = gr.Number(label="Steps", value=preset.steps, precision=0, minimum=1, maximum=1000, elem_id="steps")
-                    cfg = gr.Number(label="CFG scale", value=preset.cfg, minimum=-100, maximum=100, elem_id="cfg")
-                with gr.Row():
-                    memory = gr.Dropdown(MEMORY_MODES, value="auto", label="Memory mode", elem_id="memory")
-                    vae_tiling = gr.Checkbox(label="VAE tiling", value=False, elem_id="vae_tiling")
-                verdict = gr.Markdown(elem_id="verdict")
-                with gr.Row():
-                    go = gr.Button("Render", variant="primary", elem_id="render")
-                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
-            with gr.Column():
-                with gr.Row():
-                    framed = gr.Image(label="Model frame (face box, mask, crop)", type="pil", format="png",
-                                      interactive=False, elem_id="framing", height=200)
-                    cropped = gr.Image(label="Video crop", type="pil", format="png", interactive=False,
-                                       elem_id="video_crop", height=200)
-                framing_caption = gr.Markdown(elem_id="framing_caption")
-                status = gr.Markdown(label="Status", elem_id="status")
-                clips = gr.Gallery(label="Clips so far", columns=4, height=170, elem_id="clips", interactive=False)
-                result = gr.Video(label="Result", elem_id="result", interactive=False, height=360)
-                renders = gr.Dropdown([], label="Past renders (this session)", elem_id="renders", interactive=True)
-
-        face.change(on_preview, face, [framed, cropped, framing_caption], concurrency_limit=2,
-                    concurrency_id="preview", api_name="framing")
-        speech.change(on_speech, speech, status, concurrency_limit=2, concurrency_id="preview",
-                      api_visibility="private")
-        memory.change(on_memory, [memory, vae_tiling], verdict, api_visibility="private", queue=False)
-        vae_tiling.change(on_memory, [memory, vae_tiling], verdict, api_visibility="private", queue=False)
-        page.load(on_memory, [memory, vae_tiling], verdict, api_visibility="private")
-        rendering = go.click(render, [face, speech, prompt, seed, steps, cfg, memory, vae_tiling], [result, clips, status, renders],
-                 concurrency_limit=1, concurrency_id="gpu", api_name="render", show_progress_on=[status])
-        # Cancel stops a running render within one step (its flag) and takes a waiting one out of the queue.
-        stop.click(cancel, None, status, queue=False, api_name="cancel")
-        stop.click(None, None, None, cancels=[rendering], api_visibility="private")
-        renders.select(reopen, renders, result, api_name="reopen")
-        page.unload(unload)
-    return page
-
-
-def serve(model: str = "hallo3", *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          auth_file: str | os.PathLike | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-          max_speech_seconds: float = DEFAULT_MAX_SPEECH_SECONDS, cache_dir: str | os.PathLike = ".hallo3-cache") -> None:
-    """Run the page until interrupted; prints its URL on stdout once it listens."""
-    check_host(host, auth_file)
-    if not (max_upload_mb > 0 and math.isfinite(max_upload_mb)):
-        raise UsageError(f"--max-upload-mb must be a positive number, got {max_upload_mb}")
-    if not (max_speech_seconds > 0 and math.isfinite(max_speech_seconds)):
-        raise UsageError(f"--max-speech-seconds must be a positive number, got {max_speech_seconds}")
-    users = read_auth_file(auth_file) if auth_file is not None else None
-    root = Path(tempfile.mkdtemp(prefix="hallo3-serve-"))  # 0700: this user's only
-    os.environ["GRADIO_TEMP_DIR"] = str(root / "uploads")  # Gradio's own copies of the uploads
-    try:
-        gr = require_gradio()
-        studio = Studio(model, cache_dir=cache_dir, root=root, max_speech_seconds=max_speech_seconds)
-        page = build_page(studio)
-        page.queue(default_concurrency_limit=1)
-        log.info("session files in %s (removed when the server stops)", root)
-        try:
-            page.launch(server_name=host, server_port=port, auth=users, max_file_size=int(max_upload_mb * (1 << 20)),
-                        prevent_thread_lock=True, quiet=True, show_error=True, ssr_mode=False, pwa=False,
-                        mcp_server=False, enable_monitoring=False, css=CSS, theme=gr.themes.Default())
-        except OSError:
-            raise Hallo3Error(f"cannot listen on {host}:{port}: the port is taken or the address is not this "
-                              "machine's (choose another with --port or --host)") from None
-        print(page.local_url if host in LOCAL_HOSTS else f"http://{host}:{port}/", flush=True)
-        try:
-            while page.is_running:
-                time.sleep(0.2)
-        finally:
-            page.close()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)

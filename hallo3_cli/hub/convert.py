@@ -23,7 +23,7 @@ from hallo3_cli.errors import InputError, ModelError, OutputError
 
 MAIN_PREFIX = "model.diffusion_model."
 REF_PREFIX = "ref_model.diffusion_model."
-#: Keys present in releases that we deliberately drop (SPEC §1).
+#: Keys present in releases that we deliberately drop (docs/model.md §1).
 IGNORED_PATTERNS = (
     r"^first_stage_model\.",
     r"^conditioner\.",
@@ -39,7 +39,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 def _harmless_numpy_globals() -> list:
-    """numpy types found in DeepSpeed/SAT RNG bookkeeping (SPEC §1); they construct plain arrays."""
+    """numpy types found in DeepSpeed/SAT RNG bookkeeping (docs/model.md §1); they construct plain arrays."""
     import numpy as np
 
     try:
@@ -50,7 +50,7 @@ def _harmless_numpy_globals() -> list:
     return [np.ndarray, np.dtype, _reconstruct, *dtype_classes]
 
 
-def _resolve_source(src: Path) -> Path:
+def resolve_checkpoint(src: Path) -> Path:
     if src.is_dir():
         latest = src / "latest"
         if not latest.is_file():
@@ -71,7 +71,7 @@ def load_official_state_dict(src: str | Path) -> dict[str, torch.Tensor]:
     ``src``: a checkpoint folder (``latest`` + ``<tag>/mp_rank_00_model_states.pt``), a ``.pt`` file,
     or a safetensors file holding the same keys.
     """
-    path = _resolve_source(Path(src))
+    path = resolve_checkpoint(Path(src))
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -233,8 +233,8 @@ _TOP_RENAMES = {
     "transformer.audio_proj": "audio_proj",
     "transformer.face_proj": "face_proj",
 }
-# adaLN_modulations.N.1 holds 12 chunks: video (shift, scale, gate) × (msa, mlp), then text (SPEC §1).
-# diffusers' norm1 takes chunks (0, 1, 2, 6, 7, 8), norm2 takes (3, 4, 5, 9, 10, 11) (SPEC §8b.2).
+# adaLN_modulations.N.1 holds 12 chunks: video (shift, scale, gate) × (msa, mlp), then text (docs/model.md §1).
+# diffusers' norm1 takes chunks (0, 1, 2, 6, 7, 8), norm2 takes (3, 4, 5, 9, 10, 11) (docs/model.md §8b.2).
 _ADALN_CHUNKS = {"norm1.linear": (0, 1, 2, 6, 7, 8), "norm2.linear": (3, 4, 5, 9, 10, 11)}
 
 

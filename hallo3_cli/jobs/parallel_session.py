@@ -1,10 +1,10 @@
 """One render on the processes torchrun started: the render's options, its process group, the few
 collectives the jobs layer needs (barrier, agreeing on a number), and who reports a failure.
 
-The jobs layer uses it like this (``hallo3_cli.jobs``)::
+The jobs use it like this::
 
     session = start_video(VideoParallel(ulysses=2), preset, runtime)  # before any load; exit 2 on a bad split
-    pipe = Hallo3Pipeline.from_preset(preset, session.runtime, lazy=True, parallel=session.config)
+    loader = PipelineLoader(preset, session.runtime, parallel=session.config)
     with session.guard():          # a failure anywhere stops every rank, one message
         ...                        # rank 0 (session.is_main) writes, the others only compute
 """
@@ -31,15 +31,9 @@ class VideoParallel:
 
 def transformer_heads(preset) -> int:
     """Attention heads of a preset's main DiT (known without loading it)."""
-    import inspect
+    from hallo3_cli.networks import transformer_arguments
 
-    from hallo3_cli.loading import network_config
-    from hallo3_cli.models import Hallo3Transformer3DModel
-
-    config = network_config(preset, "transformer")
-    if "num_attention_heads" in config:
-        return int(config["num_attention_heads"])
-    return int(inspect.signature(Hallo3Transformer3DModel.__init__).parameters["num_attention_heads"].default)
+    return int(transformer_arguments(preset)["num_attention_heads"])
 
 
 # -- who reports a failure ----------------------------------------------------------------------
@@ -168,7 +162,9 @@ def start_video(options: VideoParallel, preset, runtime) -> VideoSession:
     config = setup_parallel(transformer_heads(preset), cfg_parallel=options.cfg_parallel, ulysses=options.ulysses,
                             ring=options.ring, device=device, timeout=collective_timeout())
     runtime = dataclasses.replace(runtime, device=str(config.device))
-    return VideoSession(config, runtime.resolved(preset))
+    from hallo3_cli.loading import resolve_runtime
+
+    return VideoSession(config, resolve_runtime(runtime, preset))
 
 
 def collective_timeout() -> float:

@@ -1,0 +1,80 @@
+"""What the commands share: a render's settings, the weights a command needs, the cache lock."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from hallo3_cli import fsutil, stages
+from hallo3_cli.errors import StageFileError
+from hallo3_cli.presets import Preset
+from hallo3_cli.runtime import Runtime
+
+log = logging.getLogger("hallo3")
+
+#: Several processes on one cache folder (or output) wait in turn.
+job_lock = fsutil.exclusive_lock
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What a render depends on besides the stage files and the runtime."""
+
+    seed: int = 42
+    steps: int = 50
+    cfg: float = 3.5
+
+    @classmethod
+    def for_preset(cls, preset: Preset, seed: int = 42, steps: int | None = None, cfg: float | None = None) -> RenderSettings:
+        return cls(seed=seed, steps=preset.steps if steps is None else steps, cfg=preset.cfg if cfg is None else cfg)
+
+    def params(self, runtime: Runtime) -> dict:
+        """The stage-file ``params`` of a render with these settings."""
+        return {"seed": self.seed, "steps": self.steps, "cfg": self.cfg, "dtype": runtime.dtype, **runtime.affects_frames()}
+
+
+def fingerprint(preset: Preset, kind: stages.StageKind, params: dict | None = None) -> str:
+    """The weights fingerprint written into (and checked against, see ``stages.weights_components``) a stage file."""
+    return preset.fingerprint(*stages.weights_components(kind, preset, params))
+
+
+def require_weights(preset: Preset, kinds: tuple[stages.StageKind, ...], allow_download: bool = False,
+                    progress: bool = True, extra: tuple[str, ...] = ()) -> None:
+    """Fail (or, if allowed, download) before loading anything when the weights that make ``kinds`` of stage
+    files (and ``extra`` components) are missing."""
+    from hallo3_cli.hub import ensure_weights
+
+    needed = tuple(c for kind in kinds for c in stages.weights_components(kind, preset)) + extra
+    ensure_weights(preset, needed, allow_download=allow_download, progress=progress)
+
+
+_WARNED: set[str] = set()
+
+
+def warn_random(preset: Preset) -> None:
+    """Say once per process that a random preset's output is noise."""
+    if preset.is_random and preset.name not in _WARNED:
+        _WARNED.add(preset.name)
+        log.warning("model preset %r has RANDOM weights: its output is noise (for tests and trials only)", preset.name)
+
+
+def start_video(parallel, preset: Preset, runtime: Runtime | None):
+    """``--parallel video``: the split checked and the process group joined, before anything loads."""
+    from hallo3_cli.jobs.parallel_session import start_video as start
+
+    return start(parallel, preset, runtime or Runtime())
+
+
+def check_stages(preset: Preset, audio: stages.Stage, reference: stages.Stage) -> None:
+    """The stage files of one render belong to ``preset`` and to each other."""
+    for stage in (audio, reference):
+        if stage.model != preset.name:
+            raise StageFileError(f"was made with model preset {stage.model!r}, not {preset.name!r}", stage.path)
+    if audio.meta["clip_length"] != preset.clip_length or audio.meta["fps"] != preset.fps:
+        raise StageFileError("was made for another clip length or frame rate", audio.path)
+    if tuple(reference["image"].shape[1:]) != (preset.height, preset.width):
+        raise StageFileError(
+            f"holds a {reference['image'].shape[2]}×{reference['image'].shape[1]} frame, "
+            f"the {preset.name} model renders {preset.width}×{preset.height}",
+            reference.path,
+        )
