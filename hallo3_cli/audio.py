@@ -42,6 +42,7 @@ import sys
 import numpy as np
 
 from hallo3_cli.audio_io import SAMPLE_RATE
+from hallo3_cli.geometry import RELEASE
 
 WINDOW_SECONDS = 30.0
 """Longest span the encoder attends over; longer inputs are windowed (see the module docstring)."""
@@ -54,7 +55,7 @@ CONV_WHOLE_MAX_FRAMES = 1500
 NORM_EPS = 1e-7  # Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
 
 
-def num_video_frames(num_samples: int, fps: int = 25, sample_rate: int = SAMPLE_RATE) -> int:
+def num_video_frames(num_samples: int, fps: int = RELEASE["fps"], sample_rate: int = SAMPLE_RATE) -> int:
     """Video frames covering ``num_samples`` of audio: ``ceil(samples / rate * fps)`` (official float formula)."""
     return math.ceil(num_samples / sample_rate * fps)
 
@@ -62,8 +63,8 @@ def num_video_frames(num_samples: int, fps: int = 25, sample_rate: int = SAMPLE_
 def compute_features(
     waveform,
     encoder,
-    fps: int = 25,
-    clip_length: int = 49,
+    fps: int = RELEASE["fps"],
+    clip_length: int = RELEASE["clip_length"],
     *,
     normalize: bool = True,
     window_seconds: float | None = WINDOW_SECONDS,

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import math
 
+#: The release's video (docs/model.md §7): 480×720 frames, clips of 49 frames whose first 2 continue the previous
+#: clip, 25 fps, 226 text tokens. The ``hallo3`` preset and the pipeline's defaults are these.
+RELEASE = {"height": 480, "width": 720, "clip_length": 49, "motion_frames": 2, "fps": 25, "text_length": 226}
+
 LATENT_CHANNELS = 16
 TEMPORAL_COMPRESSION = 4
 SPATIAL_COMPRESSION = 8

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from hallo3_cli import store
+from hallo3_cli import geometry, options, store
 from hallo3_cli.errors import Hallo3Error, ModelError
 
 if sys.version_info >= (3, 11):
@@ -29,7 +29,8 @@ TINY_RANDOM = "tiny-random"
 
 @dataclass(frozen=True)
 class Preset:
-    """One model preset: geometry, defaults and components."""
+    """One model preset: geometry, defaults and components (video geometry and settings the table leaves out are
+    the release's: :data:`hallo3_cli.geometry.RELEASE`, :data:`hallo3_cli.options.RELEASE`)."""
 
     name: str
     table: dict[str, Any] = field(repr=False)
@@ -45,31 +46,31 @@ class Preset:
 
     @property
     def height(self) -> int:
-        return int(self.table["height"])
+        return int(self.table.get("height", geometry.RELEASE["height"]))
 
     @property
     def width(self) -> int:
-        return int(self.table["width"])
+        return int(self.table.get("width", geometry.RELEASE["width"]))
 
     @property
     def fps(self) -> int:
-        return int(self.table["fps"])
+        return int(self.table.get("fps", geometry.RELEASE["fps"]))
 
     @property
     def clip_length(self) -> int:
-        return int(self.table["clip_length"])
+        return int(self.table.get("clip_length", geometry.RELEASE["clip_length"]))
 
     @property
     def motion_frames(self) -> int:
-        return int(self.table["motion_frames"])
+        return int(self.table.get("motion_frames", geometry.RELEASE["motion_frames"]))
 
     @property
     def steps(self) -> int:
-        return int(self.table["steps"])
+        return int(self.table.get("steps", options.RELEASE["steps"]))
 
     @property
     def cfg(self) -> float:
-        return float(self.table["cfg"])
+        return float(self.table.get("cfg", options.RELEASE["cfg"]))
 
     @property
     def vae_scale(self) -> float:
@@ -77,11 +78,11 @@ class Preset:
 
     @property
     def text_length(self) -> int:
-        return int(self.table["text_length"])
+        return int(self.table.get("text_length", geometry.RELEASE["text_length"]))
 
     @property
     def default_prompt(self) -> str:
-        return str(self.table["default_prompt"])
+        return str(self.table.get("default_prompt", options.RELEASE["default_prompt"]))
 
     @property
     def description(self) -> str:
