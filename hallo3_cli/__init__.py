@@ -9,7 +9,7 @@ The public Python API is small and lazily imported so that ``hallo3 --help`` sta
 and the commands' work, with stage files and caching: ``from hallo3_cli import render_video, embed_audio, ...``
 """
 
-from hallo3_cli.version import __version__
+from hallo3_cli.version import __version__ as __version__
 
 _LAZY = {
     # through loading: it teaches Hallo3Pipeline.from_pretrained the model presets

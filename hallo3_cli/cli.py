@@ -33,7 +33,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-MODEL_HELP = "Model preset from models.toml: 'hallo3' (the release) or 'tiny-random' (offline test model, output is noise)."
+MODEL_HELP = ("Model preset from models.toml: 'hallo3' (the release) or 'tiny-random' (offline test model, output is "
+              "noise); or the path of a model folder (e.g. one 'hallo3 train' exported).")
 
 
 OFFLOAD_HELP = ("Memory mode: auto (on CUDA the fastest mode whose plan fits the free memory; elsewhere none), none (all on the device), model (each network on the "
@@ -97,6 +98,25 @@ def _number(low: float | None = None, high: float | None = None, *, low_open: bo
     return check
 
 
+def _lora(value):
+    """Callback: ``PATH[:SCALE]`` of LoRA adapters (``hallo3 train --lora``'s output); the file is checked here."""
+    if value is None:
+        return value
+    from hallo3_cli.loading import LoraWeights
+
+    try:
+        return LoraWeights.parse(value)
+    except Hallo3Error as err:
+        if err.exit_code == 2:
+            raise typer.BadParameter(str(err)) from None
+        raise
+
+
+LORA_HELP = ("LoRA adapters of a fine-tuned run: PATH[:SCALE], PATH the run's pytorch_lora_weights.safetensors or "
+             "the folder holding it (and reference_lora_weights.safetensors if the reference network was adapted); "
+             "SCALE 0 to 10, default 1.")
+
+
 def _interconnect(value):
     """Callback: ``nvlink``, ``pcie`` or a one-way bandwidth in GB/s (returned as bytes/s)."""
     if value is None or value in ("nvlink", "pcie"):
@@ -111,17 +131,18 @@ def _interconnect(value):
 
 
 def _model(value):
-    """Callback: a known preset (models.toml and $HALLO3_PRESETS)."""
+    """Callback: a known preset (models.toml and $HALLO3_PRESETS), or a model folder (with a model_index.json)."""
     if value is None:
         return value
-    from hallo3_cli.presets import preset_names
+    from hallo3_cli.presets import is_model_folder, preset_names
 
     try:
         names = preset_names()
     except Hallo3Error as err:
         raise typer.BadParameter(str(err)) from None
-    if value not in names:
-        raise typer.BadParameter(f"unknown model preset {value!r}; known presets: {', '.join(names)}")
+    if value not in names and not is_model_folder(value):
+        raise typer.BadParameter(f"unknown model preset {value!r}; known presets: {', '.join(names)} "
+                                 "(or the path of a model folder with a model_index.json)")
     return value
 
 
@@ -327,6 +348,7 @@ def encode_ref_cmd(
     dtype: str = typer.Option("auto", "--dtype", callback=_one_of(*DTYPE_CHOICES), help="auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
     offload: str = typer.Option("auto", "--offload", callback=_one_of(*OFFLOAD_CHOICES), help=OFFLOAD_HELP),
     weights_dtype: str = typer.Option("auto", "--weights-dtype", callback=_one_of(*WEIGHTS_CHOICES), help=WEIGHTS_HELP),
+    lora: Optional[str] = typer.Option(None, "--lora", callback=_lora, help=LORA_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Portrait -> identity: face embedding and mask, VAE latents, prompt, reference features.
@@ -337,7 +359,7 @@ def encode_ref_cmd(
     from hallo3_cli.jobs import encode_reference
 
     emit(encode_reference(image, output, model=model, prompt=prompt, preview=preview,
-                          runtime=_runtime(device, dtype, offload, weights_dtype)))
+                          runtime=_runtime(device, dtype, offload, weights_dtype), lora=lora))
 
 
 @app.command("render")
@@ -364,6 +386,7 @@ def render_cmd(
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tiled VAE encode/decode (less memory; tile seams differ slightly)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the repeated DiT block (slow first clip, faster after)."),
     cache: Optional[float] = typer.Option(None, "--cache", callback=_number(0, 1, low_open=True, high_open=True), help="First Block Cache threshold, e.g. 0.05: skip most blocks on steps whose first block barely changed (faster, approximate)."),
+    lora: Optional[str] = typer.Option(None, "--lora", callback=_lora, help=LORA_HELP),
     eval_after: bool = typer.Option(False, "--eval", help="Then score the video (hallo3 eval) into OUT.eval.json next to it."),
     parallel: str = typer.Option("auto", "--parallel", callback=_one_of(*PARALLEL_MODES), help=PARALLEL_HELP),
     cfg_parallel: Optional[bool] = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="--parallel video: the two CFG halves on different processes (default: when the process count is even)."),
@@ -395,7 +418,7 @@ def render_cmd(
     _setup(quiet)
     from hallo3_cli import jobs
 
-    common = dict(seed=seed, steps=steps, cfg=cfg, allow_download=not no_download, runtime=runtime)
+    common = dict(seed=seed, steps=steps, cfg=cfg, allow_download=not no_download, runtime=runtime, lora=lora)
     if mode == "video":
         from hallo3_cli.jobs.parallel_session import VideoParallel
 

@@ -11,6 +11,10 @@ placed where a :class:`~hallo3_cli.runtime.Runtime` says.
 from __future__ import annotations
 
 import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,12 +56,27 @@ def load_network(preset: Preset, network: str, device="cpu", dtype: torch.dtype 
     return model.to(device=device).eval().requires_grad_(False)
 
 
-def _from_folder(preset: Preset, network: str, device, dtype: torch.dtype) -> torch.nn.Module:
+def _component_class(preset: Preset, name: str):
+    """The class of a component: the one a model folder's ``model_index.json`` names, else the release's."""
     import importlib
+    import json
 
+    entry = component(name)
+    library, class_name = entry.library, entry.class_name
+    if preset.is_folder:
+        recorded = json.loads((preset.home / "model_index.json").read_text()).get(name)
+        if isinstance(recorded, list) and len(recorded) == 2 and all(isinstance(v, str) for v in recorded):
+            library, class_name = recorded
+    module = importlib.import_module(library)
+    if not hasattr(module, class_name):  # diffusers records some classes by their package (e.g. "transformers")
+        raise ModelError(f"model_index.json names {library}.{class_name}, which is not importable here", preset.home)
+    return getattr(module, class_name)
+
+
+def _from_folder(preset: Preset, network: str, device, dtype: torch.dtype) -> torch.nn.Module:
     entry = next(c for c in COMPONENTS if c.network == network)
     folder = preset.require(entry.folder)
-    cls = getattr(importlib.import_module(entry.library), entry.class_name)
+    cls = _component_class(preset, entry.name)
     placed = {"device_map": str(device)} if str(device).startswith("cuda") else {}  # no full copy in host RAM first
     if network != "wav2vec":
         return cls.from_pretrained(folder, torch_dtype=dtype, **placed)
@@ -77,6 +96,8 @@ def load_tokenizer(preset: Preset):
     """The T5 tokenizer; random presets have a hashing one (no vocabulary file)."""
     if preset.is_random:
         return networks.random_tokenizer(preset)
+    if preset.is_folder:
+        return _component_class(preset, "tokenizer").from_pretrained(preset.require("tokenizer"))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(preset.require("tokenizer"))
@@ -90,7 +111,7 @@ def load_feature_extractor(preset: Preset):
 
     if preset.is_random:
         return networks.default_feature_extractor()
-    folder = preset.require("wav2vec")
+    folder = preset.home / "feature_extractor" if preset.is_folder else preset.require("wav2vec")
     try:
         extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -110,7 +131,89 @@ def load_face_analyzer(preset: Preset, device: str = "cpu"):
     if preset.is_random:
         folder = preset.table.get("face_models")
         return FaceAnalyzer.from_dir(folder, providers_for_device(device)) if folder else None
+    if preset.is_folder and not preset.is_installed(FACE_FOLDER):  # a model folder without face models
+        return None
     return FaceAnalyzer.from_dir(preset.require(FACE_FOLDER), providers_for_device(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the main DiT's adapters, diffusers' format (keys transformer.*)
+REFERENCE_LORA_FILE = "reference_lora_weights.safetensors"  # the reference network's, if trained (reference_net.*)
+ADAPTER = "hallo3-lora"
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """LoRA adapters to apply at ``scale``: the main DiT's (``pytorch_lora_weights.safetensors``, diffusers' format,
+    what ``pipe.load_lora_weights`` reads) and, when a run also adapted the reference network, its own file beside
+    it (``reference_lora_weights.safetensors``, keys ``reference_net.*``)."""
+
+    path: Path
+    scale: float = 1.0
+    reference_path: Path | None = None
+
+    @classmethod
+    def parse(cls, spec: str | os.PathLike) -> LoraWeights:
+        """``PATH[:SCALE]``; PATH is the adapters' file or the folder holding them (``hallo3 train --lora``'s
+        output). Checked here: the files exist and are LoRA weights of our networks, the scale is in range."""
+        from hallo3_cli import options, store
+        from hallo3_cli.errors import InputError, UsageError
+        from hallo3_cli.fsutil import require_file
+
+        text, scale = str(spec), 1.0
+        head, sep, tail = text.rpartition(":")
+        if sep and head and Path(head).expanduser().exists():
+            try:
+                scale = float(tail)
+            except ValueError:
+                raise UsageError(f"--lora {text}: the scale after ':' must be a number") from None
+            text = head
+        low, high = options.LORA_SCALE
+        if not (math.isfinite(scale) and low <= scale <= high):
+            raise UsageError(f"--lora {spec}: the scale must be from {low:g} to {high:g}, got {scale:g}")
+        path = Path(text).expanduser()
+        folder = path if path.is_dir() else None
+        if folder is not None:
+            path = folder / LORA_FILE
+        path = require_file(path)
+        reference = folder / REFERENCE_LORA_FILE if folder is not None and (folder / REFERENCE_LORA_FILE).is_file() else None
+        for file, prefix in ((path, "transformer."), (reference, "reference_net.")):
+            if file is None:
+                continue
+            try:
+                names = [k for k in store.read_safetensors_header(file) if k != "__metadata__"]
+            except (OSError, ValueError) as err:
+                raise InputError(f"not a LoRA weights file ({err})", file) from None
+            if not names or not all(k.startswith(prefix) and "lora" in k for k in names):
+                raise InputError(f"not LoRA weights of the {prefix[:-1]} (expected lora keys under '{prefix}')", file)
+        return cls(path, scale, reference)
+
+    def identity(self) -> dict:
+        """What a render that uses these adapters depends on (for stage files and resume keys)."""
+        from hallo3_cli.fsutil import sha256_file
+
+        files = [self.path] + ([self.reference_path] if self.reference_path is not None else [])
+        return {"lora": [sha256_file(f)[:16] for f in files], "lora_scale": self.scale}
+
+    def reference_identity(self) -> dict | None:
+        """What the reference network's output depends on (None: the adapters leave it alone)."""
+        if self.reference_path is None:
+            return None
+        from hallo3_cli.fsutil import sha256_file
+
+        return {"reference_lora": sha256_file(self.reference_path)[:16], "lora_scale": self.scale}
+
+    def apply(self, model: torch.nn.Module, network: str) -> None:
+        """Load this run's adapters into ``model`` (the main DiT or the reference network) through diffusers'
+        adapter API, at the scale."""
+        path, prefix = (self.path, "transformer") if network == "transformer" else (self.reference_path, "reference_net")
+        if path is None:
+            return
+        model.load_lora_adapter(str(path), prefix=prefix, adapter_name=ADAPTER)
+        model.set_adapters([ADAPTER], weights=[self.scale])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,8 +318,10 @@ class PipelineLoader:
     portrait). ``parallel`` (a :class:`~hallo3_cli.parallel.ParallelConfig`; the runtime's device is its
     device): the main DiT's calls are split over the process group once it is placed (``--parallel video``)."""
 
-    def __init__(self, preset: Preset, runtime: Runtime | None = None, *, parallel=None):
+    def __init__(self, preset: Preset, runtime: Runtime | None = None, *, parallel=None,
+                 lora: LoraWeights | None = None):
         self.preset = preset
+        self.lora = lora
         self.runtime = resolve_runtime(runtime, preset)
         if parallel is not None and str(parallel.device) != self.runtime.device:
             raise ValueError(f"the runtime's device {self.runtime.device} is not the parallel config's {parallel.device}")
@@ -268,6 +373,8 @@ class PipelineLoader:
         model = load_network(preset, network, placement.load_device, placement.dtype)
         if network == "vae" and runtime.vae_tiling:
             model.enable_tiling()
+        if self.lora is not None and network in ("transformer", "reference"):
+            self.lora.apply(model, network)  # before placement: offloading hooks see the adapted layers
         model = placement.place(model, network)
         if network == "transformer":
             if runtime.cache is not None:

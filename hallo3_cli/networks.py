@@ -86,8 +86,11 @@ def text_encoder_config(preset: Preset) -> dict:
 
 def network_config(preset: Preset, network: str) -> dict:
     """Constructor arguments of one of a preset's networks (:data:`~hallo3_cli.components.NETWORKS`): a random
-    preset's from models.toml; the release's are the classes' defaults (tests check them against the official
-    checkpoint manifest), diffusers' CogVideoX VAE defaults, T5-XXL and wav2vec2-base."""
+    preset's from models.toml; a model folder's from its components' config.json; the release's are the classes'
+    defaults (tests check them against the official checkpoint manifest), diffusers' CogVideoX VAE defaults, T5-XXL
+    and wav2vec2-base."""
+    if preset.is_folder:
+        return _folder_config(preset, network)
     if network in ("transformer", "reference"):
         return transformer_config(preset, main=network == "transformer")
     if network == "vae":
@@ -109,7 +112,7 @@ def transformer_arguments(preset: Preset, *, main: bool = True) -> dict:
     cls = Hallo3Transformer3DModel if main else Hallo3ReferenceNet
     defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    return {**defaults, **transformer_config(preset, main=main)}
+    return {**defaults, **network_config(preset, "transformer" if main else "reference")}
 
 
 def network_widths(preset: Preset) -> dict[str, int]:
@@ -117,11 +120,23 @@ def network_widths(preset: Preset) -> dict[str, int]:
     layers and width. Random presets: models.toml; the release: the installed components' config.json where
     present, else the release's architecture."""
     dit = transformer_arguments(preset)
-    if not preset.is_random:
+    if not preset.is_random and not preset.is_folder:
         dit.update(_installed_config(preset, "transformer"))
     return {"dit_layers": dit["num_layers"], "dit_width": dit["num_attention_heads"] * dit["attention_head_dim"],
             "patch": dit["patch_size"], "text_width": dit["text_embed_dim"], "audio_layers": dit["audio_layers"],
             "audio_width": dit["audio_channels"]}
+
+
+#: config.json entries that are bookkeeping, not constructor arguments.
+_NOT_ARGUMENTS = ("_class_name", "_diffusers_version", "_name_or_path", "architectures", "model_type",
+                  "transformers_version", "torch_dtype", "dtype", "is_encoder_decoder", "use_cache")
+
+
+def _folder_config(preset: Preset, network: str) -> dict:
+    from hallo3_cli.components import of_network
+
+    config = _installed_config(preset, of_network(network).folder)
+    return {key: value for key, value in config.items() if key not in _NOT_ARGUMENTS}
 
 
 def _installed_config(preset: Preset, component: str) -> dict:

@@ -9,6 +9,8 @@ import math
 STEPS = (1, 1000)
 #: Classifier-free guidance scale (the release uses 3.5).
 GUIDANCE = (0.0, 100.0)
+#: LoRA adapter scale (0: the base model; 1: the adapter as trained).
+LORA_SCALE = (0.0, 10.0)
 #: The release's settings: 50 steps, guidance 3.5, and the prompt its inference script gives every portrait.
 RELEASE = {"steps": 50, "cfg": 3.5,
            "default_prompt": "A person is talking to the camera with natural facial expressions and head movements."}

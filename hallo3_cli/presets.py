@@ -104,23 +104,51 @@ class Preset:
 
     # files -------------------------------------------------------------------------------------
     @property
+    def is_folder(self) -> bool:
+        """A model folder given by path (a pipeline saved with ``save_pretrained``, e.g. what ``hallo3 train``
+        exports), not a preset of ``models.toml``."""
+        return "folder" in self.table
+
+    @property
+    def slug(self) -> str:
+        """A name for this preset in file names: the preset's name, or for a model folder its base name and a short
+        hash of its path."""
+        if not self.is_folder:
+            return self.name
+        import re
+
+        return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(self.name).name)[:40]}-{hashlib.sha256(self.name.encode()).hexdigest()[:8]}"
+
+    @property
     def home(self) -> Path:
-        """Folder holding this preset's converted components."""
-        return model_home() / self.name
+        """Folder holding this preset's components."""
+        return Path(self.table["folder"]) if self.is_folder else model_home() / self.name
 
     def component_dir(self, component: str) -> Path:
-        """Local folder of a component (``transformer``, ``vae``, ``wav2vec``...)."""
+        """Local folder of a component (``transformer``, ``vae``, ``wav2vec``...). A model folder is laid out by
+        the pipeline's component names (``reference_net``, ``audio_encoder``...)."""
+        if self.is_folder:
+            from hallo3_cli.components import COMPONENTS
+
+            component = next((c.name for c in COMPONENTS if c.folder == component and c.network), component)
         return self.home / component
 
     def is_installed(self, component: str) -> bool:
         """The one meaning of "installed": the folder's ``.complete`` marker lists files that are all there
-        with their sizes (:func:`hallo3_cli.store.component_state`)."""
+        with their sizes (:func:`hallo3_cli.store.component_state`). A model folder's components are there or not."""
+        if self.is_folder:
+            return self.component_dir(component).is_dir()
         return not self.is_random and store.is_installed(self.home, component)
 
     def require(self, component: str) -> Path:
         """The component's folder, or a ModelError telling the user how to get it."""
         if self.is_random:
             raise Hallo3Error(f"preset {self.name!r} has no files; its {component} is generated in memory")
+        if self.is_folder:
+            if not self.is_installed(component):
+                raise ModelError(f"the model folder has no {self.component_dir(component).name}/ ({component} weights)",
+                                 self.home)
+            return self.component_dir(component)
         state = store.component_state(self.home, component)
         if state.state != "complete":
             detail = f" ({state.state}: {state.detail})" if state.detail else ""
@@ -179,9 +207,42 @@ def preset_names() -> list[str]:
     return list(_all_presets())
 
 
+#: A model folder's ``model_index.json`` keys → the preset table's.
+_FOLDER_KEYS = {"height": "height", "width": "width", "clip_length": "clip_length", "motion_frames": "motion_frames",
+                "fps": "fps", "text_length": "text_length", "default_steps": "steps", "default_guidance_scale": "cfg",
+                "default_prompt": "default_prompt"}
+
+
+def is_model_folder(name: str | os.PathLike) -> bool:
+    """Whether ``name`` is a folder holding a pipeline's ``model_index.json``."""
+    return (Path(name).expanduser() / "model_index.json").is_file()
+
+
+def folder_preset(folder: str | os.PathLike) -> Preset:
+    """A model folder (``model_index.json`` + one subfolder per component, as ``save_pretrained`` writes it) as a
+    preset named by its absolute path: its geometry and settings from ``model_index.json``, the VAE scale from the
+    VAE's config. Nothing is downloaded for it: its components are there or not."""
+    folder = Path(folder).expanduser().resolve()
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"not a readable model folder ({err})", folder) from None
+    if not isinstance(index, dict) or not isinstance(vae, dict):
+        raise ModelError("not a model folder (model_index.json and vae/config.json must be JSON objects)", folder)
+    table = {key: index[source] for source, key in _FOLDER_KEYS.items() if source in index}
+    table.update(folder=str(folder), vae_scale=vae.get("scaling_factor", 0.7),
+                 description=f"model folder {folder}")
+    return Preset(str(folder), table)
+
+
 def get_preset(name: str) -> Preset:
-    """Look up a preset by name; unknown names raise a one-line error listing the known ones."""
+    """Look up a preset by name, or a model folder by path; unknown names raise a one-line error listing the
+    known ones."""
     presets = _all_presets()
-    if name not in presets:
-        raise Hallo3Error(f"unknown model preset {name!r}; known presets: {', '.join(presets)}")
-    return Preset(name, presets[name])
+    if name in presets:
+        return Preset(name, presets[name])
+    if is_model_folder(name):
+        return folder_preset(name)
+    raise Hallo3Error(f"unknown model preset {name!r}; known presets: {', '.join(presets)} (or a model folder "
+                      "with a model_index.json)")

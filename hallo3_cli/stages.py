@@ -378,6 +378,8 @@ def weights_components(kind: StageKind, preset, params: dict | None = None) -> t
     if kind is REFERENCE:
         if preset.is_random:  # random presets have no tokenizer or face-model files
             return ("vae", "reference", "text_encoder")
+        if preset.is_folder and not preset.is_installed("face_analysis"):  # a model folder without face models
+            return ("vae", "reference", "text_encoder", "tokenizer")
         return ("vae", "reference", "text_encoder", "tokenizer", "face_analysis")
     return ("transformer", "vae")
 

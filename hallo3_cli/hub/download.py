@@ -122,6 +122,10 @@ def ensure_weights(
     if preset.is_random:
         return
     components = list(dict.fromkeys(components))
+    if preset.is_folder:  # a model folder is complete or not: nothing to fetch for it
+        for component in components:
+            preset.require(component)
+        return
     known = component_names(preset)
     unknown = [c for c in components if c not in known]
     if unknown:

@@ -22,7 +22,7 @@ from hallo3_cli.errors import StageFileError
 from hallo3_cli.jobs.common import (RenderSettings, fingerprint, job_lock, require_weights, start_video,
                                     warn_random)
 from hallo3_cli.jobs.resume import render_parts
-from hallo3_cli.loading import PipelineLoader, resolve_runtime
+from hallo3_cli.loading import LoraWeights, PipelineLoader, resolve_runtime
 from hallo3_cli.presets import Preset, get_preset
 from hallo3_cli.runtime import Runtime
 
@@ -73,8 +73,9 @@ def embed_audio(speech: str | Path, output: str | Path, *, model: str | Preset =
 
 def encode_reference(image: str | Path, output: str | Path, *, model: str | Preset = "hallo3", prompt: str | None = None,
                      preview: str | Path | None = None, runtime: Runtime | None = None,
-                     loader: PipelineLoader | None = None) -> Path:
-    """Portrait → reference stage file (face embedding and box, VAE latent, prompt, reference bank)."""
+                     loader: PipelineLoader | None = None, lora: LoraWeights | None = None) -> Path:
+    """Portrait → reference stage file (face embedding and box, VAE latent, prompt, reference bank). ``lora``: the
+    adapters of a fine-tuned run (they change the bank when the run adapted the reference network)."""
     from hallo3_cli.image_io import write_preview
 
     image = fsutil.require_file(image)
@@ -83,7 +84,7 @@ def encode_reference(image: str | Path, output: str | Path, *, model: str | Pres
     if loader is None:
         runtime = resolve_runtime(runtime, preset)  # an unusable device fails before any weights are checked
         require_weights(preset, (stages.REFERENCE,))
-        loader = PipelineLoader(preset, runtime)
+        loader = PipelineLoader(preset, runtime, lora=lora)
     warn_random(preset)
     reference = reference_of(loader, image, prompt)
     # All or nothing: the preview is written to its temporary name first and renamed into place only once
@@ -91,7 +92,7 @@ def encode_reference(image: str | Path, output: str | Path, *, model: str | Pres
     with fsutil.atomic_path(preview) if preview is not None else contextlib.nullcontext() as preview_tmp:
         if preview_tmp is not None:
             write_preview(preview_tmp, reference.image, reference.mask, reference.face_box.tolist())
-        return write_reference(reference, output, preset, loader.runtime, fsutil.sha256_file(image))
+        return write_reference(reference, output, preset, loader.runtime, fsutil.sha256_file(image), loader.lora)
 
 
 def reference_of(loader: PipelineLoader, image, prompt: str | None):
@@ -107,9 +108,12 @@ def reference_of(loader: PipelineLoader, image, prompt: str | None):
     return reference
 
 
-def write_reference(reference, output: Path, preset: Preset, runtime: Runtime, source_sha256: str) -> Path:
+def write_reference(reference, output: Path, preset: Preset, runtime: Runtime, source_sha256: str,
+                    lora: LoraWeights | None = None) -> Path:
     params = {"height": preset.height, "width": preset.width, "reference_seed": 0, "dtype": runtime.dtype,
               "weights_dtype": runtime.weights_dtype}
+    if lora is not None and lora.reference_identity() is not None:
+        params["lora"] = lora.reference_identity()
     return stages.save_stage(
         output,
         stages.REFERENCE,
@@ -129,7 +133,7 @@ def write_reference(reference, output: Path, preset: Preset, runtime: Runtime, s
 def render_clips(audio: str | Path, reference: str | Path, output: str | Path, *, model: str | None = None,
                  seed: int = 42, steps: int | None = None, cfg: float | None = None, runtime: Runtime | None = None,
                  progress: bool = True, allow_download: bool = True, loader: PipelineLoader | None = None,
-                 parallel=None) -> Path:
+                 parallel=None, lora: LoraWeights | None = None) -> Path:
     """Stage files → clips file (latents of every clip). Resumable: finished clips are kept in
     ``<output>.parts/`` until the clips file is written. ``parallel`` (a
     :class:`~hallo3_cli.jobs.parallel_session.VideoParallel`): under torchrun, every process shares each
@@ -142,14 +146,14 @@ def render_clips(audio: str | Path, reference: str | Path, output: str | Path, *
     audio_stage = stages.load_stage(audio, stages.AUDIO, model=model)
     reference_stage = stages.load_stage(reference, stages.REFERENCE, model=model or audio_stage.model)
     preset = get_preset(audio_stage.model)
-    settings = RenderSettings.for_preset(preset, seed, steps, cfg)
+    settings = RenderSettings.for_preset(preset, seed, steps, cfg, lora)
     session = start_video(parallel, preset, runtime) if parallel is not None else None
     main = session is None or session.is_main
     if loader is None:
         # an unusable device fails before any download
         runtime = session.runtime if session is not None else resolve_runtime(runtime, preset)
         require_weights(preset, (stages.CLIPS,), allow_download, progress)
-        loader = PipelineLoader(preset, runtime, parallel=session.config if session is not None else None)
+        loader = PipelineLoader(preset, runtime, parallel=session.config if session is not None else None, lora=lora)
     if main:
         warn_random(preset)
     parts = output.with_name(output.name + ".parts")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from hallo3_cli import fsutil, stages
 from hallo3_cli.errors import StageFileError
+from hallo3_cli.loading import LoraWeights
 from hallo3_cli.presets import Preset
 from hallo3_cli.runtime import Runtime
 
@@ -18,19 +19,26 @@ job_lock = fsutil.exclusive_lock
 
 @dataclass(frozen=True)
 class RenderSettings:
-    """What a render depends on besides the stage files and the runtime."""
+    """What a render depends on besides the stage files and the runtime: the seed, the sampling settings and the
+    LoRA adapters applied (``loading.LoraWeights``, None: the base model)."""
 
     seed: int = 42
     steps: int = 50
     cfg: float = 3.5
+    lora: LoraWeights | None = None
 
     @classmethod
-    def for_preset(cls, preset: Preset, seed: int = 42, steps: int | None = None, cfg: float | None = None) -> RenderSettings:
-        return cls(seed=seed, steps=preset.steps if steps is None else steps, cfg=preset.cfg if cfg is None else cfg)
+    def for_preset(cls, preset: Preset, seed: int = 42, steps: int | None = None, cfg: float | None = None,
+                   lora: LoraWeights | None = None) -> RenderSettings:
+        return cls(seed=seed, steps=preset.steps if steps is None else steps, cfg=preset.cfg if cfg is None else cfg,
+                   lora=lora)
 
     def params(self, runtime: Runtime) -> dict:
         """The stage-file ``params`` of a render with these settings."""
-        return {"seed": self.seed, "steps": self.steps, "cfg": self.cfg, "dtype": runtime.dtype, **runtime.affects_frames()}
+        params = {"seed": self.seed, "steps": self.steps, "cfg": self.cfg, "dtype": runtime.dtype, **runtime.affects_frames()}
+        if self.lora is not None:  # (absent without adapters: files and keys of plain renders stay as they were)
+            params.update(self.lora.identity())
+        return params
 
 
 def fingerprint(preset: Preset, kind: stages.StageKind, params: dict | None = None) -> str:
@@ -65,8 +73,13 @@ def start_video(parallel, preset: Preset, runtime: Runtime | None):
     return start(parallel, preset, runtime or Runtime())
 
 
-def check_stages(preset: Preset, audio: stages.Stage, reference: stages.Stage) -> None:
-    """The stage files of one render belong to ``preset`` and to each other."""
+def check_stages(preset: Preset, audio: stages.Stage, reference: stages.Stage, lora: LoraWeights | None = None) -> None:
+    """The stage files of one render belong to ``preset``, to each other, and to the LoRA adapters of the render
+    (a reference made with or without another adapted reference network is refused)."""
+    wanted = lora.reference_identity() if lora is not None else None
+    if reference.params.get("lora") != wanted:
+        how = "without the reference adapters of --lora" if wanted else "with LoRA adapters of the reference network"
+        raise StageFileError(f"was made {how}; encode the portrait again with the same --lora", reference.path)
     for stage in (audio, reference):
         if stage.model != preset.name:
             raise StageFileError(f"was made with model preset {stage.model!r}, not {preset.name!r}", stage.path)

@@ -28,6 +28,8 @@ def render_key(audio: stages.Stage, reference: stages.Stage, settings: RenderSet
         "model": audio.model, "weights": fingerprint(preset, stages.CLIPS), "dtype": str(runtime.torch_dtype),
         "clip_format": stages.CLIP.version, "runtime": runtime.affects_frames(),
     }
+    if settings.lora is not None:
+        payload["lora"] = settings.lora.identity()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -61,7 +63,7 @@ def render_parts(loader: PipelineLoader, audio: stages.Stage, reference: stages.
     decoded again, and the last clip too); False: latents only. ``session`` (``--parallel video``): every
     rank renders, rank 0 alone persists, and all resume from the clips rank 0 found."""
     preset, runtime = loader.preset, loader.runtime
-    check_stages(preset, audio, reference)
+    check_stages(preset, audio, reference, settings.lora)
     key = render_key(audio, reference, settings, preset, runtime)
     total = geometry.num_clips(audio.meta["num_frames"], preset.clip_length, preset.motion_frames)
     main = session is None or session.is_main

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from hallo3_cli.errors import Hallo3Error, InputError, StageFileError
 from hallo3_cli.jobs.commands import embed_audio, encode_reference
 from hallo3_cli.jobs.common import RenderSettings, job_lock, require_weights, start_video, warn_random
 from hallo3_cli.jobs.resume import render_key, render_parts
-from hallo3_cli.loading import PipelineLoader, resolve_runtime
+from hallo3_cli.loading import LoraWeights, PipelineLoader, resolve_runtime
 from hallo3_cli.presets import get_preset
 from hallo3_cli.runtime import Runtime
 
@@ -51,16 +52,18 @@ class VideoRenderer:
 
     def __init__(self, model: str = "hallo3", *, seed: int = 42, steps: int | None = None, cfg: float | None = None,
                  cache_dir: str | Path | None = None, separate_vocals: bool = False, progress: bool = True,
-                 allow_download: bool = True, runtime: Runtime | None = None, parallel=None):
+                 allow_download: bool = True, runtime: Runtime | None = None, parallel=None,
+                 lora: LoraWeights | None = None):
         self.preset = get_preset(model)
-        self.settings = RenderSettings.for_preset(self.preset, seed, steps, cfg)
+        self.settings = RenderSettings.for_preset(self.preset, seed, steps, cfg, lora)
         extra = ("audio_separator",) if separate_vocals else ()
         # ``parallel`` (--parallel video): the split is checked and the process group joined first
         self.session = start_video(parallel, self.preset, runtime) if parallel is not None else None
         # an unusable device fails before any download
         runtime = self.session.runtime if self.session is not None else resolve_runtime(runtime, self.preset)
         require_weights(self.preset, (stages.AUDIO, stages.REFERENCE, stages.CLIPS), allow_download, progress, extra)
-        self.loader = PipelineLoader(self.preset, runtime, parallel=self.session.config if self.session is not None else None)
+        self.loader = PipelineLoader(self.preset, runtime, parallel=self.session.config if self.session is not None else None,
+                                     lora=lora)
         self.runtime = self.loader.runtime
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.separate_vocals = separate_vocals
@@ -82,11 +85,12 @@ class VideoRenderer:
         return self.cache_dir if self.cache_dir is not None else output.parent / ".hallo3-cache"
 
     def _audio_name(self, digest: str) -> str:
-        return f"{_short_hash(digest, str(self.separate_vocals))}.{self.preset.name}.audio.safetensors"
+        return f"{_short_hash(digest, str(self.separate_vocals))}.{self.preset.slug}.audio.safetensors"
 
     def _reference_name(self, digest: str, prompt: str) -> str:
-        return (f"{_short_hash(digest, prompt, self.runtime.dtype, self.runtime.weights_dtype)}"
-                f".{self.preset.name}.ref.safetensors")
+        lora = self.loader.lora.reference_identity() if self.loader.lora is not None else None
+        keys = (digest, prompt, self.runtime.dtype, self.runtime.weights_dtype) + ((json.dumps(lora, sort_keys=True),) if lora else ())
+        return f"{_short_hash(*keys)}.{self.preset.slug}.ref.safetensors"
 
     def audio_stage(self, speech: Path, cache: Path) -> stages.Stage:
         digest = fsutil.sha256_file(speech)
@@ -111,7 +115,7 @@ class VideoRenderer:
             stage = _cached_stage(path, stages.REFERENCE, self.preset)
             if stage is None or stage.meta["source_sha256"] != digest or stage.meta["prompt"] != prompt:
                 log.info("encoding %s", image)
-                encode_reference(image, path, model=self.preset, prompt=prompt, loader=self.loader)
+                encode_reference(image, path, model=self.preset, prompt=prompt, loader=self.loader, lora=self.loader.lora)
                 stage = stages.load_stage(path, stages.REFERENCE, model=self.preset.name)
         return stage
 
