@@ -195,7 +195,7 @@ class Hallo3Pipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
     may hold only some of them (the jobs load each network when its stage runs).
     """
 
-    model_cpu_offload_seq = "text_encoder->reference_net->audio_encoder->transformer->vae"
+    model_cpu_offload_seq = "audio_encoder->text_encoder->reference_net->transformer->vae"  # the order a render runs them
     _optional_components = ["reference_net", "text_encoder", "tokenizer", "audio_encoder", "feature_extractor"]
     _callback_tensor_inputs = ["latents"]
     _lora_loadable_modules = ["transformer"]
