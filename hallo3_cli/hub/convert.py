@@ -233,6 +233,13 @@ _TOP_RENAMES = {
     "transformer.audio_proj": "audio_proj",
     "transformer.face_proj": "face_proj",
 }
+# Official tensors that are several of ours: official layer module → (our attention module, its projections in
+# row order).
+_FUSED = {
+    "attention.query_key_value": ("attn1", ("to_q", "to_k", "to_v")),
+    "face_attn.key_value": ("attn_face", ("to_k", "to_v")),
+    "audio_attn.key_value": ("attn_audio", ("to_k", "to_v")),
+}
 # adaLN_modulations.N.1 holds 12 chunks: video (shift, scale, gate) × (msa, mlp), then text (docs/model.md §1).
 # diffusers' norm1 takes chunks (0, 1, 2, 6, 7, 8), norm2 takes (3, 4, 5, 9, 10, 11) (docs/model.md §8b.2).
 _ADALN_CHUNKS = {"norm1.linear": (0, 1, 2, 6, 7, 8), "norm2.linear": (3, 4, 5, 9, 10, 11)}
@@ -275,15 +282,12 @@ def map_official(sd: dict, prefix: str) -> list[Mapped]:
         elif m := re.fullmatch(r"transformer\.layers\.(\d+)\.(.+)\.(weight|bias)", name):
             layer, module, leaf = m.groups()
             base = f"transformer_blocks.{layer}"
-            if module == "attention.query_key_value":
-                for index, part in enumerate(("to_q", "to_k", "to_v")):
-                    make = lambda key=key, index=index: _split_rows(sd[key], 3, index)
-                    out.append(Mapped(f"{base}.attn1.{part}.{leaf}", (key,), make, _split_shape(shape, 3)))
-            elif module in ("face_attn.key_value", "audio_attn.key_value"):
-                attn = "attn_face" if module.startswith("face") else "attn_audio"
-                for index, part in enumerate(("to_k", "to_v")):
-                    make = lambda key=key, index=index: _split_rows(sd[key], 2, index)
-                    out.append(Mapped(f"{base}.{attn}.{part}.{leaf}", (key,), make, _split_shape(shape, 2)))
+            if module in _FUSED:
+                attn, parts = _FUSED[module]
+                count = len(parts)
+                for index, part in enumerate(parts):
+                    make = lambda key=key, index=index, count=count: _split_rows(sd[key], count, index)
+                    out.append(Mapped(f"{base}.{attn}.{part}.{leaf}", (key,), make, _split_shape(shape, count)))
             elif module in _LAYER_RENAMES:
                 out.append(Mapped(f"{base}.{_LAYER_RENAMES[module]}.{leaf}", (key,), get, shape))
             else:
@@ -295,6 +299,54 @@ def map_official(sd: dict, prefix: str) -> list[Mapped]:
     for item in out:
         item.itemsize = sd[item.sources[0]].element_size()
     return out
+
+
+def official_names(shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str, str]:
+    """The inverse of :func:`map_official`: the official key (``prefix`` + official name) each diffusers tensor of
+    a network is made from, given the tensors' names and shapes (e.g. a model's ``named_parameters()``). Several
+    of ours may come from one official tensor (``query_key_value`` → ``to_q``/``to_k``/``to_v``, an adaLN
+    modulation → ``norm1.linear`` and ``norm2.linear``).
+
+    Checked against the converter itself: :func:`map_official` is run on the official layout this implies (meta
+    tensors) and must give back exactly these names and shapes, so the two directions cannot drift apart.
+    """
+    keys: dict[str, str] = {}
+    rows: dict[str, int] = {}  # official key → its rows (the sum over the tensors made from it)
+    trailing: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        key = prefix + _official_name(name)
+        keys[name] = key
+        shape = tuple(shape)
+        rows[key] = rows.get(key, 0) + shape[0]
+        trailing[key] = shape[1:]
+    layout = {key: torch.empty((rows[key], *trailing[key]), device="meta") for key in rows}
+    back = {m.name: (m.shape, m.sources[0]) for m in map_official(layout, prefix)}
+    expected = {name: (tuple(shape), keys[name]) for name, shape in shapes.items()}
+    if back != expected:
+        wrong = sorted(set(back.items()) ^ set(expected.items()))
+        raise ModelError(f"official names do not round-trip through the converter: {_names([str(w) for w in wrong])}")
+    return keys
+
+
+def _official_name(name: str) -> str:
+    """One diffusers name → its official name (without the network prefix); see :func:`official_names`."""
+    for official, ours in sorted(_TOP_RENAMES.items(), key=lambda item: -len(item[1])):
+        if name == ours or name.startswith(ours + "."):
+            return official + name[len(ours):]
+    if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)", name):
+        layer, module, leaf = m.groups()
+        for official, ours in _LAYER_RENAMES.items():
+            if module == ours:
+                return f"transformer.layers.{layer}.{official}.{leaf}"
+        for official, (attn, parts) in _FUSED.items():
+            if module in (f"{attn}.{part}" for part in parts):
+                return f"transformer.layers.{layer}.{official}.{leaf}"
+        if module in _ADALN_CHUNKS:
+            return f"mixins.adaln_layer.adaLN_modulations.{layer}.1.{leaf}"
+        if module in ("attn1.norm_q", "attn1.norm_k"):
+            kind = "query" if module.endswith("q") else "key"
+            return f"mixins.adaln_layer.{kind}_layernorm_list.{layer}.{leaf}"
+    raise ModelError(f"no official counterpart for {name!r}")
 
 
 def _names(keys: list[str], limit: int = 8) -> str:
