@@ -40,10 +40,11 @@ class VideoInfo:
     height: int
     fps: float
     has_audio: bool
+    duration: float | None = None  # seconds the container declares for the video stream (None: not said)
 
 
 def _reason(err: BaseException) -> str:
-    text = str(err).strip()
+    text = str(getattr(err, "strerror", None) or err).strip()  # FFmpeg errors: without errno and path
     return text.splitlines()[0] if text else type(err).__name__
 
 
@@ -62,13 +63,19 @@ def probe_video(path: str | Path) -> VideoInfo:
             rate = stream.average_rate or stream.guessed_rate or FPS
             width, height = stream.codec_context.width, stream.codec_context.height
             has_audio = bool(container.streams.audio)
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:  # e.g. Matroska: only the container's (microseconds)
+                duration = container.duration / 1e6
+            else:
+                duration = None
     except InputError:
         raise
     except (av.FFmpegError, OSError, ValueError) as err:
         raise InputError(f"cannot read video ({_reason(err)})", path) from None
     if not width or not height:
         raise InputError("video stream has no frame size", path)
-    return VideoInfo(int(width), int(height), float(rate), has_audio)
+    return VideoInfo(int(width), int(height), float(rate), has_audio, duration)
 
 
 def iter_frames(path: str | Path, fps: int = FPS) -> Iterator[np.ndarray]:
