@@ -101,13 +101,47 @@ def frames(portrait: Path, *, width: int, height: int, count: int, fps: float, m
 
 def make_video(path: Path, portrait: Path, speech: Path, *, seconds: float, width: int = 160, height: int = 160,
                fps: int | Fraction = 25, audio: bool = True, faces: int = 1, hidden: range = range(0)) -> Path:
-    """Write a synthetic talking-head video (H.264 + AAC; the container from the suffix: .mp4, .mov, .mkv)."""
+    """Write a synthetic talking-head video: H.264 + AAC in .mp4, .mov or .mkv (the project's VideoWriter), or
+    VP9 + Opus in .webm."""
     from hallo3_cli.video_io import VideoWriter
 
     count = int(round(seconds * float(fps)))
     mouth = loudness(speech, float(fps), count)
+    pictures = frames(portrait, width=width, height=height, count=count, fps=float(fps), mouth=mouth, faces=faces,
+                      hidden=hidden)
+    if path.suffix == ".webm":
+        return _write_webm(path, pictures, fps, speech if audio else None)
     with VideoWriter(path, width, height, fps=fps, audio=speech if audio else None) as writer:
-        for frame in frames(portrait, width=width, height=height, count=count, fps=float(fps), mouth=mouth, faces=faces,
-                            hidden=hidden):
+        for frame in pictures:
             writer.write(frame[None])
+    return path
+
+
+def _write_webm(path: Path, pictures: list[np.ndarray], fps, speech: Path | None) -> Path:
+    import av
+
+    from hallo3_cli.audio_io import load_audio
+
+    with av.open(str(path), "w", format="webm") as container:
+        video = container.add_stream("libvpx-vp9", rate=Fraction(fps))
+        video.height, video.width = pictures[0].shape[:2]
+        video.pix_fmt = "yuv420p"
+        video.options = {"crf": "20", "b": "0", "deadline": "realtime", "cpu-used": "8"}
+        sound = None
+        if speech is not None:
+            sound = container.add_stream("libopus", rate=48000, layout="mono")
+        for index, picture in enumerate(pictures):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts = index
+            frame.time_base = 1 / Fraction(fps)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        if sound is not None:
+            samples = load_audio(speech, 48000)[: round(len(pictures) / float(fps) * 48000)]
+            for start in range(0, len(samples), 960):
+                block = samples[start:start + 960]
+                frame = av.AudioFrame.from_ndarray(block[None].astype(np.float32), format="flt", layout="mono")
+                frame.sample_rate, frame.pts, frame.time_base = 48000, start, Fraction(1, 48000)
+                container.mux(sound.encode(frame))
+            container.mux(sound.encode(None))
     return path

@@ -514,3 +514,53 @@ def test_two_processes_share_one_folder(face_preset, raw, tmp_path):
         check = hallo3("prepare", "--check", tmp_path / folder, "-q")  # the path on stdout, nothing wrong
         assert check.returncode == 0 and check.stdout.strip() == str(tmp_path / folder), check.stderr
         assert not [p for p in (tmp_path / folder).rglob("*") if ".tmp" in p.name or p.name.endswith(".lock")]
+
+
+def test_webm_with_the_voice_isolated_first(face_preset, media_dir, speech, tmp_path, monkeypatch):
+    """A VP9/Opus webm is read through PyAV; with separate_vocals the sound track goes through the separator
+    (stubbed here: random presets have none) at 44.1 kHz before wav2vec, and the audio file says so."""
+    from hallo3_cli import stages, vocals
+    from hallo3_cli.training import prepare_dataset
+    from hallo3_cli.training.dataset import item_file
+
+    video = make_video(tmp_path / "web.webm", media_dir / "face_0008.jpg", speech, seconds=2.4)
+    calls = []
+
+    def separate(mix, model_path, progress=True):
+        calls.append((mix.shape, model_path))
+        return mix * 0.5
+
+    monkeypatch.setattr(vocals, "find_separator_model", lambda preset: tmp_path / "Kim_Vocal_2.onnx")
+    monkeypatch.setattr(vocals, "separate_vocals", separate)
+    result = prepare_dataset([video], tmp_path / "data", model=face_preset, prompt="Someone talks.",
+                             separate_vocals=True, progress=False)
+    assert [(o.id, o.num_frames) for o in result.kept] == [("web", 60)]
+    assert calls == [((1, round(2.4 * 44100)), tmp_path / "Kim_Vocal_2.onnx")]  # the file's one channel, 44.1 kHz
+    audio = stages.load_stage(item_file(tmp_path / "data", "web", "audio"), stages.AUDIO)
+    assert audio.params["separate_vocals"] is True and audio["features"].shape[0] == 60
+
+
+def test_training_framing_and_frame_codecs():
+    """framing="squash" resizes any aspect to the square (bicubic, antialiased) and pads it; frames are stored
+    as JPEG (close) or PNG (exact) and anything else is refused."""
+    import torch.nn.functional as F
+
+    from hallo3_cli.image_io import decode_frame, encode_frame, frame_geometry, frame_image, to_uint8
+
+    rng = np.random.default_rng(0)
+    wide = torch.from_numpy(rng.random((3, 90, 200), np.float32))
+    framed, framing = frame_image(wide, 64, 96, framing="squash")
+    assert framing == "squash" and framed.shape == (3, 64, 96)
+    direct = F.interpolate(wide[None], size=(64, 64), mode="bicubic", align_corners=False, antialias=True)[0] * 2 - 1
+    assert torch.allclose(framed[:, :, 16:80], direct, atol=1e-6) and (framed[:, :, :16] == -1).all()
+    assert frame_image(wide, 64, 96)[1] == "crop"  # inference's rule is unchanged
+    assert frame_geometry(200, 90, 64, 96, "squash").resized_width == 64
+    picture = to_uint8(framed[:, :, 16:80])
+    assert picture.dtype == np.uint8 and picture.shape == (64, 64, 3)
+    assert np.array_equal(decode_frame(encode_frame(picture, "png")), picture)
+    jpeg = decode_frame(np.frombuffer(encode_frame(picture, "jpeg", 95), np.uint8))
+    assert np.abs(jpeg.astype(int) - picture).mean() < 8
+    with pytest.raises(ValueError, match="undecodable frame"):
+        decode_frame(b"not a picture")
+    with pytest.raises(ValueError, match="unknown frame codec"):
+        encode_frame(picture, "gif")
