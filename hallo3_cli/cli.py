@@ -439,7 +439,7 @@ def render_cmd(
 
 @app.command("prepare")
 def prepare_cmd(
-    sources: List[Path] = typer.Argument(..., help="Videos (mp4, mov, mkv, webm): folders (the release's videos/ + caption/<stem>.txt, or videos with same-stem .txt captions), list files (one video path per line) or video files. With --check: the dataset folder."),
+    sources: List[Path] = typer.Argument(..., metavar="SOURCE", help="Videos (mp4, mov, mkv, webm): folders (the release's videos/ + caption/<stem>.txt, or videos with same-stem .txt captions), list files (one video path per line) or video files. With --check: the dataset folder."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Dataset folder to write (created if missing; rerun the same command to resume)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Caption for the videos that have no caption file (without it they are skipped)."),
     allow_missing_faces: bool = typer.Option(False, "--allow-missing-faces", help="Keep videos with frames where no face is found (the release drops them); the face mask is the union over the frames with one."),

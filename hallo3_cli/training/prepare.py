@@ -522,6 +522,13 @@ def _write_json(path: Path, value) -> None:
 
 def _entry(root: Path, video_id: str, model: str) -> dict | None:
     """The manifest entry of a finished video (its four files agree), else None."""
+    try:
+        return _entry_of(root, video_id, model)
+    except (KeyError, ValueError, TypeError, OSError):  # damaged metadata: not finished (--check names it)
+        return None
+
+
+def _entry_of(root: Path, video_id: str, model: str) -> dict | None:
     headers = {}
     for role, kind in ITEM_FILES.items():
         path = item_file(root, video_id, role)
