@@ -78,8 +78,10 @@ def probe_video(path: str | Path) -> VideoInfo:
     return VideoInfo(int(width), int(height), float(rate), has_audio, duration)
 
 
-def iter_frames(path: str | Path, fps: int = FPS) -> Iterator[np.ndarray]:
-    """RGB uint8 frames (H, W, 3) at ``fps``, decoded one at a time."""
+def iter_frames(path: str | Path, fps: int = FPS, *, timestamps: bool = False) -> Iterator[np.ndarray]:
+    """RGB uint8 frames (H, W, 3) at ``fps``, decoded one at a time. ``timestamps``: resample by the frames'
+    timestamps even when the average rate is already ``fps`` (a variable frame rate averaging 25 fps; constant
+    25 fps gives the same frames either way)."""
     import av
 
     path = Path(path)
@@ -88,7 +90,7 @@ def iter_frames(path: str | Path, fps: int = FPS) -> Iterator[np.ndarray]:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             rate = Fraction(stream.average_rate or fps)
-            exact = abs(float(rate) - fps) < 1e-3
+            exact = not timestamps and abs(float(rate) - fps) < 1e-3
             held, held_time, start, emitted = None, 0.0, None, 0
             for index, frame in enumerate(container.decode(stream)):
                 image = frame.to_ndarray(format="rgb24")

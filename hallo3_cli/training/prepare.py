@@ -341,7 +341,7 @@ class _Preparer:
         left, top = (width - side) // 2, (height - side) // 2
         chunks, offsets, boxes, found = [], [0], [], []
         embedding, embedding_frame, size = None, -1, None
-        for index, rgb in enumerate(iter_frames(video, fps)):
+        for index, rgb in enumerate(iter_frames(video, fps, timestamps=True)):  # variable rates too
             if size is None:
                 size = rgb.shape[:2]
             elif rgb.shape[:2] != size:
@@ -703,8 +703,8 @@ def format_summary(result: PrepareResult) -> str:
     """The summary of a run for stderr: counts, then a table of the skipped videos and why."""
     kept, skipped = result.kept, result.skipped
     fresh = sum(o.fresh for o in kept)
-    lines = [f"hallo3: {result.root}: {len(kept)} of {len(result.outcomes)} videos kept ({fresh} prepared now, "
-             f"{len(kept) - fresh} already done), {len(skipped)} skipped"]
+    lines = [f"hallo3: {result.root}: {len(kept)} of {len(result.outcomes)} videos kept ({fresh} prepared by this "
+             f"process, {len(kept) - fresh} found done), {len(skipped)} skipped"]
     if skipped:
         width = min(max(len(o.id) for o in skipped), 40)
         lines.append(f"  {'skipped video'.ljust(width)}  reason")
