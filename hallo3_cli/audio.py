@@ -75,7 +75,8 @@ def compute_features(
 
     Returns ``(features, n)``: ``features`` is a float32 CPU tensor ``(n_padded, layers, channels)``
     where ``n_padded`` is ``n`` rounded up to a multiple of ``clip_length`` and ``n`` is the number of
-    video frames of the speech itself. ``window_seconds=None`` always attends over the whole file.
+    video frames of the speech itself (``clip_length=0``: no padding, ``n_padded = n``, as the release's training
+    data). ``window_seconds=None`` always attends over the whole file.
     """
     import torch
 

@@ -14,7 +14,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -458,6 +458,62 @@ def render_cmd(
         from hallo3_cli.evaluate import evaluate_render
 
         emit(evaluate_render(video, speech, face, model=model or "hallo3", device=device, allow_download=not no_download))
+
+
+@app.command("prepare")
+def prepare_cmd(
+    sources: List[Path] = typer.Argument(..., metavar="SOURCE", help="Videos (mp4, mov, mkv, webm): folders (the release's videos/ + caption/<stem>.txt, or videos with same-stem .txt captions), list files (one video path per line) or video files. With --check: the dataset folder."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Dataset folder to write (created if missing; rerun the same command to resume)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Caption for the videos that have no caption file (without it they are skipped)."),
+    allow_missing_faces: bool = typer.Option(False, "--allow-missing-faces", help="Keep videos with frames where no face is found (the release drops them); the face mask is the union over the frames with one."),
+    separate_vocals: Optional[bool] = typer.Option(None, "--separate-vocals/--no-separate-vocals", help="Isolate the voice before wav2vec, as the release always does (default: on with the release's weights; random presets have no separator)."),
+    frame_format: str = typer.Option("jpeg", "--frame-format", callback=_one_of("jpeg", "png"), help="How frames are stored: jpeg (quality --jpeg-quality) or png (lossless, ~4x larger)."),
+    jpeg_quality: int = typer.Option(95, "--jpeg-quality", callback=_number(1, 100), help="JPEG quality of the stored frames, 1 to 100."),
+    check: bool = typer.Option(False, "--check", help="Re-verify every file of the dataset folder given as SOURCE instead of preparing (exit 3 if anything is wrong)."),
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP, callback=_model),
+    device: str = typer.Option("auto", "--device", callback=_device, help="torch device: auto (under torchrun: this process's GPU), cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("auto", "--dtype", callback=_one_of(*DTYPE_CHOICES), help="T5's dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
+    no_download: bool = typer.Option(False, "--no-download", help="Never fetch missing weights; fail with the download command instead."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr (skipped videos are still reported)."),
+) -> None:
+    """Talking-head videos -> a training dataset of stage files (resumable; several processes may share it).
+
+    \b
+    Examples:
+      hallo3 prepare raw/ -o data/ --prompt "A person talking to the camera."
+      hallo3 prepare --check data/
+      torchrun --nproc-per-node 8 --no-python hallo3 prepare raw/ -o data/
+      ls raw/*.mp4 | xargs -P 4 -n 16 hallo3 prepare -o data/ -q
+    """
+    _setup(quiet)
+    from hallo3_cli.errors import InputError
+
+    if check:
+        if len(sources) != 1 or output is not None:
+            raise typer.BadParameter("--check takes the dataset folder alone (no -o)", param_hint="--check")
+        from hallo3_cli.training import check_dataset
+
+        result = check_dataset(sources[0], progress=not quiet)
+        for where, what in result.problems:
+            print(f"hallo3: error: {where}: {what}", file=sys.stderr)
+        if result.problems:
+            raise InputError(f"{len(result.problems)} problem(s) in {result.videos} videos; rerun hallo3 prepare to "
+                             "redo what is damaged", sources[0])
+        print(f"hallo3: {sources[0]}: {result.videos} videos, {result.files} stage files verified", file=sys.stderr)
+        emit(sources[0])
+        return
+    if output is None:
+        raise typer.BadParameter("missing -o/--output (the dataset folder)", param_hint="-o")
+    from hallo3_cli.training import format_summary, prepare_dataset
+
+    result = prepare_dataset(sources, output, model=model, prompt=prompt, allow_missing_faces=allow_missing_faces,
+                             separate_vocals=separate_vocals, codec=frame_format, quality=jpeg_quality, device=device,
+                             dtype=dtype, progress=not quiet, allow_download=not no_download)
+    if os.environ.get("RANK", "0") == "0" and (result.skipped or not quiet):
+        print(format_summary(result), file=sys.stderr)
+    if not result.kept:
+        raise InputError(f"no video was kept (reasons above and in {result.report})", output)
+    emit(result.manifest)
 
 
 @app.command("stitch")

@@ -11,6 +11,11 @@ to the model's frame exactly as the official sampler does:
   ``int(side * frame / short)`` exactly as the official code truncates, then a centre crop.
   Framing ``"crop"``. Like the official code this path is not clamped, so bicubic overshoot can leave
   values slightly outside [-1, 1].
+- training's rule (``framing="squash"``, docs/model.md §10.2), for every shape: bicubic (antialiased)
+  resize to a ``side × side`` square whatever the aspect ratio, then the same zero padding as ``"pad"``.
+  Not clamped either (the release resizes uint8 frames, which clamps: :func:`to_uint8` does that).
+
+Training frames are stored compressed (:func:`encode_frame`, :func:`decode_frame`: JPEG or lossless PNG).
 
 The official code resizes with torchvision on tensors (antialias on by default since torchvision
 0.17); ``torch.nn.functional.interpolate(..., antialias=True)`` is the same computation.
@@ -191,16 +196,29 @@ class FrameGeometry:
     offset_y: int
 
 
+FRAMINGS = ("pad", "crop", "squash")
+
+
 def framing_for(source_width: int, source_height: int) -> str:
-    """``"pad"`` for a square source (the official ``h == w`` test), ``"crop"`` otherwise."""
+    """Inference's rule: ``"pad"`` for a square source (the official ``h == w`` test), ``"crop"`` otherwise."""
     return "pad" if source_width == source_height else "crop"
 
 
-def frame_geometry(source_width: int, source_height: int, height: int, width: int) -> FrameGeometry:
-    """The resize and placement :func:`frame_image` applies to a ``source_width × source_height`` image."""
-    if framing_for(source_width, source_height) == "pad":
-        side = min(height, width)
-        return FrameGeometry("pad", side, side, (width - side) // 2, (height - side) // 2)
+def squash_size(height: int, width: int) -> int:
+    """Side of the square a ``"pad"``/``"squash"`` framing resizes to (480 in a 480×720 frame)."""
+    return min(height, width)
+
+
+def frame_geometry(source_width: int, source_height: int, height: int, width: int,
+                   framing: str | None = None) -> FrameGeometry:
+    """The resize and placement :func:`frame_image` applies to a ``source_width × source_height`` image
+    (``framing``: None = inference's rule, :func:`framing_for`; ``"squash"`` = training's)."""
+    framing = framing_for(source_width, source_height) if framing is None else framing
+    if framing not in FRAMINGS:
+        raise ValueError(f"unknown framing {framing!r}")
+    if framing in ("pad", "squash"):
+        side = squash_size(height, width)
+        return FrameGeometry(framing, side, side, (width - side) // 2, (height - side) // 2)
     if source_width / source_height > width / height:
         resized_h, resized_w = height, int(source_width * height / source_height)
     else:
@@ -210,23 +228,27 @@ def frame_geometry(source_width: int, source_height: int, height: int, width: in
     return FrameGeometry("crop", resized_w, resized_h, -((resized_w - width) // 2), -((resized_h - height) // 2))
 
 
-def frame_image(image: Image.Image | torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, str]:
-    """Fit a portrait to the model frame (docs/model.md §7.1).
+def frame_image(image: Image.Image | torch.Tensor, height: int, width: int,
+                framing: str | None = None) -> tuple[torch.Tensor, str]:
+    """Fit a portrait to the model frame (docs/model.md §7.1; training frames: §10.2).
 
     ``image`` is an RGB ``PIL.Image`` or a float tensor ``(3, h, w)`` in [0, 1] (e.g. the face-masked
     image, which the official code masks at source resolution and then frames the same way).
-    Returns the framed float32 tensor ``(3, height, width)`` in [-1, 1] and the framing
-    (``"pad"`` or ``"crop"``).
+    ``framing``: None = inference's rule (``"pad"`` for square sources, else ``"crop"``); ``"squash"`` =
+    training's (any aspect resized to the square, then padded). Returns the framed float32 tensor
+    ``(3, height, width)`` in [-1, 1] and the framing.
     """
     pixels = _to_unit_tensor(image)
     _, source_h, source_w = pixels.shape
-    geometry = frame_geometry(source_w, source_h, height, width)
+    geometry = frame_geometry(source_w, source_h, height, width, framing)
     size = (geometry.resized_height, geometry.resized_width)
-    if geometry.framing == "pad":
-        resized = _resize(pixels, size, "bilinear")
+    if geometry.framing in ("pad", "squash"):
+        squash = geometry.framing == "squash"  # training resizes bicubic (DV:152-173), inference bilinear
+        resized = _resize(pixels, size, "bicubic" if squash else "bilinear")
         pad_x, pad_y = geometry.offset_x, geometry.offset_y
         framed = F.pad(resized, (pad_x, width - size[1] - pad_x, pad_y, height - size[0] - pad_y), value=0.0)
-        framed = framed.clamp(0, 1)
+        if not squash:
+            framed = framed.clamp(0, 1)
     else:
         resized = _resize(pixels, size, "bicubic")
         top, left = -geometry.offset_y, -geometry.offset_x
@@ -235,11 +257,12 @@ def frame_image(image: Image.Image | torch.Tensor, height: int, width: int) -> t
 
 
 def frame_box(
-    box: tuple[float, float, float, float], source_width: int, source_height: int, height: int, width: int
+    box: tuple[float, float, float, float], source_width: int, source_height: int, height: int, width: int,
+    framing: str | None = None,
 ) -> tuple[float, float, float, float]:
     """Map a box ``(x0, y0, x1, y1)`` in source-pixel edge coordinates to the framed image, clipped
     to the frame. Round outwards (floor/ceil) if integer pixels are needed."""
-    geometry = frame_geometry(source_width, source_height, height, width)
+    geometry = frame_geometry(source_width, source_height, height, width, framing)
     scale_x = geometry.resized_width / source_width
     scale_y = geometry.resized_height / source_height
     x0, y0, x1, y1 = box
@@ -283,6 +306,44 @@ def _resize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
     if tuple(pixels.shape[1:]) == size:
         return pixels  # torchvision returns the input untouched when the size already matches
     return F.interpolate(pixels[None], size=size, mode=mode, align_corners=False, antialias=True)[0]
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """A ``(3, H, W)`` image in [-1, 1] as uint8 ``(H, W, 3)``, rounded and clamped (what resizing a uint8 frame
+    with torchvision gives, as the release does for its training frames)."""
+    return ((image.float() + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+FRAME_CODECS = ("jpeg", "png")
+
+
+def encode_frame(rgb: np.ndarray, codec: str = "jpeg", quality: int = 95) -> bytes:
+    """An RGB uint8 ``(H, W, 3)`` frame as JPEG (``quality``, full-resolution chroma) or lossless PNG bytes."""
+    import io
+
+    if codec not in FRAME_CODECS:
+        raise ValueError(f"unknown frame codec {codec!r}; use one of {', '.join(FRAME_CODECS)}")
+    buffer = io.BytesIO()
+    picture = Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
+    if codec == "jpeg":
+        picture.save(buffer, format="JPEG", quality=int(quality), subsampling=0)
+    else:
+        picture.save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_frame(data: bytes | np.ndarray) -> np.ndarray:
+    """Bytes of :func:`encode_frame` → RGB uint8 ``(H, W, 3)``; ``ValueError`` for undecodable data."""
+    import io
+
+    raw = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    try:
+        with Image.open(io.BytesIO(raw)) as picture:
+            if picture.format not in ("JPEG", "PNG"):
+                raise ValueError(f"not a JPEG or PNG frame ({picture.format})")
+            return np.array(picture.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"undecodable frame ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def preview_image(framed: torch.Tensor, inside: torch.Tensor, box: list[int]) -> Image.Image:

@@ -311,9 +311,14 @@ class Hallo3Pipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
 
     # -- stage: audio ---------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_audio(self, audio: str | os.PathLike | np.ndarray, *, progress: bool = False) -> Hallo3Audio:
+    def encode_audio(self, audio: str | os.PathLike | np.ndarray, *, progress: bool = False,
+                     pad_to_clips: bool = True) -> Hallo3Audio:
         """Speech (a file any FFmpeg build decodes, or 16 kHz mono float samples) → wav2vec features per
-        video frame (docs/model.md §5 steps 2–4; long recordings in bounded memory, see :mod:`hallo3_cli.audio`)."""
+        video frame (docs/model.md §5 steps 2–4; long recordings in bounded memory, see :mod:`hallo3_cli.audio`).
+
+        ``pad_to_clips=False``: the recording is not zero-padded to whole clips before wav2vec (the release's
+        training data, docs/model.md §10.1: the features then differ from inference's near the end, since the
+        encoder attends over the padding too)."""
         from hallo3_cli.audio import compute_features
         from hallo3_cli.audio_io import check_waveform, load_audio
 
@@ -326,7 +331,7 @@ class Hallo3Pipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         else:
             raise TypeError(f"audio must be a file path or an array of {rate} Hz mono samples, got {type(audio).__name__}")
         features, num_frames = compute_features(
-            waveform, self._module("audio_encoder"), fps=self.config.fps, clip_length=self.clip_length,
+            waveform, self._module("audio_encoder"), fps=self.config.fps, clip_length=self.clip_length if pad_to_clips else 0,
             normalize=bool(extractor.do_normalize), progress=progress,
         )
         return Hallo3Audio(features.float().contiguous(), num_frames)

@@ -33,6 +33,24 @@ Formats
 ``hallo3.clips``      a whole render: ``latents`` (clips, latent_frames, 16, h, w). Metadata
                       ``num_frames``, ``fps``, ``clip_length``, ``motion_frames``, ``framing``,
                       ``height``, ``width``.
+
+Training data (``hallo3 prepare``, docs/model.md §10.1; one of each per video, plus a ``hallo3.audio`` file of
+its sound track, unpadded):
+
+``hallo3.frames``     the video at the preset's frame rate, each frame squashed to the training square
+                      (``framing="squash"``: ``height × height``, padded to the width only when loaded) and
+                      compressed: ``data`` (bytes,) uint8, the frames' JPEG/PNG files one after the other;
+                      ``offsets`` (frames + 1,) int64, where each starts (the last: the end). Metadata
+                      ``num_frames``, ``fps``, ``height``, ``width`` (the stored square), ``codec``,
+                      ``source_width``, ``source_height``.
+``hallo3.face``       the video's face track: ``face_embedding`` (512,) of the first frame with a face;
+                      ``mask`` (height, width) uint8 0..255, the union of the per-frame face boxes filled and
+                      squashed like the frames; ``union_box`` (4,) int32 and ``boxes`` (frames, 4) float32 (zeros
+                      where ``found`` is false) x0 y0 x1 y1 in source pixels; ``found`` (frames,) bool. Metadata
+                      ``num_frames``, ``frames_without_face``, ``embedding_frame``, ``source_width``,
+                      ``source_height``.
+``hallo3.prompt``     a caption and its T5 embedding: ``prompt_embeds`` (text_len, text_dim). Metadata
+                      ``prompt``.
 """
 
 from __future__ import annotations
@@ -184,7 +202,72 @@ CLIPS = StageKind(
     _check_clips,
     "rendered clips",
 )
-KINDS = {kind.format: kind for kind in (AUDIO, REFERENCE, CLIP, CLIPS)}
+
+
+def _check_frames(stage: Stage) -> str | None:
+    data, offsets, n = stage["data"], stage["offsets"], stage.meta["num_frames"]
+    if n < 1:
+        return "num_frames must be at least 1"
+    if offsets.shape[0] != n + 1:
+        return f"offsets hold {offsets.shape[0]} entries for {n} frames (expected {n + 1})"
+    if int(offsets[0]) != 0 or int(offsets[-1]) != data.shape[0]:
+        return f"offsets must run from 0 to the data's {data.shape[0]} bytes"
+    if bool((offsets[1:] <= offsets[:-1]).any()):
+        return "offsets must increase (every frame holds bytes)"
+    if stage.meta["codec"] not in ("jpeg", "png"):
+        return f"unknown codec {stage.meta['codec']!r}"
+    if stage.meta["fps"] <= 0 or min(stage.meta["height"], stage.meta["width"]) < 1:
+        return "fps, height and width must be positive"
+    return None
+
+
+def _check_face(stage: Stage) -> str | None:
+    n = stage.meta["num_frames"]
+    boxes, found = stage["boxes"], stage["found"]
+    if boxes.shape != (n, 4) or found.shape != (n,):
+        return f"boxes {tuple(boxes.shape)} and found {tuple(found.shape)} must hold num_frames = {n} rows"
+    if stage["union_box"].shape != (4,):
+        return "union_box must hold 4 numbers"
+    if stage.meta["frames_without_face"] != n - int(found.sum()):
+        return f"frames_without_face is {stage.meta['frames_without_face']}, found says {n - int(found.sum())}"
+    if not -1 <= stage.meta["embedding_frame"] < n:
+        return f"embedding_frame {stage.meta['embedding_frame']} is not a frame of the video"
+    return None
+
+
+FRAMES = StageKind(
+    "hallo3.frames",
+    1,
+    (TensorSpec("data", 1, ("uint8",)), TensorSpec("offsets", 1, ("int64",))),
+    {"num_frames": int, "fps": int, "height": int, "width": int, "codec": str, "source_width": int,
+     "source_height": int},
+    _check_frames,
+    "training video frames",
+)
+FACE = StageKind(
+    "hallo3.face",
+    1,
+    (
+        TensorSpec("face_embedding", 1),
+        TensorSpec("mask", 2, ("uint8",)),
+        TensorSpec("union_box", 1, ("int32",)),
+        TensorSpec("boxes", 2, ("float32",)),
+        TensorSpec("found", 1, ("bool",)),
+    ),
+    {"num_frames": int, "frames_without_face": int, "embedding_frame": int, "source_width": int,
+     "source_height": int},
+    _check_face,
+    "training face track",
+)
+PROMPT = StageKind(
+    "hallo3.prompt",
+    1,
+    (TensorSpec("prompt_embeds", 2),),
+    {"prompt": str},
+    None,
+    "caption embedding",
+)
+KINDS = {kind.format: kind for kind in (AUDIO, REFERENCE, CLIP, CLIPS, FRAMES, FACE, PROMPT)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,12 +434,21 @@ def load_stage(
 def expected_shapes(kind: StageKind, preset, meta: dict) -> dict[str, tuple[int | None, ...]]:
     """Shape of each tensor of a ``kind`` file made by ``preset`` (``None``: any length), given its metadata."""
     from hallo3_cli.face import EMBEDDING_DIM
+    from hallo3_cli.image_io import squash_size
     from hallo3_cli.networks import network_widths
 
     w = network_widths(preset)
     h, wd = geometry.latent_size(preset.height, preset.width)
     if kind is AUDIO:
         return {"features": (None, w["audio_layers"], w["audio_width"])}
+    if kind is FRAMES:
+        return {"data": (None,), "offsets": (meta["num_frames"] + 1,)}
+    if kind is FACE:
+        side = squash_size(preset.height, preset.width)
+        return {"face_embedding": (EMBEDDING_DIM,), "mask": (side, side), "union_box": (4,),
+                "boxes": (meta["num_frames"], 4), "found": (meta["num_frames"],)}
+    if kind is PROMPT:
+        return {"prompt_embeds": (preset.text_length, w["text_width"])}
     if kind is REFERENCE:
         tokens = (h // w["patch"]) * (wd // w["patch"])
         return {"image": (3, preset.height, preset.width), "ref_latent": (geometry.LATENT_CHANNELS, h, wd),
@@ -381,6 +473,12 @@ def weights_components(kind: StageKind, preset, params: dict | None = None) -> t
         if preset.is_folder and not preset.is_installed("face_analysis"):  # a model folder without face models
             return ("vae", "reference", "text_encoder", "tokenizer")
         return ("vae", "reference", "text_encoder", "tokenizer", "face_analysis")
+    if kind is FRAMES:
+        return ()  # no network: decoding and resizing only
+    if kind is FACE:
+        return ("face_analysis",)
+    if kind is PROMPT:
+        return ("text_encoder",) if preset.is_random else ("text_encoder", "tokenizer")
     return ("transformer", "vae")
 
 
@@ -419,7 +517,12 @@ def _check_geometry(stage: Stage) -> None:
     timing = {"fps": preset.fps, "clip_length": preset.clip_length}
     if stage.kind is CLIPS:
         timing.update(motion_frames=preset.motion_frames, height=preset.height, width=preset.width)
-    if stage.kind in (AUDIO, CLIPS):
+    if stage.kind is FRAMES:
+        from hallo3_cli.image_io import squash_size
+
+        side = squash_size(preset.height, preset.width)
+        timing = {"fps": preset.fps, "height": side, "width": side}
+    if stage.kind in (AUDIO, CLIPS, FRAMES):
         for key, value in timing.items():
             if stage.meta[key] != value:
                 raise ValueError(f"metadata {key} is {stage.meta[key]}, the {preset.name} model uses {value}")

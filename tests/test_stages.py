@@ -63,6 +63,24 @@ def valid_stage(kind: stages.StageKind, seed: int = 0) -> tuple[dict, dict]:
     elif kind is stages.CLIPS:
         tensors = {"latents": randn(2, 4, 16, 2, 3)}
         meta = {"num_frames": 90, "fps": 25, "clip_length": 49, "motion_frames": 2, "framing": "crop", "height": 16, "width": 24}
+    elif kind is stages.FRAMES:
+        data = torch.randint(0, 256, (30,), generator=g).to(torch.uint8)
+        tensors = {"data": data, "offsets": torch.tensor([0, 9, 20, 30], dtype=torch.int64)}
+        meta = {"num_frames": 3, "fps": 25, "height": 16, "width": 16, "codec": "jpeg", "source_width": 640,
+                "source_height": 360}
+    elif kind is stages.FACE:
+        tensors = {
+            "face_embedding": randn(512),
+            "mask": torch.randint(0, 256, (16, 16), generator=g).to(torch.uint8),
+            "union_box": torch.tensor([1, 2, 20, 14], dtype=torch.int32),
+            "boxes": randn(3, 4).abs(),
+            "found": torch.tensor([True, False, True]),
+        }
+        meta = {"num_frames": 3, "frames_without_face": 1, "embedding_frame": 0, "source_width": 640,
+                "source_height": 360}
+    elif kind is stages.PROMPT:
+        tensors = {"prompt_embeds": randn(6, 8, dtype=torch.bfloat16)}
+        meta = {"prompt": "a woman talks, «quoted»"}
     else:  # pragma: no cover - a new kind must be added here
         raise AssertionError(f"no test data for {kind.format}")
     return tensors, common_meta(**meta)
@@ -119,7 +137,8 @@ def audio_file(tmp_path):
 
 
 def test_kinds_registry_is_complete():
-    assert set(stages.KINDS) == {"hallo3.audio", "hallo3.reference", "hallo3.clip", "hallo3.clips"}
+    assert set(stages.KINDS) == {"hallo3.audio", "hallo3.reference", "hallo3.clip", "hallo3.clips", "hallo3.frames",
+                                 "hallo3.face", "hallo3.prompt"}
     for fmt, kind in stages.KINDS.items():
         assert kind.format == fmt and kind.version >= 1 and kind.description
 
@@ -606,3 +625,18 @@ def test_fuzz_raw_json_header(tmp_path, metadata):
     path = tmp_path / "raw.safetensors"
     write_raw(path, json.dumps({"__metadata__": {**base, **metadata}}).encode())
     check_outcome(path, stages.AUDIO)
+
+
+@pytest.mark.parametrize("kind, change, needle", [
+    (stages.FRAMES, {"offsets": torch.tensor([0, 9, 9, 30])}, "offsets must increase"),
+    (stages.FRAMES, {"offsets": torch.tensor([0, 9, 20, 29])}, "offsets must run from 0 to the data's 30 bytes"),
+    (stages.FRAMES, {"offsets": torch.tensor([0, 30])}, "offsets hold 2 entries for 3 frames"),
+    (stages.FACE, {"found": torch.tensor([True, True, True])}, "frames_without_face is 1, found says 0"),
+    (stages.FACE, {"boxes": torch.zeros(2, 4)}, "must hold num_frames = 3 rows"),
+], ids=["unsorted", "short", "count", "found", "boxes"])
+def test_training_kinds_refuse_inconsistent_files(tmp_path, kind, change, needle):
+    """The training data's frames and face files: offsets and per-frame tables must agree with their metadata."""
+    path = tmp_path / "x.safetensors"
+    write_valid(path, kind)
+    rewrite(path, tensors=change)
+    expect_error(path, kind, needle)

@@ -40,10 +40,11 @@ class VideoInfo:
     height: int
     fps: float
     has_audio: bool
+    duration: float | None = None  # seconds the container declares for the video stream (None: not said)
 
 
 def _reason(err: BaseException) -> str:
-    text = str(err).strip()
+    text = str(getattr(err, "strerror", None) or err).strip()  # FFmpeg errors: without errno and path
     return text.splitlines()[0] if text else type(err).__name__
 
 
@@ -62,17 +63,25 @@ def probe_video(path: str | Path) -> VideoInfo:
             rate = stream.average_rate or stream.guessed_rate or FPS
             width, height = stream.codec_context.width, stream.codec_context.height
             has_audio = bool(container.streams.audio)
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:  # e.g. Matroska: only the container's (microseconds)
+                duration = container.duration / 1e6
+            else:
+                duration = None
     except InputError:
         raise
     except (av.FFmpegError, OSError, ValueError) as err:
         raise InputError(f"cannot read video ({_reason(err)})", path) from None
     if not width or not height:
         raise InputError("video stream has no frame size", path)
-    return VideoInfo(int(width), int(height), float(rate), has_audio)
+    return VideoInfo(int(width), int(height), float(rate), has_audio, duration)
 
 
-def iter_frames(path: str | Path, fps: int = FPS) -> Iterator[np.ndarray]:
-    """RGB uint8 frames (H, W, 3) at ``fps``, decoded one at a time."""
+def iter_frames(path: str | Path, fps: int = FPS, *, timestamps: bool = False) -> Iterator[np.ndarray]:
+    """RGB uint8 frames (H, W, 3) at ``fps``, decoded one at a time. ``timestamps``: resample by the frames'
+    timestamps even when the average rate is already ``fps`` (a variable frame rate averaging 25 fps; constant
+    25 fps gives the same frames either way)."""
     import av
 
     path = Path(path)
@@ -81,7 +90,7 @@ def iter_frames(path: str | Path, fps: int = FPS) -> Iterator[np.ndarray]:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             rate = Fraction(stream.average_rate or fps)
-            exact = abs(float(rate) - fps) < 1e-3
+            exact = not timestamps and abs(float(rate) - fps) < 1e-3
             held, held_time, start, emitted = None, 0.0, None, 0
             for index, frame in enumerate(container.decode(stream)):
                 image = frame.to_ndarray(format="rgb24")

@@ -10,7 +10,7 @@ import numpy as np
 
 from hallo3_cli.errors import ModelError
 from hallo3_cli.face.detector import DET_SIZE, DETECTOR_FILE, ScrfdDetector
-from hallo3_cli.face.geometry import check_rgb, face_box
+from hallo3_cli.face.geometry import FACE_EXPAND_RATIO, check_rgb, face_box
 from hallo3_cli.face.recognizer import EMBEDDING_DIM, RECOGNIZER_FILE, ArcFaceRecognizer
 
 
@@ -21,7 +21,8 @@ class FaceResult:
     ``embedding`` (dim,) float32 raw ArcFace output (zeros if no face); ``box`` (4,) int64
     ``x0, y0, x1, y1`` face region (mask box, exclusive ends) in pixels of the analysed image;
     ``detection_box`` (4,) float32 SCRFD box or None; ``score`` detector confidence (0 if none);
-    ``kps`` (5, 2) float32 keypoints or None; ``found`` whether a face was detected.
+    ``kps`` (5, 2) float32 keypoints or None; ``found`` whether a face was detected; ``count`` how many faces
+    were detected (training data keeps only videos with exactly one per frame, docs/model.md §10.1).
     """
 
     embedding: np.ndarray
@@ -30,11 +31,12 @@ class FaceResult:
     kps: np.ndarray | None = None
     detection_box: np.ndarray | None = None
     found: bool = True
+    count: int = 1
 
     @classmethod
     def no_face(cls, height: int, width: int, dim: int = EMBEDDING_DIM) -> "FaceResult":
         """The official fallback: zero embedding, whole image as face region."""
-        return cls(np.zeros(dim, np.float32), np.array([0, 0, width, height], np.int64), found=False)
+        return cls(np.zeros(dim, np.float32), np.array([0, 0, width, height], np.int64), found=False, count=0)
 
 
 class FaceAnalyzer:
@@ -60,8 +62,12 @@ class FaceAnalyzer:
         paths = [_find_model(folder, name) for name in (DETECTOR_FILE, RECOGNIZER_FILE)]
         return cls(paths[0], paths[1], providers)
 
-    def analyze(self, image: np.ndarray) -> FaceResult:
-        """Identity of the largest face of an RGB uint8 ORIGINAL image (before framing)."""
+    def analyze(self, image: np.ndarray, *, ratio: float = FACE_EXPAND_RATIO, embed: bool = True) -> FaceResult:
+        """Identity of the largest face of an RGB uint8 ORIGINAL image (before framing).
+
+        ``ratio``: the face box's expansion (inference 1.2; the training data's per-frame boxes 1.0,
+        docs/model.md §10.1). ``embed=False`` skips the recognizer (the embedding is then zeros): training data
+        embeds one frame per video but looks for faces in all of them."""
         image = check_rgb(image)
         height, width = image.shape[:2]
         faces = self.detector.detect(image)
@@ -70,12 +76,13 @@ class FaceAnalyzer:
         index = faces.largest()
         kps = faces.kps[index]
         return FaceResult(
-            embedding=self.recognizer.embed(image, kps),
-            box=face_box(height, width, kps=kps),
+            embedding=self.recognizer.embed(image, kps) if embed else np.zeros(self.recognizer.embedding_dim, np.float32),
+            box=face_box(height, width, kps=kps, ratio=ratio),
             score=float(faces.scores[index]),
             kps=kps,
             detection_box=faces.boxes[index],
             found=True,
+            count=len(faces),
         )
 
 

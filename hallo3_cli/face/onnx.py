@@ -31,6 +31,9 @@ def open_session(path: str | Path, providers: Sequence | None):
         raise ModelError("ONNX model file not found", path)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # no busy-waiting between runs: the face models run once per frame between torch and PyAV work, which
+    # spinning threads would otherwise slow down several times on a small CPU (measured: bench/RESULTS.md)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as err:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)

@@ -35,8 +35,6 @@ def embed_audio(speech: str | Path, output: str | Path, *, model: str | Preset =
                 device: str = "auto", progress: bool = True, loader: PipelineLoader | None = None) -> Path:
     """Decode ``speech``, optionally isolate the voice, compute the features and write an audio stage file."""
     from hallo3_cli import vocals
-    from hallo3_cli.audio import CONTEXT_SECONDS, WINDOW_SECONDS
-    from hallo3_cli.audio_io import SAMPLE_RATE, load_audio, resample
 
     speech = fsutil.require_file(speech)
     (output,) = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES)], inputs=[speech])
@@ -47,21 +45,45 @@ def embed_audio(speech: str | Path, output: str | Path, *, model: str | Preset =
     runtime = resolve_runtime(Runtime(device=device, offload="none"), preset)
     require_weights(preset, (stages.AUDIO,))
     pipe = (loader or PipelineLoader(preset, runtime)).need("feature_extractor", "audio_encoder")
+    features = speech_features(pipe, speech, separator_path=separator_path, progress=progress)
+    return write_audio(features, output, preset, pipe, source_sha256=fsutil.sha256_file(speech),
+                       separate_vocals=separate_vocals)
+
+
+def speech_features(pipe, speech: str | Path, *, separator_path: Path | None = None, progress: bool = True,
+                    pad_to_clips: bool = True):
+    """The speech features of a recording (or of a video's sound track) as ``embed-audio`` computes them: decoded,
+    the voice isolated first with the separator model at ``separator_path`` if given, then wav2vec
+    (:meth:`~hallo3_cli.pipeline_hallo3.Hallo3Pipeline.encode_audio`; ``pad_to_clips=False``: the training
+    data's unpadded features)."""
+    from hallo3_cli import vocals
+    from hallo3_cli.audio_io import SAMPLE_RATE, load_audio, resample
+
     if separator_path is not None:
         mix = load_audio(speech, vocals.SEPARATOR_SAMPLE_RATE, mono=False)
         voice = vocals.separate_vocals(mix, separator_path, progress=progress)
         source = resample(voice.mean(axis=0), vocals.SEPARATOR_SAMPLE_RATE, SAMPLE_RATE)
     else:
-        source = speech
-    features = pipe.encode_audio(source, progress=progress)
+        source = load_audio(speech, SAMPLE_RATE)
+    return pipe.encode_audio(source, progress=progress, pad_to_clips=pad_to_clips)
+
+
+def write_audio(features, output: str | Path, preset: Preset, pipe, *, source_sha256: str, separate_vocals: bool,
+                pad_to_clips: bool = True) -> Path:
+    """An audio stage file of :func:`speech_features`' result."""
+    from hallo3_cli.audio import CONTEXT_SECONDS, WINDOW_SECONDS
+    from hallo3_cli.audio_io import SAMPLE_RATE
+
     params = {
         "fps": preset.fps, "clip_length": preset.clip_length, "sample_rate": SAMPLE_RATE,
         "normalize": bool(pipe.feature_extractor.do_normalize), "separate_vocals": bool(separate_vocals),
         "window_seconds": WINDOW_SECONDS, "context_seconds": CONTEXT_SECONDS,
     }
+    if not pad_to_clips:  # only then: the params of embed-audio's files key renders, and stay as they were
+        params["pad_to_clips"] = False
     meta = {
         "model": preset.name, "weights": fingerprint(preset, stages.AUDIO, params), "params": params,
-        "source_sha256": fsutil.sha256_file(speech), "fps": preset.fps, "num_frames": features.num_frames,
+        "source_sha256": source_sha256, "fps": preset.fps, "num_frames": features.num_frames,
         "clip_length": preset.clip_length, "sample_rate": SAMPLE_RATE,
     }
     return stages.save_stage(output, stages.AUDIO, {"features": features.features}, meta)

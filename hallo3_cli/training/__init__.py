@@ -1,6 +1,9 @@
-"""Fine-tuning Hallo3 as the release trains it (docs/model.md §10; docs/training.md): the training step and the
-trainable sets (:mod:`.step`), the recipe's numbers and schedules (:mod:`.recipe`)."""
+"""Fine-tuning Hallo3 as the release trains it (docs/model.md §10; docs/training.md): talking-head videos prepared
+into a dataset of stage files and the samples drawn from it (:mod:`.prepare`, :mod:`.dataset`), the training step
+and the trainable sets (:mod:`.step`), the recipe's numbers and schedules (:mod:`.recipe`)."""
 
+from hallo3_cli.training.dataset import Hallo3Dataset, read_manifest, start_range
+from hallo3_cli.training.prepare import PrepareResult, check_dataset, find_sources, format_summary, prepare_dataset
 from hallo3_cli.training.recipe import (
     RELEASE,
     Recipe,
@@ -24,21 +27,8 @@ from hallo3_cli.training.step import (
 )
 
 __all__ = [
-    "RELEASE",
-    "RELEASE_RULES",
-    "Recipe",
-    "TrainRule",
-    "TrainingForward",
-    "decays",
-    "ema_decay",
-    "ema_decay_float32",
-    "learning_rate",
-    "lr_lambda",
-    "official_parameter_names",
-    "sample_timesteps",
-    "timestep_band",
-    "trainable_parameters",
-    "training_forward",
-    "training_loss",
-    "weight_decay_groups",
+    "RELEASE", "RELEASE_RULES", "Hallo3Dataset", "PrepareResult", "Recipe", "TrainRule", "TrainingForward",
+    "check_dataset", "decays", "ema_decay", "ema_decay_float32", "find_sources", "format_summary", "learning_rate",
+    "lr_lambda", "official_parameter_names", "prepare_dataset", "read_manifest", "sample_timesteps", "start_range",
+    "timestep_band", "trainable_parameters", "training_forward", "training_loss", "weight_decay_groups",
 ]
