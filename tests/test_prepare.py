@@ -18,7 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import MEDIA, cut_wav  # noqa: E402
+from conftest import cut_wav  # noqa: E402
 from synthetic_video import make_video, mouth_area  # noqa: E402
 
 PRESETS = Path(__file__).with_name("presets_test.toml")
