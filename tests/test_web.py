@@ -67,11 +67,23 @@ def test_auth_file_format_and_permissions(tmp_path):
 
     good = tmp_path / "users"
     good.write_text("# team logins\nana:s3cret:with:colons\n\n bo : pw \n")
-    good.chmod(0o600)
-    assert read_auth_file(good) == [("ana", "s3cret:with:colons"), ("bo", " pw ")]
+    for mode in (0o600, 0o400):
+        good.chmod(mode)
+        assert read_auth_file(good) == [("ana", "s3cret:with:colons"), ("bo", " pw ")]
+    # only its owner may have any access: a group that may read (or write) it is refused like everybody
+    for mode in (0o644, 0o640, 0o604, 0o620, 0o660, 0o610, 0o601, 0o700 | 0o040):
+        good.chmod(mode)
+        with pytest.raises(InputError, match=f"group or others have access to it \\(mode {mode:o}\\).*chmod 600"):
+            read_auth_file(good)
     good.chmod(0o644)
-    with pytest.raises(InputError, match="readable or writable by others"):
-        read_auth_file(good)
+    link = tmp_path / "link"  # the mode that counts is the file's, not the link's
+    link.symlink_to(good)
+    with pytest.raises(InputError, match="mode 644"):
+        read_auth_file(link)
+    fifo = tmp_path / "fifo"  # refused at once, never waited on
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(InputError, match="not a regular file"):
+        read_auth_file(fifo)
     bad = tmp_path / "bad"
     bad.write_text("ana:pw\njust-a-name\n")
     bad.chmod(0o600)
