@@ -6,6 +6,7 @@ One server (a subprocess on 127.0.0.1 and a free port) serves the whole module; 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +97,53 @@ def test_auth_file_format_and_permissions(tmp_path):
     with pytest.raises(InputError, match="no user:password"):
         read_auth_file(empty)
     assert stat.S_IMODE(good.stat().st_mode) == 0o644  # reading never changes the file
+
+
+# ---------------------------------------------------------------------------------------------
+# the page's rules without a server (hallo3_cli.web.studio)
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    from hallo3_cli.web.studio import Studio
+
+    root = tmp_path_factory.mktemp("studio")
+    return Studio("tiny-random", cache_dir=root / "cache", root=root)
+
+
+def test_only_files_stored_as_uploads_may_be_named(studio, tmp_path):
+    """The rule every endpoint applies to a path a client sends: a file of Gradio's upload folder of this server
+    (``<hash>/<name>``), nothing else, and one message for all the rest, whether the path exists or not."""
+    from hallo3_cli.errors import InputError
+    from hallo3_cli.web.studio import NOT_UPLOADED
+
+    upload = studio.uploads / ("ab" * 32) / "face.jpg"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"an upload")
+    assert studio.uploaded(str(upload)) == str(upload.resolve())
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"a file of the server")
+    render = studio.root / "sessions" / "s1" / "renders" / "r.mp4"  # a session's own folder is not an upload
+    render.parent.mkdir(parents=True)
+    render.write_bytes(b"a render")
+    link = studio.uploads / ("cd" * 32) / "link.jpg"  # a link in the upload folder to a file outside it
+    link.parent.mkdir()
+    link.symlink_to(secret)
+    deeper = studio.uploads / "deep" / "er" / "x.jpg"
+    deeper.parent.mkdir(parents=True)
+    deeper.write_bytes(b"x")
+    escape = f"{upload.parent}/../../sessions/s1/renders/r.mp4"
+    refused = [str(secret), str(tmp_path / "missing.jpg"), str(upload.parent / "missing.jpg"), str(studio.uploads),
+               str(upload.parent), str(link), str(render), escape, str(deeper), "face.jpg", f"{upload.parent.name}/face.jpg",
+               "http://127.0.0.1:1/face.jpg", "file:///etc/passwd", "/etc/passwd", "/etc/shadow", "a\0b", "", None, 7,
+               ["/etc/passwd"], "/" + "x" * 5000]
+    messages = set()
+    for path in refused:
+        with pytest.raises(InputError) as err:
+            studio.uploaded(path)
+        messages.add(str(err.value))
+    assert messages == {NOT_UPLOADED}, messages
+    assert secret.read_bytes() == b"a file of the server" and render.read_bytes() == b"a render"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +405,97 @@ def test_api_framing_preview(server, inputs):
     assert "480×480 → 96×64 frame" in caption
     with pytest.raises(Exception, match="face.jpg: not an image file"):
         client.predict(handle_file(str(inputs["text_face"])), api_name="/framing")
+
+
+class RawClient:
+    """The queue API over plain HTTP (httpx), as a hostile client uses it: any JSON as an event's data, and a
+    connection it may drop at any moment."""
+
+    def __init__(self, server):
+        import httpx
+
+        self.httpx, self.base, self.api = httpx, server.url, server.url + "gradio_api"
+        self.config = httpx.get(server.url + "config", timeout=30).json()
+
+    def fn(self, api_name: str | None = None, component: str | None = None) -> int:
+        """An event's index, by its API name, or (for private events) by the type of its one input."""
+        types = {c["id"]: c["type"] for c in self.config["components"]}
+        return next(d["id"] for d in self.config["dependencies"]
+                    if (api_name is not None and d.get("api_name") == api_name)
+                    or (component is not None and [types.get(i) for i in d["inputs"]] == [component]
+                        and d.get("api_name") != "framing"))
+
+    def upload(self, path: Path, name: str | None = None) -> dict:
+        with open(path, "rb") as file:
+            response = self.httpx.post(self.api + "/upload", files=[("files", (name or path.name, file))], timeout=60)
+        response.raise_for_status()
+        return {"path": response.json()[0], "meta": {"_type": "gradio.FileData"}}
+
+    def join(self, fn_index: int, data: list) -> str:
+        session = uuid.uuid4().hex[:12]
+        response = self.httpx.post(self.api + "/queue/join", json={"data": data, "fn_index": fn_index,
+                                                                   "session_hash": session}, timeout=30)
+        response.raise_for_status()
+        return session
+
+    def messages(self, session: str):
+        with self.httpx.stream("GET", self.api + "/queue/data", params={"session_hash": session}, timeout=120) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    yield json.loads(line[5:])
+
+    def call(self, fn_index: int, data: list) -> dict:
+        """The final message's ``output`` (``{"data": ...}`` or ``{"error": ...}``)."""
+        for message in self.messages(self.join(fn_index, data)):
+            if message.get("msg") == "process_completed":
+                return message["output"]
+        raise AssertionError("the event never completed")
+
+
+@pytest.mark.slow
+def test_api_only_uploads_are_read(server, inputs, tmp_path):
+    """A path sent instead of an upload, to any endpoint that takes a file: refused with one message, the same
+    whether the file exists or not, before anything opens it."""
+    from gradio_client import Client, handle_file
+
+    from hallo3_cli.web.studio import NOT_UPLOADED
+
+    secret = tmp_path / "secret.png"  # an image the server could decode, but nobody uploaded
+    shutil.copy(inputs["face"], secret)
+    session_render = next(server.root.glob("sessions/*/renders/*.mp4"), None)  # another session's output
+    paths = [str(secret), str(tmp_path / "missing.png"), "/etc/passwd", "/etc/shadow", str(server.stderr_path),
+             str(server.root / "uploads"), "../../../../etc/passwd", "http://127.0.0.1:1/face.png",
+             *([str(session_render)] if session_render else [])]
+    raw = RawClient(server)
+    face, speech = raw.upload(inputs["face"]), raw.upload(inputs["speech"])
+    framing, render, on_speech = raw.fn("framing"), raw.fn("render"), raw.fn(component="audio")
+    errors = set()
+    for path in paths:
+        for named in ({"path": path}, {"path": path, "url": path, "orig_name": "face.png",
+                                       "meta": {"_type": "gradio.FileData"}}):
+            for fn_index, data in ((framing, [named]), (on_speech, [named]),
+                                   (render, [named, speech, None, 1, 1, 3.5, "none", False]),
+                                   (render, [face, named, None, 1, 1, 3.5, "none", False]),
+                                   (render, [face, speech, named, 1, 1, 3.5, "none", False])):
+                output = raw.call(fn_index, data)
+                assert "data" not in output, (path, output)
+                errors.add(output["error"])
+    assert errors == {NOT_UPLOADED}
+
+    client = Client(server.url, verbose=False)  # gradio_client sends a plain dict as it is
+    for path in (str(secret), str(tmp_path / "missing.png")):
+        for kwargs in (dict(face={"path": path}, speech=handle_file(str(inputs["speech"]))),
+                       dict(face=handle_file(str(inputs["face"])), speech={"path": path})):
+            with pytest.raises(Exception) as err:
+                client.predict(**kwargs, seed=1, steps=1, api_name="/render")
+            assert str(err.value).strip() == NOT_UPLOADED
+        with pytest.raises(Exception) as err:
+            client.predict({"path": path}, api_name="/framing")
+        assert str(err.value).strip() == NOT_UPLOADED
+    # what was uploaded still works, through both clients
+    assert "480×480 → 96×64 frame" in raw.call(framing, [face])["data"][2]
+    assert "480×480 → 96×64 frame" in client.predict(handle_file(str(secret)), api_name="/framing")[2]
+    assert server.proc.poll() is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,14 +43,37 @@ def build_page(studio: Studio):
 
     preset = studio.preset
 
-    def portrait_file(payload):
-        """The portrait's preprocess: the uploaded file untouched (gr.Image would open it with PIL first), so the
-        render decodes it as the CLI does and a bad file gets the CLI's message. (An instance attribute, not a
-        subclass: Gradio writes a .pyi stub next to the module of every component subclass.)"""
-        return None if payload is None or not payload.path else str(payload.path)
-
     def error(err: BaseException, *paths) -> Exception:
         return gr.Error(one_line(err, {str(p): Path(str(p)).name for p in paths if p}), print_exception=False)
+
+    def check_files(inputs: list):
+        """Every file a client names, anywhere in an event's inputs (any dict with a ``path``), must be one this
+        server stored for the page (:meth:`Studio.uploaded`); else the event stops with one message. (A loop,
+        not a recursion: the JSON may be nested as deep as its parser allows.)"""
+        pending = [inputs]
+        while pending:
+            value = pending.pop()
+            if isinstance(value, dict):
+                if "path" in value:
+                    try:
+                        studio.uploaded(value["path"])
+                    except Hallo3Error as err:
+                        raise error(err) from None
+                pending.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                pending.extend(value)
+
+    def uploaded_file(payload):
+        """The preprocess of the portrait and the speech: the uploaded file's path, untouched (gr.Image would open
+        it with PIL, gr.Audio might convert it), so the render decodes it as the CLI does and a bad file gets the
+        CLI's message. (An instance attribute, not a subclass: Gradio writes a .pyi stub next to the module of
+        every component subclass.)"""
+        if payload is None:
+            return None
+        try:
+            return studio.uploaded(payload.path)  # the check again, where the path is handed over
+        except Hallo3Error as err:
+            raise error(err) from None
 
     def on_preview(face, request: gr.Request):
         if face is not None:
@@ -106,9 +129,9 @@ def build_page(studio: Studio):
             with gr.Column():
                 face = gr.Image(label="Portrait", type="filepath", sources=["upload"],
                                 elem_id="face", height=260)
-                face.preprocess = portrait_file
                 speech = gr.Audio(label="Speech (upload or record)", type="filepath", sources=["upload", "microphone"],
                                   elem_id="speech")
+                face.preprocess = speech.preprocess = uploaded_file
                 prompt = gr.Textbox(label="Prompt", value=preset.default_prompt, lines=2, elem_id="prompt")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=42, precision=0, elem_id="seed")
@@ -149,6 +172,17 @@ def build_page(studio: Studio):
         stop.click(None, None, None, cancels=[rendering], api_visibility="private")
         renders.select(reopen, renders, result, api_name="reopen")
         page.unload(unload)
+
+    # Where the paths a client sends are first seen: Gradio checks an event's inputs here, before it copies,
+    # downloads or opens any file they name (its own check then covers only FileData marked as such, and
+    # answers in its own words). Every endpoint, public or not, goes through it.
+    validate_inputs = page.validate_inputs
+
+    def validate_files(block_fn, inputs):
+        validate_inputs(block_fn, inputs)
+        check_files(list(inputs))
+
+    page.validate_inputs = validate_files
     return page
 
 
@@ -163,7 +197,7 @@ def serve(model: str = "hallo3", *, host: str = DEFAULT_HOST, port: int = DEFAUL
         raise UsageError(f"--max-speech-seconds must be a positive number, got {max_speech_seconds}")
     users = read_auth_file(auth_file) if auth_file is not None else None
     root = Path(tempfile.mkdtemp(prefix="hallo3-serve-"))  # 0700: this user's only
-    os.environ["GRADIO_TEMP_DIR"] = str(root / "uploads")  # Gradio's own copies of the uploads
+    os.environ["GRADIO_TEMP_DIR"] = str(root / Studio.UPLOADS)  # Gradio's own copies of the uploads
     try:
         gr = require_gradio()
         studio = Studio(model, cache_dir=cache_dir, root=root, max_speech_seconds=max_speech_seconds)

@@ -1,5 +1,5 @@
-"""The page's work, without Gradio (testable): the sessions, the models kept loaded between jobs, the one-GPU
-lock, and the render worker whose events the page shows."""
+"""The page's work, without Gradio (testable): the rule for which files a client may name, the sessions, the
+models kept loaded between jobs, the one-GPU lock, and the render worker whose events the page shows."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import shutil
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ log = logging.getLogger("hallo3")
 DEFAULT_MAX_SPEECH_SECONDS = 600.0
 #: Seconds between two progress updates sent to the page (tiny models step far faster than a browser repaints).
 UPDATE_INTERVAL = 0.25
+#: The one answer to a file the page did not receive as an upload: the same words whether the path exists or not.
+NOT_UPLOADED = "not a file uploaded to this page: upload the file itself (the server opens no path it is sent)"
 
 
 def one_line(err: BaseException, names: dict[str, str]) -> str:
@@ -139,6 +142,10 @@ class Session:
 class Studio:
     """The server's state: the models (kept loaded between jobs), the sessions, the one-GPU lock."""
 
+    #: Gradio's upload folder (``GRADIO_TEMP_DIR``) in the server's folder: its ``<hash>/<name>`` files are the only
+    #: ones a client may name
+    UPLOADS = "uploads"
+
     def __init__(self, model: str, *, cache_dir: str | os.PathLike, root: str | os.PathLike,
                  max_speech_seconds: float = DEFAULT_MAX_SPEECH_SECONDS):
         from hallo3_cli import stages
@@ -150,6 +157,7 @@ class Studio:
         require_weights(self.preset, (stages.AUDIO, stages.REFERENCE, stages.CLIPS), allow_download=True)
         self.cache_dir = Path(cache_dir)
         self.root = Path(root)
+        self.uploads = self.root / self.UPLOADS
         self.max_speech_seconds = float(max_speech_seconds)
         self.gpu = threading.Lock()  # Gradio's queue runs one render at a time; this makes it a fact
         self._sessions: dict[str, Session] = {}
@@ -157,6 +165,25 @@ class Studio:
         self._renderer = None  # (memory, vae_tiling, VideoRenderer): models stay loaded between jobs
         self._framer = None
         self._framer_lock = threading.Lock()
+
+    # -- what a client may name --------------------------------------------------------------
+    def uploaded(self, path) -> str:
+        """``path`` if it is a file this server stored as an upload (or a copy of an output it sent to the page),
+        else :class:`InputError` with :data:`NOT_UPLOADED`. Gradio keeps each upload (and each output it serves)
+        as ``<upload folder>/<hash>/<name>``, the hash seeded with a secret of this installation: a client can
+        only name such a file if the server gave it that path, in answer to its upload or as its output. Nothing
+        is opened to decide: a missing file, a folder, a link out of the upload folder, a URL, a relative or
+        malformed path all get the same message."""
+        try:
+            if not isinstance(path, str) or not path:
+                raise ValueError(path)
+            real = Path(os.path.realpath(path))  # every link resolved: where the bytes really are
+            inside = real.parent.parent == Path(os.path.realpath(self.uploads))
+            if not (os.path.isabs(path) and inside and stat.S_ISREG(real.lstat().st_mode)):
+                raise ValueError(path)
+        except (OSError, ValueError, TypeError):
+            raise InputError(NOT_UPLOADED) from None
+        return str(real)
 
     # -- sessions -----------------------------------------------------------------------------
     def session(self, session_id: str | None) -> Session:
@@ -178,7 +205,7 @@ class Studio:
             return
         session.cancel()
         shutil.rmtree(session.folder, ignore_errors=True)
-        uploads = (self.root / "uploads").resolve()
+        uploads = self.uploads.resolve()
         for name in session.uploads - held:  # Gradio keys uploads by content: another tab may hold the same file
             path = Path(name).resolve()
             if path.is_relative_to(uploads) and path.is_file():
