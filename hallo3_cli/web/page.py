@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +14,8 @@ from hallo3_cli import options
 from hallo3_cli.errors import Hallo3Error, UsageError
 from hallo3_cli.runtime import OFFLOAD_CHOICES
 from hallo3_cli.web.auth import DEFAULT_HOST, LOCAL_HOSTS, check_host, read_auth_file
-from hallo3_cli.web.studio import DEFAULT_MAX_SPEECH_SECONDS, Studio, check_speech, memory_verdict, one_line
+from hallo3_cli.web.studio import (DEFAULT_MAX_SPEECH_SECONDS, Studio, check_speech, claim_server_dir, memory_verdict,
+                                   one_line, remove_orphans)
 
 log = logging.getLogger("hallo3")
 
@@ -35,6 +35,45 @@ def require_gradio():
 
 
 CSS = "#status {min-height: 2.5em} footer {display: none !important}"
+#: Bytes a request may carry beyond --max-upload-mb: the multipart headers of one file, or a JSON event.
+REQUEST_OVERHEAD = 64 << 10
+
+
+class RequestLimit:
+    """ASGI middleware: a request whose body is larger than ``limit`` bytes is answered 413 before any byte of it
+    is read (Gradio's own limit is per file, and one upload request may carry a thousand files). The length must
+    be declared (``Content-Length``, as browsers and gradio_client send it); a body without one gets 411."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, int(limit)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is None and b"transfer-encoding" in headers:
+            return await self._refuse(send, 411, "a request body needs a Content-Length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(send, 413, f"the request is larger than this server's limit of {self.limit} bytes "
+                                                 "(hallo3 serve --max-upload-mb)")
+        received = 0
+
+        async def counted():  # the server stops a body at its declared length; this holds if that ever changes
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return {"type": "http.disconnect"} if received > self.limit else message
+
+        return await self.app(scope, counted, send)
+
+    @staticmethod
+    async def _refuse(send, status: int, text: str):
+        body = text.encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def build_page(studio: Studio):
@@ -43,14 +82,37 @@ def build_page(studio: Studio):
 
     preset = studio.preset
 
-    def portrait_file(payload):
-        """The portrait's preprocess: the uploaded file untouched (gr.Image would open it with PIL first), so the
-        render decodes it as the CLI does and a bad file gets the CLI's message. (An instance attribute, not a
-        subclass: Gradio writes a .pyi stub next to the module of every component subclass.)"""
-        return None if payload is None or not payload.path else str(payload.path)
-
     def error(err: BaseException, *paths) -> Exception:
         return gr.Error(one_line(err, {str(p): Path(str(p)).name for p in paths if p}), print_exception=False)
+
+    def check_files(inputs: list):
+        """Every file a client names, anywhere in an event's inputs (any dict with a ``path``), must be one this
+        server stored for the page (:meth:`Studio.uploaded`); else the event stops with one message. (A loop,
+        not a recursion: the JSON may be nested as deep as its parser allows.)"""
+        pending = [inputs]
+        while pending:
+            value = pending.pop()
+            if isinstance(value, dict):
+                if "path" in value:
+                    try:
+                        studio.uploaded(value["path"])
+                    except Hallo3Error as err:
+                        raise error(err) from None
+                pending.extend(value.values())
+            elif isinstance(value, (list, tuple)):
+                pending.extend(value)
+
+    def uploaded_file(payload):
+        """The preprocess of the portrait and the speech: the uploaded file's path, untouched (gr.Image would open
+        it with PIL, gr.Audio might convert it), so the render decodes it as the CLI does and a bad file gets the
+        CLI's message. (An instance attribute, not a subclass: Gradio writes a .pyi stub next to the module of
+        every component subclass.)"""
+        if payload is None:
+            return None
+        try:
+            return studio.uploaded(payload.path)  # the check again, where the path is handed over
+        except Hallo3Error as err:
+            raise error(err) from None
 
     def on_preview(face, request: gr.Request):
         if face is not None:
@@ -106,9 +168,9 @@ def build_page(studio: Studio):
             with gr.Column():
                 face = gr.Image(label="Portrait", type="filepath", sources=["upload"],
                                 elem_id="face", height=260)
-                face.preprocess = portrait_file
                 speech = gr.Audio(label="Speech (upload or record)", type="filepath", sources=["upload", "microphone"],
                                   elem_id="speech")
+                face.preprocess = speech.preprocess = uploaded_file
                 prompt = gr.Textbox(label="Prompt", value=preset.default_prompt, lines=2, elem_id="prompt")
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=42, precision=0, elem_id="seed")
@@ -149,6 +211,17 @@ def build_page(studio: Studio):
         stop.click(None, None, None, cancels=[rendering], api_visibility="private")
         renders.select(reopen, renders, result, api_name="reopen")
         page.unload(unload)
+
+    # Where the paths a client sends are first seen: Gradio checks an event's inputs here, before it copies,
+    # downloads or opens any file they name (its own check then covers only FileData marked as such, and
+    # answers in its own words). Every endpoint, public or not, goes through it.
+    validate_inputs = page.validate_inputs
+
+    def validate_files(block_fn, inputs):
+        validate_inputs(block_fn, inputs)
+        check_files(list(inputs))
+
+    page.validate_inputs = validate_files
     return page
 
 
@@ -162,18 +235,24 @@ def serve(model: str = "hallo3", *, host: str = DEFAULT_HOST, port: int = DEFAUL
     if not (max_speech_seconds > 0 and math.isfinite(max_speech_seconds)):
         raise UsageError(f"--max-speech-seconds must be a positive number, got {max_speech_seconds}")
     users = read_auth_file(auth_file) if auth_file is not None else None
-    root = Path(tempfile.mkdtemp(prefix="hallo3-serve-"))  # 0700: this user's only
-    os.environ["GRADIO_TEMP_DIR"] = str(root / "uploads")  # Gradio's own copies of the uploads
+    for folder in remove_orphans():
+        log.info("removed %s, left by a server that is gone", folder)
+    root, owner = claim_server_dir()  # 0700: this user's only; locked while this process lives
+    os.environ["GRADIO_TEMP_DIR"] = str(root / Studio.UPLOADS)  # Gradio's own copies of the uploads
     try:
         gr = require_gradio()
+        from starlette.middleware import Middleware
+
         studio = Studio(model, cache_dir=cache_dir, root=root, max_speech_seconds=max_speech_seconds)
         page = build_page(studio)
         page.queue(default_concurrency_limit=1)
         log.info("session files in %s (removed when the server stops)", root)
+        max_bytes = int(max_upload_mb * (1 << 20))
         try:
-            page.launch(server_name=host, server_port=port, auth=users, max_file_size=int(max_upload_mb * (1 << 20)),
+            page.launch(server_name=host, server_port=port, auth=users, max_file_size=max_bytes,
                         prevent_thread_lock=True, quiet=True, show_error=True, ssr_mode=False, pwa=False,
-                        mcp_server=False, enable_monitoring=False, css=CSS, theme=gr.themes.Default())
+                        mcp_server=False, enable_monitoring=False, css=CSS, theme=gr.themes.Default(),
+                        app_kwargs={"middleware": [Middleware(RequestLimit, limit=max_bytes + REQUEST_OVERHEAD)]})
         except OSError:
             raise Hallo3Error(f"cannot listen on {host}:{port}: the port is taken or the address is not this "
                               "machine's (choose another with --port or --host)") from None
@@ -185,3 +264,4 @@ def serve(model: str = "hallo3", *, host: str = DEFAULT_HOST, port: int = DEFAUL
             page.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        os.close(owner)

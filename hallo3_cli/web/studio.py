@@ -1,5 +1,6 @@
-"""The page's work, without Gradio (testable): the sessions, the models kept loaded between jobs, the one-GPU
-lock, and the render worker whose events the page shows."""
+"""The page's work, without Gradio (testable): the server's private folder, the rule for which files a client may
+name, the sessions, the models kept loaded between jobs, the one-GPU lock, and the render worker whose events the
+page shows."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 import queue
 import re
 import shutil
+import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +27,64 @@ log = logging.getLogger("hallo3")
 DEFAULT_MAX_SPEECH_SECONDS = 600.0
 #: Seconds between two progress updates sent to the page (tiny models step far faster than a browser repaints).
 UPDATE_INTERVAL = 0.25
+#: The one answer to a file the page did not receive as an upload: the same words whether the path exists or not.
+NOT_UPLOADED = "not a file uploaded to this page: upload the file itself (the server opens no path it is sent)"
+#: The server's private folders are ``<temp>/hallo3-serve-*``; each holds this file, locked while its server runs.
+SERVER_PREFIX = "hallo3-serve-"
+OWNER_LOCK = "owner.lock"
+
+
+# -- the server's private folder ----------------------------------------------------------------
+def remove_orphans(parent: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the private folders (``<parent>/hallo3-serve-*``, this user's) whose server is gone, and return them.
+    A running server holds an exclusive lock on the folder's ``owner.lock``; the kernel drops it when the process
+    ends however it ends (``kill -9`` included), so a lock we can take means nobody owns the folder any more.
+    Folders without a lock file, links and other users' folders are left alone (hence not
+    :func:`hallo3_cli.fsutil.exclusive_lock`, which creates the file it locks)."""
+    import fcntl
+
+    parent = Path(parent if parent is not None else tempfile.gettempdir())
+    removed = []
+    for folder in sorted(parent.glob(SERVER_PREFIX + "*")):
+        try:
+            info = folder.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            fd = os.open(folder / OWNER_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # its server is running
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+        if not folder.exists():
+            removed.append(folder)
+    return removed
+
+
+def claim_server_dir(parent: str | os.PathLike | None = None) -> tuple[Path, int]:
+    """A new private folder (mode 700) for this server, and the descriptor of its lock (held until the process
+    ends; close it only after deleting the folder). Created under a hidden name, locked, then renamed into
+    place, so that :func:`remove_orphans` in another server never sees it unlocked."""
+    import fcntl
+
+    parent = Path(parent if parent is not None else tempfile.gettempdir())
+    staging = Path(tempfile.mkdtemp(prefix="." + SERVER_PREFIX, dir=parent))
+    fd = os.open(staging / OWNER_LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        root = staging.with_name(staging.name[1:])
+        staging.rename(root)  # mkdtemp's random name: the visible name is as unique as the hidden one
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return root, fd
 
 
 def one_line(err: BaseException, names: dict[str, str]) -> str:
@@ -130,6 +191,7 @@ class Session:
     jobs: set = field(default_factory=set)  # a threading.Event per running job: set = cancel it
     uploads: set = field(default_factory=set)  # Gradio's copies of this session's uploads
     renders: dict[str, Path] = field(default_factory=dict)  # label → mp4 in ``folder``
+    ended: bool = False  # the tab closed: a worker still finishing removes what it wrote
 
     def cancel(self) -> None:
         for flag in list(self.jobs):
@@ -138,6 +200,10 @@ class Session:
 
 class Studio:
     """The server's state: the models (kept loaded between jobs), the sessions, the one-GPU lock."""
+
+    #: Gradio's upload folder (``GRADIO_TEMP_DIR``) in the server's folder: its ``<hash>/<name>`` files are the only
+    #: ones a client may name
+    UPLOADS = "uploads"
 
     def __init__(self, model: str, *, cache_dir: str | os.PathLike, root: str | os.PathLike,
                  max_speech_seconds: float = DEFAULT_MAX_SPEECH_SECONDS):
@@ -150,6 +216,7 @@ class Studio:
         require_weights(self.preset, (stages.AUDIO, stages.REFERENCE, stages.CLIPS), allow_download=True)
         self.cache_dir = Path(cache_dir)
         self.root = Path(root)
+        self.uploads = self.root / self.UPLOADS
         self.max_speech_seconds = float(max_speech_seconds)
         self.gpu = threading.Lock()  # Gradio's queue runs one render at a time; this makes it a fact
         self._sessions: dict[str, Session] = {}
@@ -157,6 +224,25 @@ class Studio:
         self._renderer = None  # (memory, vae_tiling, VideoRenderer): models stay loaded between jobs
         self._framer = None
         self._framer_lock = threading.Lock()
+
+    # -- what a client may name --------------------------------------------------------------
+    def uploaded(self, path) -> str:
+        """``path`` if it is a file this server stored as an upload (or a copy of an output it sent to the page),
+        else :class:`InputError` with :data:`NOT_UPLOADED`. Gradio keeps each upload (and each output it serves)
+        as ``<upload folder>/<hash>/<name>``, the hash seeded with a secret of this installation: a client can
+        only name such a file if the server gave it that path, in answer to its upload or as its output. Nothing
+        is opened to decide: a missing file, a folder, a link out of the upload folder, a URL, a relative or
+        malformed path all get the same message."""
+        try:
+            if not isinstance(path, str) or not path:
+                raise ValueError(path)
+            real = Path(os.path.realpath(path))  # every link resolved: where the bytes really are
+            inside = real.parent.parent == Path(os.path.realpath(self.uploads))
+            if not (os.path.isabs(path) and inside and stat.S_ISREG(real.lstat().st_mode)):
+                raise ValueError(path)
+        except (OSError, ValueError, TypeError):
+            raise InputError(NOT_UPLOADED) from None
+        return str(real)
 
     # -- sessions -----------------------------------------------------------------------------
     def session(self, session_id: str | None) -> Session:
@@ -176,9 +262,10 @@ class Studio:
             held = set().union(*(other.uploads for other in self._sessions.values()))
         if session is None:
             return
+        session.ended = True
         session.cancel()
         shutil.rmtree(session.folder, ignore_errors=True)
-        uploads = (self.root / "uploads").resolve()
+        uploads = self.uploads.resolve()
         for name in session.uploads - held:  # Gradio keys uploads by content: another tab may hold the same file
             path = Path(name).resolve()
             if path.is_relative_to(uploads) and path.is_file():
@@ -237,26 +324,35 @@ class Studio:
                       vae_tiling: bool, events: "queue.Queue", cancel: threading.Event):
         """The render itself (runs in a worker thread): puts ``(kind, ...)`` events for the page."""
         from hallo3_cli.image_io import crop_box_for_output
-        from hallo3_cli.jobs import Job
+        from hallo3_cli.jobs import Job, render_key
         from hallo3_cli.video_io import VideoWriter
+
+        def check():
+            if cancel.is_set():
+                raise Cancelled
 
         preset = self.preset
         with self.gpu:
+            check()  # cancelled (or its client gone) while it waited for the GPU
             events.put(("status", "loading the models"))
             renderer = self.renderer(memory, vae_tiling)
             renderer.settings = settings  # one job at a time (self.gpu): the kept renderer takes this job's settings
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+            check()
             events.put(("status", "embedding the speech"))
             audio = renderer.audio_stage(Path(speech), self.cache_dir)
             num_frames = audio.meta["num_frames"]
             events.put(("total", geometry.num_clips(num_frames, preset.clip_length, preset.motion_frames)))
-            if cancel.is_set():
-                raise Cancelled
+            check()
             events.put(("status", "encoding the portrait"))
             reference = renderer.reference_stage(Path(face), prompt, self.cache_dir)
+            check()
             crop = crop_box_for_output(reference.meta["framing"], preset.height, preset.width)
+            # The render key (inputs' content, prompt, seed, settings, weights, runtime) ends the name: two
+            # portraits uploaded under one file name never share a name, the same render always has its own.
+            key = render_key(audio, reference, settings, preset, renderer.runtime)
             name = (f"{safe_stem(face, 'face')}-{safe_stem(speech, 'speech')}-seed{settings.seed}"
-                    f"-steps{settings.steps}-cfg{settings.cfg:g}")
+                    f"-steps{settings.steps}-cfg{settings.cfg:g}-{key[:8]}")
             output = session.folder / "renders" / f"{name}.mp4"
             clips_dir = session.folder / "clips" / name
             clips_dir.mkdir(parents=True, exist_ok=True)
@@ -311,6 +407,9 @@ class Studio:
                     log.exception("render failed")
                 outcome["error"] = err
             finally:
+                session.jobs.discard(cancel)
+                if session.ended:  # the tab closed while this job finished its step: remove what it wrote since
+                    shutil.rmtree(session.folder, ignore_errors=True)
                 events.put(("end",))
 
         worker = threading.Thread(target=work, name="hallo3-render", daemon=True)
@@ -361,10 +460,12 @@ class Studio:
                     if not ended:
                         yield None, list(clips), text, None
         finally:
-            if worker.is_alive():  # the page went away (or Gradio cancelled): stop at the next step
+            # The client went away, or Gradio cancelled the event: Gradio closes this generator on its event loop,
+            # so nothing here may wait for the worker (a step, a model load or a VAE decode would stall every
+            # other client). The worker stops at its next check and frees the GPU lock; the next job waits for
+            # that lock in its own worker thread.
+            if worker.is_alive():
                 cancel.set()
-                worker.join()
-            session.jobs.discard(cancel)
         elapsed = time.monotonic() - started
         if outcome.get("cancelled"):
             message = (f"cancelled: {len(clips)} of {total or '?'} clips finished and kept; "
