@@ -79,11 +79,11 @@ def encode_reference(image: str | Path, output: str | Path, *, model: str | Pres
     from hallo3_cli.image_io import image_format, write_preview
 
     image = fsutil.require_file(fsutil.path_argument(image, "image"))
-    image_format(image)  # by content, before anything else
     check_arguments(prompt=prompt, runtime=runtime)
     output, *_ = fsutil.check_outputs([(fsutil.path_argument(output, "output"), fsutil.STAGE_SUFFIXES),
                                        (fsutil.path_argument(preview, "preview", optional=True), fsutil.PREVIEW_SUFFIXES)],
                                       inputs=[image])
+    image_format(image)  # by content, before any model work (load_image checks it again before decoding)
     preset = preset_argument(model)
     if loader is None:
         runtime = resolve_runtime(runtime, preset)  # an unusable device fails before any weights are checked

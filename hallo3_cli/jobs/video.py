@@ -230,11 +230,8 @@ def render_video(image: str | Path, speech: str | Path, output: str | Path, *, m
         announce("preflight")  # the checks below fail alike on every rank
     image, speech = fsutil.path_argument(image, "image"), fsutil.path_argument(speech, "speech")
     output = fsutil.path_argument(output, "output")
-    from hallo3_cli.image_io import image_format
-
     fsutil.require_file(image)
     fsutil.require_file(speech)
-    image_format(image)  # by content, before anything else
     check_arguments(prompt=prompt, runtime=options.get("runtime"))
     check_settings(options.get("seed", 42), options.get("steps"), options.get("cfg"))
     preset_argument(model)
