@@ -125,11 +125,10 @@ def evaluate_video(
     """Score ``video`` (lip sync against ``audio``, default its own track; identity against the
     portrait ``ref``). ``analyzer`` / ``syncnet`` override the preset's models (tests, notebooks)."""
     from hallo3_cli.audio_io import load_audio
-    from hallo3_cli.presets import get_preset
-    from hallo3_cli.runtime import resolve_device
-
     from hallo3_cli.errors import ArgumentError
     from hallo3_cli.fsutil import path_argument
+    from hallo3_cli.presets import get_preset
+    from hallo3_cli.runtime import resolve_device
 
     if isinstance(identity_stride, bool) or not isinstance(identity_stride, int):
         raise TypeError(f"identity_stride must be an int, got {type(identity_stride).__name__}")
