@@ -6,7 +6,8 @@
    (face, T5, VAE, reference network), and per clip: VAE encode of the condition, denoising
    (all steps, CFG batch), VAE decode, plus the mp4 encoding left over.
 2. The same job with another seed (audio and reference reused from the cache).
-3. The same job again (finished clips reused: decode only).
+3. The same job again into another file (finished clips reused: decode only).
+4. The same job again into the same, unchanged file (recognised: nothing decoded or written).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def main() -> None:
             other_seed.render(Job(args.face, speech, tmp / "b.mp4"))
         with stopwatch(results, "same render again"):
             first.render(Job(args.face, speech, tmp / "c.mp4"))
+        with stopwatch(results, "same render, its video unchanged"):  # recognised: no decode, no rewrite
+            first.render(Job(args.face, speech, tmp / "c.mp4"))
 
     times, counts = split
     clips = counts.get("denoise (all steps)", 0)
@@ -113,7 +116,7 @@ def main() -> None:
     print(f"\nModel loading (once per process): {results['load models']:.2f} s\n")
     print("| take | s | ratio to the first |")
     print("|---|---:|---:|")
-    for key in ("first render", "second take, other seed", "same render again"):
+    for key in ("first render", "second take, other seed", "same render again", "same render, its video unchanged"):
         print(f"| {key} | {results[key]:.2f} | {results[key] / results['first render']:.2f} |")
 
 

@@ -85,7 +85,10 @@ def compute_features(
         raise ValueError(f"expected mono audio of shape (samples,), got {samples.shape}")
     if normalize:
         # float32 numpy statistics, as Wav2Vec2FeatureExtractor computes them (matches bit for bit)
-        samples = (samples - samples.mean()) / np.sqrt(samples.var() + NORM_EPS)
+        with np.errstate(over="ignore", invalid="ignore"):
+            samples = (samples - samples.mean()) / np.sqrt(samples.var() + NORM_EPS)
+        if not np.isfinite(samples).all():  # audio_io refuses such input first, naming the file
+            raise ValueError("the speech normalises to non-finite values (float samples of huge amplitude)")
     n = num_video_frames(len(samples), fps)
     n_padded = n
     if clip_length > 0 and n % clip_length:

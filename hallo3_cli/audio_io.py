@@ -77,7 +77,19 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, *, mono: bool =
         raise InputError("decodes to invalid (non-finite) sample values", path)
     if float(np.abs(audio).max()) < SILENCE_PEAK:
         raise InputError("contains only silence", path)
+    if not normalisable(audio):
+        raise InputError(f"holds samples up to {float(np.abs(audio).max()):.3g}, too large to normalise in float32 "
+                         "(a float recording far outside [-1, 1]: the features would be NaN); rescale it", path)
     return audio[0] if mono else audio
+
+
+def normalisable(samples: np.ndarray) -> bool:
+    """Whether wav2vec2's zero-mean unit-variance normalisation of ``samples`` (float32 statistics, as
+    ``audio.compute_features`` and transformers compute them) stays finite: a float recording of huge
+    amplitude overflows the variance (values past ~1e19 square past float32's range)."""
+    samples = np.asarray(samples, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(samples.mean()) and np.isfinite(samples.var()))
 
 
 def check_waveform(samples, name: str = "audio") -> np.ndarray:
@@ -97,6 +109,9 @@ def check_waveform(samples, name: str = "audio") -> np.ndarray:
     samples = samples.astype(np.float32, copy=False)
     if not np.isfinite(samples).all():
         raise ArgumentError(f"{name} holds NaN or infinite samples")
+    if not normalisable(samples):
+        raise ArgumentError(f"{name} holds samples up to {float(np.abs(samples).max()):.3g}, too large to normalise in "
+                            "float32 (expected float samples in about [-1, 1])")
     return samples
 
 

@@ -127,7 +127,14 @@ def _interconnect(value):
         gbps = float("nan")
     if not (math.isfinite(gbps) and gbps > 0):
         raise typer.BadParameter(f"{value!r} is not nvlink, pcie or a positive bandwidth in GB/s")
+    low, high = INTERCONNECT_GBPS
+    if not low <= gbps <= high:  # (1e300 GB/s overflowed to an infinite bandwidth in the JSON)
+        raise typer.BadParameter(f"a bandwidth must be from {low:g} to {high:g} GB/s, got {value}")
     return gbps * 1e9
+
+
+#: The bandwidths ``--interconnect`` accepts, in GB/s (1 MB/s to 1 PB/s: every link that exists, with room).
+INTERCONNECT_GBPS = (1e-3, 1e6)
 
 
 def _model(value):
@@ -162,6 +169,26 @@ def _device(value):
     except (RuntimeError, ValueError):
         raise typer.BadParameter(f"{value!r} is not a torch device type; use auto, cpu, cuda, cuda:N or mps") from None
     return value
+
+
+def _frame_fits(model: str, height: int | None, width: int | None) -> None:
+    """``plan --height/--width``: at most the preset's frame area (its DiT's positional table), a usage error."""
+    if height is None and width is None:
+        return
+    from hallo3_cli.presets import get_preset
+
+    preset = get_preset(model)
+    h, w = height or preset.height, width or preset.width
+    if h * w > preset.height * preset.width:
+        raise typer.BadParameter(f"{w}×{h} is larger than the {preset.name} model's {preset.width}×{preset.height} frame "
+                                 "(its positional table covers that many tokens); the frame area may be at most "
+                                 f"{preset.height * preset.width} pixels", param_hint="--height/--width")
+
+
+def _loading_torch() -> None:
+    """Say why nothing else is said for a few seconds: importing torch and diffusers (measured: ~5-8 s on 2 cores)."""
+    if "diffusers" not in sys.modules:
+        logging.getLogger("hallo3").info("loading torch and diffusers...")
 
 
 def _version(value: bool) -> None:
@@ -220,6 +247,7 @@ def download_cmd(
     dest: Optional[Path] = typer.Option(None, "--dest", help="Model home to install into (default: $HALLO3_HOME or the Hugging Face cache)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be fetched and the total size, fetch nothing."),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Import an existing official pretrained_models/ folder (no network)."),
+    component: Optional[list[str]] = typer.Option(None, "--component", help="Only this component (repeatable), e.g. --component syncnet --component face_analysis (what hallo3 eval needs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
 ) -> None:
     """Fetch and convert the weights listed in models.toml (resumable; a second run does nothing).
@@ -229,7 +257,7 @@ def download_cmd(
     _setup(quiet)
     from hallo3_cli.hub import download
 
-    report = download(model, dest=dest, dry_run=dry_run, from_dir=from_dir, progress=not quiet)
+    report = download(model, dest=dest, dry_run=dry_run, from_dir=from_dir, progress=not quiet, components=component or None)
     if dry_run:
         print(report)
         return
@@ -250,6 +278,7 @@ def doctor_cmd(
     Example: hallo3 doctor --device cuda
     """
     _setup(False)
+    _loading_torch()
     from hallo3_cli.doctor import doctor, format_doctor
 
     report = doctor(model, device=device, dtype=dtype)
@@ -288,8 +317,8 @@ def plan_cmd(
     weights_dtype: str = typer.Option("auto", "--weights-dtype", callback=_one_of(*WEIGHTS_CHOICES), help=WEIGHTS_HELP),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Tiled VAE encode/decode."),
     steps: Optional[int] = typer.Option(None, "--steps", callback=_number(*options.STEPS), help="Sampling steps (default: the preset's)."),
-    height: Optional[int] = typer.Option(None, "--height", callback=_number(16, 8192, multiple=16), help="Frame height (default: the preset's, 480)."),
-    width: Optional[int] = typer.Option(None, "--width", callback=_number(16, 8192, multiple=16), help="Frame width (default: the preset's, 720)."),
+    height: Optional[int] = typer.Option(None, "--height", callback=_number(16, 8192, multiple=16), help="Frame height, a multiple of 16 (default: the preset's, 480; height × width at most the preset's frame area)."),
+    width: Optional[int] = typer.Option(None, "--width", callback=_number(16, 8192, multiple=16), help="Frame width, a multiple of 16 (default: the preset's, 720; height × width at most the preset's frame area)."),
     device_kind: str = typer.Option("cuda", "--device-kind", callback=_one_of(*DEVICE_KIND_CHOICES), help="cuda (bf16) or cpu (float32, device = host memory)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (peak_device_bytes, peak_host_bytes, flops_per_clip, ...; with --gpus also gpus, comm_bytes_per_step, predicted_speedup)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", callback=_number(1, 4096), help="Plan one video on N GPUs (render --parallel video): memory and FLOPs per rank, bytes sent per denoising step, predicted speed-up."),
@@ -306,12 +335,14 @@ def plan_cmd(
       hallo3 plan --gpus 8 --interconnect pcie
     """
     _setup(False)
-    from hallo3_cli.plan import format_plan, plan, plan_parallel
-
     if gpus is None and (interconnect is not None or cfg_parallel is not None or ulysses is not None or ring is not None):
         raise typer.BadParameter("--interconnect, --cfg-parallel, --ulysses and --ring need --gpus", param_hint="--gpus")
+    _frame_fits(model, height, width)
+    _loading_torch()
+    from hallo3_cli.plan import format_plan, plan, plan_parallel
+
     result = plan(model, offload=offload, weights_dtype=weights_dtype, vae_tiling=vae_tiling, height=height,
-                  width=width, steps=steps, device_kind=device_kind)
+                  width=width, steps=steps, device_kind=device_kind, progress=True)
     if gpus is not None:
         result = plan_parallel(result, gpus, interconnect=interconnect or "nvlink", cfg_parallel=cfg_parallel,
                                ulysses=ulysses, ring=ring)
@@ -448,6 +479,12 @@ def render_cmd(
         return
     if face is None or speech is None:
         raise typer.BadParameter("give FACE and SPEECH (or --audio and --ref, or --batch)", param_hint="FACE SPEECH")
+    if eval_after:  # what --eval writes and needs, checked before the render rather than after it
+        from hallo3_cli import fsutil
+        from hallo3_cli.evaluate import eval_path, require_eval_weights
+
+        fsutil.check_outputs([(output, fsutil.VIDEO_SUFFIXES), (eval_path(output), (".json",))], inputs=[face, speech])
+        require_eval_weights(model or "hallo3", allow_download=not no_download)
     emit(
         video := jobs.render_video(
             face, speech, output, model=model or "hallo3", prompt=prompt, cache_dir=cache_dir,
@@ -609,6 +646,9 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except Exception as err:
         # Typer vendors click: recognise its usage errors by shape rather than by class.
+        if type(err).__name__ == "NoArgsIsHelpError":  # `hallo3` alone: the help as --help prints it, exit 2
+            print(err.format_message().rstrip(), file=sys.stderr)
+            sys.exit(err.exit_code)
         if hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int):
             if _first_of_many():
                 ctx = getattr(err, "ctx", None)

@@ -49,8 +49,57 @@ measured on a textured 24 MP JPEG, 0.12 8-bit levels on average (max 0.84) again
 MAX_SOURCE_PIXELS = 16384 * 16384
 """Images with more pixels than this are refused (decompression-bomb guard, replaces PIL's own)."""
 
+MAX_DECODED_PIXELS = 8192 * 8192
+"""The pixel budget of one decode. JPEG decodes at 1/2, 1/4 or 1/8 scale, so a JPEG of up to
+:data:`MAX_SOURCE_PIXELS` fits it; the other formats cannot reduce while decoding, so above it they are
+refused (exit 3) from their header, before any pixel is decoded (a 1 MB 16384×16384 PNG would take
+gigabytes). At the budget a decode holds about 256 MiB (4 bytes per pixel), its conversion as much."""
+
+FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF", "TIFF": "TIFF"}
+"""The image formats a portrait may be in (PIL plugin → what the user calls it). The file's first bytes
+must say one of them before PIL sees it, and PIL is asked to try only these plugins: nothing else is
+ever parsed, and no decoder that runs a program (EPS and PDF run Ghostscript) is reachable."""
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+)
+# what a refused file most likely is, to say so (never opened)
+_KNOWN_OTHERS = (
+    (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"), (b"<svg", "SVG"), (b"<?xml", "XML/SVG"),
+    (b"8BPS", "Photoshop PSD"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+)
+_PIL_OPENERS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]  # (MPO files open through the JPEG plugin)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _PIL_LIMIT_LOCK = threading.Lock()
+
+
+def image_format(path: str | Path) -> str:
+    """The format of an image file from its first bytes (a :data:`FORMATS` value), before any decoder runs;
+    :class:`InputError` naming the file for anything else (with what it looks like, when known)."""
+    path = require_file(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError as err:
+        raise InputError(f"cannot read ({err.strerror or err})", path) from None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    supported = ", ".join(dict.fromkeys(FORMATS.values()))
+    if head[4:8] == b"ftyp":
+        brand = head[8:12].decode("ascii", "replace").strip()
+        what = "HEIC/HEIF" if brand in ("heic", "heix", "mif1", "msf1", "hevc") else "AVIF" if brand.startswith("avi") else None
+        if what:
+            raise InputError(f"is a {what} image, which is not supported; convert it to JPEG or PNG ({supported})", path)
+    if not head:
+        raise InputError(f"is empty: not an image file ({supported})", path)
+    for magic, name in _KNOWN_OTHERS:
+        if head.lstrip().startswith(magic):
+            raise InputError(f"is {name}, not an image file in a supported format ({supported}); it was not opened", path)
+    raise InputError(f"not an image file, or not one of the supported formats ({supported})", path)
 
 
 def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -66,8 +115,9 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     without compositing and clips 16-bit values; for ordinary 8-bit RGB files the pixels are identical.
     """
     path = require_file(path)
+    image_format(path)  # by content, before PIL parses anything
     try:
-        with _pil_bomb_check_disabled(), Image.open(path) as source:
+        with _pil_bomb_check_disabled(), Image.open(path, formats=_PIL_OPENERS) as source:
             image = _decode(source, path, max_pixels)
             if image is source:
                 image = source.copy()  # closing the source releases its pixels too
@@ -125,10 +175,20 @@ def _decode(image: Image.Image, path: Path, max_pixels: int | None) -> Image.Ima
             f"image is too small ({width}×{height}); the short side must be at least {MIN_SIDE} pixels", path
         )
     factor = _reduction_factor(width, height, max_pixels)
-    if factor > 1 and image.format in ("JPEG", "MPO"):
+    reducible = image.format in ("JPEG", "MPO")
+    if factor > 1 and reducible:
         # libjpeg decodes directly at 1/2, 1/4 or 1/8 scale: take the power of two that is enough
         scale = min(8, 1 << (factor - 1).bit_length())
         image.draft(None, (math.ceil(width / scale), math.ceil(height / scale)))
+    decoded = image.size[0] * image.size[1]  # after draft: what load() will allocate
+    if decoded > MAX_DECODED_PIXELS:
+        kind = FORMATS.get(image.format or "", image.format)
+        raise InputError(
+            f"image is {width}×{height} ({width * height / 1e6:.0f} megapixels); {kind} images cannot be reduced "
+            f"while decoding and at most {MAX_DECODED_PIXELS / 1e6:.0f} megapixels are decoded; downscale it first "
+            "(or save it as JPEG)",
+            path,
+        )
     image.load()
     try:
         ImageOps.exif_transpose(image, in_place=True)
@@ -167,8 +227,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode in _SIXTEEN_BIT_MODES:
         # PIL's own conversion clips 16-bit values at 255; scale the 0..65535 range instead.
-        values = np.asarray(image).astype(np.float64)
-        gray = np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
+        # round(v / 257) in integers (no ties: 257 is odd), 4 bytes per pixel instead of float64's 8
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        gray = ((2 * values + 257) // 514).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -250,9 +311,12 @@ def frame_image(image: Image.Image | torch.Tensor, height: int, width: int,
         if not squash:
             framed = framed.clamp(0, 1)
     else:
-        resized = _resize(pixels, size, "bicubic")
         top, left = -geometry.offset_y, -geometry.offset_x
-        framed = resized[:, top : top + height, left : left + width]
+        if size[0] * size[1] > MAX_COVER_FACTOR * height * width:
+            framed = _resize_window(pixels, size, top, left, height, width)
+        else:
+            resized = _resize(pixels, size, "bicubic")
+            framed = resized[:, top : top + height, left : left + width]
     return (framed * 2.0 - 1.0).contiguous(), geometry.framing
 
 
@@ -300,6 +364,41 @@ def _to_unit_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
     return image.float()
+
+
+MAX_COVER_FACTOR = 4
+"""A cover resize larger than this many frames (a very thin or very wide source: 64×100000 would make a
+720×1125000 image, 9.7 GB in float32) computes only the frame's window (:func:`_resize_window`)."""
+
+
+def _aa_weights(in_size: int, out_size: int, start: int, count: int) -> tuple[int, torch.Tensor]:
+    """The antialiased bicubic weights (Keys, a = -0.5: PIL's and torch's ``antialias=True``) of output pixels
+    ``start .. start + count`` of an ``in_size`` → ``out_size`` resize: ``(first input index, (count, n))``."""
+    scale = in_size / out_size
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    centre = scale * (np.arange(start, start + count, dtype=np.float64) + 0.5)
+    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)  # truncation, as torch computes it
+    hi = np.minimum((centre + support + 0.5).astype(np.int64), in_size)
+    first, last = int(lo.min()), int(hi.max())
+    taps = np.arange(first, last, dtype=np.float64)
+    x = np.abs((taps[None, :] - centre[:, None] + 0.5) * invscale)
+    a = -0.5
+    weights = np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+    weights *= (taps[None, :] >= lo[:, None]) & (taps[None, :] < hi[:, None])
+    weights /= weights.sum(axis=1, keepdims=True)
+    return first, torch.from_numpy(weights)
+
+
+def _resize_window(pixels: torch.Tensor, size: tuple[int, int], top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """``_resize(pixels, size, "bicubic")[:, top:top + height, left:left + width]`` without building the whole
+    resized image: the separable weights of the window's rows and columns only, applied to the source
+    pixels they reach (the same maths in another summation order, in float64; tests compare to 1e-6)."""
+    _, source_h, source_w = pixels.shape
+    y0, rows = _aa_weights(source_h, size[0], top, height)
+    x0, cols = _aa_weights(source_w, size[1], left, width)
+    region = pixels[:, y0 : y0 + rows.shape[1], x0 : x0 + cols.shape[1]].double()
+    return (rows @ (region @ cols.T)).float()
 
 
 def _resize(pixels: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

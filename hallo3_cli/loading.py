@@ -369,7 +369,9 @@ class PipelineLoader:
             return load_feature_extractor(preset)
         if name == "audio_encoder":  # small: straight onto the device, whatever the mode
             return load_network(preset, "wav2vec", placement.device)
-        network = component(name).network
+        entry = component(name)
+        network = entry.network
+        log.info("loading the %s", entry.label or name)  # (the release's DiT takes minutes from a slow disk)
         model = load_network(preset, network, placement.load_device, placement.dtype)
         if network == "vae" and runtime.vae_tiling:
             model.enable_tiling()

@@ -562,6 +562,32 @@ class Hallo3Pipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         video = vae.decode(z).sample[0].permute(1, 0, 2, 3).float()
         return ((video + 1) / 2).clamp(0, 1) * 2 - 1
 
+    @staticmethod
+    def check_media(image, audio) -> None:
+        """``image`` and ``audio`` of a render, checked before any work (a file must exist, an array must be usable):
+        ``TypeError``/``ValueError`` naming the argument, or the one-line error of a missing file."""
+        from PIL import Image
+
+        from hallo3_cli.audio_io import check_waveform
+        from hallo3_cli.fsutil import require_file
+        from hallo3_cli.image_io import rgb_array
+
+        for name, value in (("image", image), ("audio", audio)):
+            if value is None:
+                raise ArgumentError(f"{name} is required (a file path, or the {name} itself in memory)")
+        if isinstance(image, (str, os.PathLike)):
+            require_file(image)
+        elif isinstance(image, np.ndarray):
+            rgb_array(image, "image")
+        elif not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a file path, a PIL image or an (H, W, 3) RGB array, got {type(image).__name__}")
+        if isinstance(audio, (str, os.PathLike)):
+            require_file(audio)
+        elif isinstance(audio, np.ndarray):
+            check_waveform(audio, "audio")
+        else:
+            raise TypeError(f"audio must be a file path or a 1-D array of 16 kHz mono samples, got {type(audio).__name__}")
+
     def check_inputs(self, num_inference_steps, guidance_scale, output_type="np", callback_on_step_end_tensor_inputs=("latents",)):
         """The settings of a render, checked before any work: :class:`~hallo3_cli.errors.ArgumentError` (a
         ``ValueError``) naming the argument."""
@@ -600,6 +626,12 @@ class Hallo3Pipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         index, num_clips)`` runs before each fresh clip. ``decode_last=False``: the last clip comes without
         frames (nothing needs them when only latents are kept: one VAE decode less). Under ``--parallel video`` (``self.parallel``) only
         rank 0 decodes: the other ranks' clips come without frames."""
+        if not isinstance(audio, Hallo3Audio):
+            raise TypeError(f"audio must be a Hallo3Audio (from encode_audio), got {type(audio).__name__}")
+        if not isinstance(reference, Hallo3Reference):
+            raise TypeError(f"reference must be a Hallo3Reference (from encode_reference), got {type(reference).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
         scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         self.check_inputs(steps, scale, "np", callback_on_step_end_tensor_inputs)
@@ -691,9 +723,7 @@ class Hallo3Pipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         ``callback_on_clip_end(pipe, clip)`` gets each :class:`Hallo3Clip` as it is finished. Arguments are
         checked before any work (``ValueError``/``TypeError`` naming the argument).
         """
-        for name, value in (("image", image), ("audio", audio)):
-            if value is None:
-                raise ArgumentError(f"{name} is required (a file path, or the {name} itself in memory)")
+        self.check_media(image, audio)
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

@@ -45,10 +45,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils._pytree import tree_map
 
-from hallo3_cli import geometry, networks, tracing
+from hallo3_cli import geometry, networks, options, tracing
 from hallo3_cli.audio import WINDOW_SECONDS
 from hallo3_cli.components import NETWORKS, of_network
-from hallo3_cli.errors import Hallo3Error
+from hallo3_cli.errors import Hallo3Error, UsageError
 from hallo3_cli.formatting import flops as _flop
 from hallo3_cli.formatting import memory_size as _gib
 from hallo3_cli.presets import Preset, get_preset
@@ -127,11 +127,25 @@ class Plan:
         return data
 
     def to_json(self, indent: int | None = None) -> str:
-        """One JSON object; ``peak_device_bytes``, ``peak_host_bytes`` and ``flops_per_clip`` at top level."""
-        return json.dumps(self.to_dict(), indent=indent)
+        """One JSON object; ``peak_device_bytes``, ``peak_host_bytes`` and ``flops_per_clip`` at top level.
+        Strict JSON: a figure that is not finite (none should be) is ``null``, never ``Infinity``/``NaN``."""
+        return json.dumps(_strict(self.to_dict()), indent=indent, allow_nan=False)
 
     def step(self, phase: str, step: str) -> StepPlan:
         return next(s for s in self.breakdown if s.phase == phase and s.step == step)
+
+
+def _strict(value):
+    """``value`` with every non-finite float replaced by None (what strict JSON can say)."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,6 +525,7 @@ def plan(
     steps: int | None = None,
     device_kind: str = "cuda",
     dtype: str = "auto",
+    progress: bool = False,
 ) -> Plan:
     """Predicted peak device memory, peak host memory and FLOPs of rendering with ``model``.
 
@@ -534,12 +549,15 @@ def plan(
     width = preset.width if width is None else int(width)
     steps = preset.steps if steps is None else int(steps)
     if height <= 0 or width <= 0 or height % 16 or width % 16:
-        raise Hallo3Error(f"--height and --width must be positive multiples of 16, got {height}×{width}")
+        raise UsageError(f"--height and --width must be positive multiples of 16, got {height}×{width}")
     if height * width > preset.height * preset.width:
-        raise Hallo3Error(f"{height}×{width} is larger than the {preset.name} model's {preset.height}×{preset.width} "
-                          "(its learned positional table covers that many tokens)")
-    if steps < 1:
-        raise Hallo3Error(f"--steps must be at least 1, got {steps}")
+        raise UsageError(f"{height}×{width} is larger than the {preset.name} model's {preset.height}×{preset.width} "
+                         "(its learned positional table covers that many tokens)")
+    if not 1 <= steps <= options.STEPS[1]:
+        raise UsageError(f"--steps must be from 1 to {options.STEPS[1]}, got {steps}")
+    if progress:
+        log.info("tracing the %s networks at %d×%d on fake tensors (no weights, no memory; seconds)", preset.name,
+                 height, width)
 
     weights = _all_weights(preset, compute, storage_dtype(weights_dtype))
     folded = _folds_cross_attention(offload if device_kind == "cuda" else "none", storage_dtype(weights_dtype), compute)

@@ -194,11 +194,14 @@ def _all_presets() -> dict[str, dict[str, Any]]:
 def _load_presets(extra: str) -> dict[str, dict[str, Any]]:
     with open(MODELS_TOML, "rb") as f:
         presets = tomllib.load(f)
+    from hallo3_cli.fsutil import require_file
+
     for name in filter(None, extra.split(os.pathsep)):
         try:
+            require_file(name)  # a regular file: a fifo here would block every command
             with open(name, "rb") as f:
                 presets.update(tomllib.load(f))
-        except (OSError, tomllib.TOMLDecodeError) as err:
+        except (OSError, tomllib.TOMLDecodeError, RecursionError, Hallo3Error) as err:
             raise Hallo3Error(f"{name}: cannot read presets from $HALLO3_PRESETS ({err})") from None
     return presets
 

@@ -65,6 +65,10 @@ from hallo3_cli.errors import StageFileError, reason
 from hallo3_cli.fsutil import atomic_path, require_file
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+#: A stage file's header (tensor entries and metadata) is a few kB; anything past this is not one of ours.
+MAX_HEADER_BYTES = 16 << 20
+#: The longest JSON metadata value (``params``) parsed.
+MAX_JSON_META_BYTES = 1 << 20
 COMMON_META = ("format", "format_version", "model", "weights", "params", "source_sha256")
 
 
@@ -123,8 +127,8 @@ def _check_audio(stage: Stage) -> str | None:
         return "num_frames must be at least 1"
     if frames < n:
         return f"features hold {frames} frames but num_frames is {n}"
-    if stage.meta["fps"] <= 0 or clip <= 0:
-        return "fps and clip_length must be positive"
+    if stage.meta["fps"] <= 0 or clip <= 0 or stage.meta["sample_rate"] <= 0:
+        return "fps, clip_length and sample_rate must be positive"
     return None
 
 
@@ -134,24 +138,48 @@ def _check_reference(stage: Stage) -> str | None:
         return f"image must have 3 channels, has {image.shape[0]}"
     if stage["face_box"].shape != (4,):
         return "face_box must hold 4 numbers"
+    x0, y0, x1, y1 = (int(v) for v in stage["face_box"].tolist())
+    if not (0 <= x0 <= x1 <= image.shape[2] and 0 <= y0 <= y1 <= image.shape[1]):
+        return f"face_box {[x0, y0, x1, y1]} is not a box inside the {image.shape[2]}×{image.shape[1]} image"
     if stage["face_embedding"].shape[0] < 1:
         return "empty face_embedding"
     if (latent.shape[1], latent.shape[2]) != geometry.latent_size(image.shape[1], image.shape[2]):
         return f"ref_latent {tuple(latent.shape)} does not match image {tuple(image.shape)}"
     if stage.meta["framing"] not in ("pad", "crop"):
         return f"unknown framing {stage.meta['framing']!r}"
+    if stage.meta["source_width"] < 1 or stage.meta["source_height"] < 1:
+        return "source_width and source_height must be positive"
+    return None
+
+
+def _check_clip(stage: Stage) -> str | None:
+    if stage.meta["index"] < 0:
+        return f"index {stage.meta['index']} is negative"
     return None
 
 
 def _check_clips(stage: Stage) -> str | None:
+    """The metadata must describe exactly the clips the file holds: ``num_frames`` decides how many frames
+    are stitched, so a value the clips do not hold (negative, zero, past them, or far short of them) would
+    make a video of another length than the speech."""
     latents = stage["latents"]
+    meta = stage.meta
     if latents.shape[0] < 1:
         return "holds no clips"
-    if stage.meta["framing"] not in ("pad", "crop"):
-        return f"unknown framing {stage.meta['framing']!r}"
-    new_per_clip = stage.meta["clip_length"] - stage.meta["motion_frames"]
-    if stage.meta["num_frames"] > latents.shape[0] * new_per_clip:
-        return f"num_frames {stage.meta['num_frames']} exceeds what {latents.shape[0]} clips hold"
+    if meta["framing"] not in ("pad", "crop"):
+        return f"unknown framing {meta['framing']!r}"
+    if meta["fps"] <= 0 or meta["height"] <= 0 or meta["width"] <= 0:
+        return "fps, height and width must be positive"
+    if not 0 <= meta["motion_frames"] < meta["clip_length"]:
+        return f"motion_frames {meta['motion_frames']} must be at least 0 and less than clip_length {meta['clip_length']}"
+    if meta["num_frames"] < 1:
+        return f"num_frames must be at least 1, is {meta['num_frames']}"
+    new_per_clip = meta["clip_length"] - meta["motion_frames"]
+    if meta["num_frames"] > latents.shape[0] * new_per_clip:
+        return f"num_frames {meta['num_frames']} exceeds what {latents.shape[0]} clips hold"
+    needed = geometry.num_clips(meta["num_frames"], meta["clip_length"], meta["motion_frames"])
+    if needed != latents.shape[0]:
+        return f"holds {latents.shape[0]} clips but num_frames {meta['num_frames']} makes {needed}"
     return None
 
 
@@ -183,7 +211,7 @@ CLIP = StageKind(
     3,  # 3: CFG on v instead of x0 (same maths, other rounding): clips of version 2 are never mixed in
     (TensorSpec("latents", 4),),
     {"index": int, "render_key": str},
-    None,
+    _check_clip,
     "rendered clip",
 )
 CLIPS = StageKind(
@@ -289,12 +317,14 @@ def _decode(text: str, typ: type, key: str) -> Any:
                 raise ValueError
             return text == "true"
         if typ is dict:
-            value = json.loads(text)
+            value = store.parse_json(text, f"metadata {key!r}", max_bytes=MAX_JSON_META_BYTES)
             if not isinstance(value, dict):
                 raise ValueError
             return value
         return typ(text)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError) as err:
+        if typ is dict and str(err).startswith("metadata") and "valid JSON" not in str(err):
+            raise  # too long or too deeply nested: say so
         raise ValueError(f"metadata {key!r} is not a valid {typ.__name__}: {text[:40]!r}") from None
 
 
@@ -366,7 +396,7 @@ def read_header(path: str | Path) -> dict[str, str]:
     size, JSON, nesting, and that the tensors end where the file does)."""
     path = require_file(path)
     try:
-        header = store.read_safetensors_header(path)
+        header = store.read_safetensors_header(path, max_bytes=MAX_HEADER_BYTES)
     except (ValueError, OSError) as err:
         raise StageFileError(f"not a safetensors stage file ({err})", path) from None
     meta = header.get("__metadata__") or {}
@@ -535,9 +565,13 @@ def _check_geometry(stage: Stage) -> None:
 
 def _read_tensors(path: Path, device: str) -> dict:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     try:
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:  # safetensors takes UTF-8 paths only: read the bytes ourselves
+            return {name: t.to(device) for name, t in load(path.read_bytes()).items()}
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise StageFileError(f"corrupt or truncated safetensors data ({reason(err)})", path) from None

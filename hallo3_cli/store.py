@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +32,9 @@ LOCK = ".lock"
 MARKER_FORMAT = 1
 #: The largest safetensors header read (the limit of the safetensors library itself).
 MAX_HEADER_BYTES = 100_000_000
+#: The deepest JSON nesting parsed from a file (ours never exceed 4; Python's parser would recurse ~1000 deep
+#: and fail with RecursionError, safetensors' at 128).
+MAX_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -135,11 +139,33 @@ def folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def read_safetensors_header(path: str | Path) -> dict:
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def parse_json(raw: str | bytes, what: str = "JSON", *, max_bytes: int = MAX_HEADER_BYTES,
+               max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads`` of text read from a file, with its size and nesting depth checked BEFORE it is parsed:
+    ``ValueError`` naming ``what`` and the limit (too long, nested deeper than ``max_depth``, not JSON)."""
+    import numpy as np
+
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    if len(data) > max_bytes:
+        raise ValueError(f"{what} is {len(data)} bytes long, more than the {max_bytes} accepted")
+    skeleton = np.frombuffer(_JSON_STRING.sub(b"", data), np.uint8)  # brackets outside strings
+    steps = np.isin(skeleton, (0x5B, 0x7B)).astype(np.int64) - np.isin(skeleton, (0x5D, 0x7D))
+    if steps.size and int(np.cumsum(steps).max()) > max_depth:
+        raise ValueError(f"{what} is nested more than {max_depth} levels deep")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ValueError(f"{what} is not valid JSON") from None
+
+
+def read_safetensors_header(path: str | Path, max_bytes: int = MAX_HEADER_BYTES) -> dict:
     """The JSON header of a safetensors file (tensor entries and ``__metadata__``), without reading tensor data.
 
     Raises ``ValueError`` naming the problem when the file is too short, the header is longer than
-    :data:`MAX_HEADER_BYTES` or the file, not a JSON object (or too deeply nested to parse), or the tensors
+    ``max_bytes`` or the file, not a JSON object (or nested deeper than :data:`MAX_JSON_DEPTH`), or the tensors
     it describes do not end exactly where the file does (a truncated or padded copy).
     """
     size = os.stat(path).st_size
@@ -148,14 +174,12 @@ def read_safetensors_header(path: str | Path) -> dict:
         if len(head) != 8:
             raise ValueError("file too short for a safetensors header")
         (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, MAX_HEADER_BYTES):
-            raise ValueError("truncated, or not safetensors: the header length runs past the end of the file or "
-                             "the safetensors limit")
+        if length > size - 8:
+            raise ValueError("truncated, or not safetensors: the header length runs past the end of the file")
+        if length > max_bytes:
+            raise ValueError(f"the header is {length} bytes long, more than the {max_bytes} accepted")
         raw = f.read(length)
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise ValueError("the header is not valid JSON") from None
+    header = parse_json(raw, "the header")
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
     try:

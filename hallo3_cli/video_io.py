@@ -66,8 +66,10 @@ class VideoWriter:
         audio_offset: float = 0.0,
         crf: int = 18,
         preset: str = "medium",
+        tag: dict[str, str] | None = None,
     ):
         self.path = Path(path)
+        self.tag = dict(tag or {})
         self.width, self.height = int(width), int(height)
         self.fps = Fraction(fps)
         if self.fps <= 0:
@@ -113,6 +115,8 @@ class VideoWriter:
         container_format = _CONTAINER_FORMATS.get(self.path.suffix.lower(), "mp4")
         options = {"movflags": "+faststart"} if container_format in ("mp4", "mov") else {}
         self._container = av.open(str(self._tmp), "w", format=container_format, options=options)
+        if self.tag:
+            self._container.metadata["comment"] = format_render_tag(self.tag)
         # A fixed thread count: x264's output depends on it, and "auto" follows the machine (and the
         # process's CPU set), so identical frames would not always give identical files.
         video = self._container.add_stream("libx264", rate=self.fps,
@@ -310,6 +314,30 @@ class _AudioFeed:
 
 def _reason(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+RENDER_TAG = "hallo3-cli render"
+"""How the ``comment`` of a video ``hallo3 render`` wrote begins; ``key=value`` pairs follow (``model=...``),
+so that ``hallo3 eval`` can tell which preset made it."""
+
+
+def format_render_tag(tag: dict[str, str]) -> str:
+    """``VideoWriter(tag=...)``'s container comment: ``hallo3-cli render; key=value; ...``."""
+    return "; ".join([RENDER_TAG, *(f"{key}={value}" for key, value in tag.items())])
+
+
+def read_render_tag(path: str | Path) -> dict[str, str] | None:
+    """The ``key=value`` pairs of a video written with ``VideoWriter(tag=...)`` (reads the container header
+    only), or ``None`` for any other or unreadable file."""
+    try:
+        with av.open(str(path)) as container:
+            comment = str(container.metadata.get("comment", ""))
+    except (av.FFmpegError, OSError, ValueError):
+        return None
+    parts = [part.strip() for part in comment.split(";")]
+    if not parts or parts[0] != RENDER_TAG:
+        return None
+    return dict(part.split("=", 1) for part in parts[1:] if "=" in part)
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, float, float | None]:

@@ -424,10 +424,12 @@ def test_ensure_weights_downloads_what_is_missing_and_announces_it(hub, home, ca
 
 def test_offline_mode_refuses_with_the_command_to_run(home, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelError, match=r"HF_HUB_OFFLINE=1.*run: hallo3 download --model hallo3$"):
+    # exactly the missing components, with their size (issue 18: not the whole 40 GB preset)
+    with pytest.raises(ModelError, match=r"transformer, vae weights .*GB\).*HF_HUB_OFFLINE=1.*"
+                                         r"run: hallo3 download --model hallo3 --component transformer --component vae$"):
         weights.ensure_weights(RELEASE, ["transformer", "vae"])
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with pytest.raises(ModelError, match=r"--no-download.*run: hallo3 download --model hallo3$"):
+    with pytest.raises(ModelError, match=r"--no-download.*run: hallo3 download --model hallo3 --component transformer$"):
         weights.ensure_weights(RELEASE, ["transformer"], allow_download=False)
     assert not home.exists()
 

@@ -446,7 +446,7 @@ def test_failure_during_write_leaves_no_temp_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", half_write)
     tensors, meta = valid_stage(stages.AUDIO)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="no space left on the device"):  # exit 4 (issue 18), not a raw OSError
         stages.save_stage(tmp_path / "a.safetensors", stages.AUDIO, tensors, meta)
     assert leftovers(tmp_path) == []
 

@@ -5,6 +5,8 @@
     print(report.sync.confidence, report.identity.mean)
 """
 
-from hallo3_cli.evaluate.run import EvalReport, evaluate_render, evaluate_video, format_table
+from hallo3_cli.evaluate.run import (EVAL_WEIGHTS, EvalReport, eval_path, evaluate_render, evaluate_video, format_table,
+                                     require_eval_weights)
 
-__all__ = ["EvalReport", "evaluate_render", "evaluate_video", "format_table"]
+__all__ = ["EVAL_WEIGHTS", "EvalReport", "eval_path", "evaluate_render", "evaluate_video", "format_table",
+           "require_eval_weights"]

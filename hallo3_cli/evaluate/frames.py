@@ -1,9 +1,10 @@
 """Video frames for scoring: decoded one at a time (PyAV), at 25 fps, and SyncNet's mouth crops.
 
 Frame rate: SyncNet pairs 5 frames with 20 MFCC columns, i.e. it needs 25 fps (syncnet_python
-converts every video with ``ffmpeg -r 25`` first). A 25 fps video is used frame for frame; any
-other rate is resampled by holding, at each instant k/25 s, the frame on screen then (frames
-are dropped or repeated, nothing is interpolated).
+converts every video with ``ffmpeg -r 25`` first). Every video is resampled from its frames' timestamps
+by holding, at each instant k/25 s, the frame on screen then (frames are dropped or repeated, nothing
+is interpolated): a constant 25 fps video comes out frame for frame, a variable-rate one is resampled
+even when its average rate is 25.
 
 Crops (``run_pipeline.py`` of syncnet_python, with the release's SCRFD detector for S3FD): per
 frame the box half-size ``s = max(w, h) / 2`` and centre; each smoothed over time by a 13-tap
@@ -78,10 +79,16 @@ def probe_video(path: str | Path) -> VideoInfo:
     return VideoInfo(int(width), int(height), float(rate), has_audio, duration)
 
 
-def iter_frames(path: str | Path, fps: int = FPS, *, timestamps: bool = False) -> Iterator[np.ndarray]:
-    """RGB uint8 frames (H, W, 3) at ``fps``, decoded one at a time. ``timestamps``: resample by the frames'
-    timestamps even when the average rate is already ``fps`` (a variable frame rate averaging 25 fps; constant
-    25 fps gives the same frames either way)."""
+MAX_HOLD_SECONDS = 600.0
+"""A frame whose timestamp says it stays on screen longer than this is refused (a hostile or broken file could
+otherwise ask for billions of held frames)."""
+
+
+def iter_frames(path: str | Path, fps: int = FPS) -> Iterator[np.ndarray]:
+    """RGB uint8 frames (H, W, 3) at ``fps``, decoded one at a time: at each instant ``k / fps`` the frame on
+    screen then, from the frames' own timestamps. Variable-frame-rate videos are resampled whatever their
+    average rate says (a VFR file averaging 25 fps is not taken frame for frame); a constant 25 fps video
+    comes out frame for frame. Frames without timestamps are placed at ``index / average rate``."""
     import av
 
     path = Path(path)
@@ -89,24 +96,25 @@ def iter_frames(path: str | Path, fps: int = FPS, *, timestamps: bool = False) -
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            rate = Fraction(stream.average_rate or fps)
-            exact = not timestamps and abs(float(rate) - fps) < 1e-3
-            held, held_time, start, emitted = None, 0.0, None, 0
+            rate = float(Fraction(stream.average_rate or stream.guessed_rate or fps))
+            held, held_time, held_duration, start, emitted = None, 0.0, None, None, 0
             for index, frame in enumerate(container.decode(stream)):
                 image = frame.to_ndarray(format="rgb24")
-                if exact:
-                    yield image
-                    continue
-                time = float(frame.time) if frame.time is not None else index / float(rate)
+                time = float(frame.time) if frame.time is not None else index / rate
                 start = time if start is None else start
                 time -= start
                 if held is not None:
+                    if time - held_time > MAX_HOLD_SECONDS:
+                        raise InputError(f"frame {index}'s timestamp jumps {time - held_time:.0f} s past the previous "
+                                         "one; re-encode the video at a constant frame rate", path)
                     while emitted / fps < time - 1e-6:  # instants before this frame shows the held one
                         yield held
                         emitted += 1
-                held, held_time = image, time
-            if not exact and held is not None:
-                while emitted / fps < held_time + 1.0 / float(rate) - 1e-6:
+                held, held_time = image, max(time, held_time)
+                held_duration = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else None
+            if held is not None:
+                shown = held_duration if held_duration and 0 < held_duration <= MAX_HOLD_SECONDS else 1.0 / rate
+                while emitted / fps < held_time + shown - 1e-6:
                     yield held
                     emitted += 1
     except (av.FFmpegError, OSError, ValueError) as err:

@@ -125,12 +125,20 @@ def evaluate_video(
     """Score ``video`` (lip sync against ``audio``, default its own track; identity against the
     portrait ``ref``). ``analyzer`` / ``syncnet`` override the preset's models (tests, notebooks)."""
     from hallo3_cli.audio_io import load_audio
+    from hallo3_cli.errors import ArgumentError
+    from hallo3_cli.fsutil import path_argument
     from hallo3_cli.presets import get_preset
     from hallo3_cli.runtime import resolve_device
 
+    if isinstance(identity_stride, bool) or not isinstance(identity_stride, int):
+        raise TypeError(f"identity_stride must be an int, got {type(identity_stride).__name__}")
     if identity_stride < 1:
-        raise ValueError(f"identity_stride must be >= 1, got {identity_stride}")
-    video = require_file(video)
+        raise ArgumentError(f"identity_stride must be >= 1, got {identity_stride}")
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a model preset name (str), got {type(model).__name__}")
+    video = require_file(path_argument(video, "video"))
+    audio, ref = path_argument(audio, "audio", optional=True), path_argument(ref, "ref", optional=True)
+    plot = path_argument(plot, "plot", optional=True)
     info = vf.probe_video(video)
     if audio is None and not info.has_audio:
         raise InputError("has no audio track; give the speech with --audio", video)
@@ -145,10 +153,8 @@ def evaluate_video(
     portrait = _load_portrait(ref_path) if ref_path is not None else None
 
     if analyzer is None or syncnet is None:
-        from hallo3_cli.hub import ensure_weights
-
         needed = (["face_analysis"] if analyzer is None else []) + (["syncnet"] if syncnet is None else [])
-        ensure_weights(preset, needed, allow_download=allow_download)
+        require_eval_weights(preset, allow_download, needed, video=video)
     if analyzer is None:
         from hallo3_cli.loading import load_face_analyzer
 
@@ -220,10 +226,52 @@ def evaluate_video(
     return report
 
 
+EVAL_WEIGHTS = ("face_analysis", "syncnet")
+"""The only weights ``hallo3 eval`` needs: SCRFD + ArcFace (277.6 MB) and SyncNet (54.6 MB) of the preset."""
+
+
+def require_eval_weights(model, allow_download: bool = True, components=EVAL_WEIGHTS, *, video=None) -> None:
+    """Fail (or, if allowed, download) before any work when the weights ``hallo3 eval`` needs are missing. The
+    message names exactly those components and, for a video a ``tiny-random`` render made (its mp4 says so)
+    or whenever the release weights are missing, the offline alternative ``--model tiny-random``."""
+    from hallo3_cli.errors import ModelError
+    from hallo3_cli.hub import ensure_weights
+    from hallo3_cli.presets import TINY_RANDOM, get_preset
+
+    preset = get_preset(model) if isinstance(model, str) else model
+    try:
+        ensure_weights(preset, components, allow_download=allow_download)
+    except ModelError as err:
+        if preset.name == TINY_RANDOM:
+            raise
+        made_with = rendered_with(video) if video is not None else None
+        if made_with == TINY_RANDOM:
+            hint = (f"; this video was rendered with --model {TINY_RANDOM}: score it offline with "
+                    f"'hallo3 eval {video} --model {TINY_RANDOM}' (random SyncNet, no identity: a smoke test)")
+        else:
+            hint = (f"; a video rendered with --model {TINY_RANDOM} is scored offline with --model {TINY_RANDOM} "
+                    "(random SyncNet, no identity: a smoke test)")
+        raise ModelError(str(err) + hint) from None
+
+
+def rendered_with(video: str | Path) -> str | None:
+    """The model preset named in the metadata of a video ``hallo3 render`` wrote (``None``: not ours, or unreadable)."""
+    from hallo3_cli.video_io import read_render_tag
+
+    tag = read_render_tag(video)
+    return tag.get("model") if tag else None
+
+
+def eval_path(video: str | Path) -> Path:
+    """Where ``render --eval`` writes the scores of ``video``: ``out.mp4`` → ``out.eval.json`` beside it."""
+    return Path(video).with_suffix(".eval.json")
+
+
 def evaluate_render(video, speech, portrait, model: str = "hallo3", device: str = "auto", allow_download: bool = True) -> Path:
-    """Score a finished render and write the JSON next to it (``out.mp4`` -> ``out.eval.json``)."""
+    """Score a finished render and write the JSON next to it (``out.mp4`` -> ``out.eval.json``; ``render
+    --eval`` checks that path and :func:`require_eval_weights` before rendering)."""
     video = Path(video)
-    target = video.with_suffix(".eval.json")
+    target = eval_path(video)
     check_outputs([(target, (".json",))], inputs=[video, speech, portrait])
     report = evaluate_video(video, audio=speech, ref=portrait, model=model, device=device, allow_download=allow_download)
     with atomic_path(target) as tmp:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from hallo3_cli import fsutil
 from hallo3_cli.errors import InputError, ModelError, OutputError
 
 MAIN_PREFIX = "model.diffusion_model."
@@ -51,18 +52,20 @@ def _harmless_numpy_globals() -> list:
 
 
 def resolve_checkpoint(src: Path) -> Path:
+    """The checkpoint file of ``src`` (a folder with ``latest``, or a file): a regular file (a fifo or device
+    is refused before anything opens it, see ``fsutil.require_file``)."""
     if src.is_dir():
         latest = src / "latest"
         if not latest.is_file():
             raise InputError("not an official checkpoint folder (no 'latest' file)", src)
-        tag = latest.read_text().strip()
+        tag = latest.read_text(errors="replace").strip()
         path = src / tag / "mp_rank_00_model_states.pt"
         if not path.is_file():
-            raise InputError(f"'latest' names tag {tag!r} but {tag}/mp_rank_00_model_states.pt is missing", src)
-        return path
-    if not src.exists():
+            raise InputError(f"'latest' names tag {tag[:80]!r} but {tag[:80]}/mp_rank_00_model_states.pt is missing", src)
+        return fsutil.require_file(path)
+    if not src.exists() and not src.is_symlink():
         raise InputError("no such file or folder", src)
-    return src
+    return fsutil.require_file(src)
 
 
 def load_official_state_dict(src: str | Path) -> dict[str, torch.Tensor]:

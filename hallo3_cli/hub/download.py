@@ -133,14 +133,16 @@ def ensure_weights(
     missing = [c for c in components if not store.is_installed(preset.home, c)]
     if not missing:
         return
-    command = f"hallo3 download --model {preset.name}"
+    plan = download(preset.name, dry_run=True, components=missing)  # sizes from models.toml: no network
     if not allow_download or offline():
         why = "offline mode (HF_HUB_OFFLINE=1)" if allow_download else "--no-download"
+        # exactly what is missing, not the whole preset
+        command = f"hallo3 download --model {preset.name}" + "".join(f" --component {c}" for c in missing)
         raise ModelError(
-            f"the {', '.join(missing)} weights of preset {preset.name!r} are not installed in {preset.home} "
-            f"and {why} prevents fetching them; run: {command}"
+            f"the {', '.join(missing)} weights of preset {preset.name!r} ({human_size(plan.total)}) are not installed "
+            f"in {preset.home} and {why} prevents fetching them; run: {command}"
         )
-    plan = download(preset.name, dry_run=True, components=missing)
+    command = f"hallo3 download --model {preset.name}"
     extra = f" (+{human_size(plan.peak_extra)} temporarily)" if plan.peak_extra else ""
     log.warning(
         "the %s weights of preset %r are not installed: downloading %s%s into %s (once; or run: %s)",

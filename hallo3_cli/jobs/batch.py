@@ -35,7 +35,10 @@ def read_jobs(jobs_file: str | Path, out_dir: str | Path, seed: int) -> list[Job
         raise InputError(f"line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the jobs file as UTF-8", jobs_file) from None
     jobs: list[Job | Hallo3Error] = []
     first_line: dict[Path, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" (and "\r\n") only: str.splitlines would also break at U+2028, U+0085, form feeds and
+    # other separators, which are ordinary characters of a prompt here (a phantom job from half a line).
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.split("@@")
@@ -74,7 +77,12 @@ def render_batch(jobs_file: str | Path, out_dir: str | Path, *, model: str = "ha
 
         announce("preflight")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    jobs_file, out_dir = fsutil.path_argument(jobs_file, "jobs_file"), fsutil.path_argument(out_dir, "out_dir")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     jobs = read_jobs(jobs_file, out_dir, seed)  # a bad jobs file fails before out_dir exists
+    fsutil.check_output_folder(out_dir, inputs=[jobs_file])
+    fsutil.check_output_folder(options.get("cache_dir") or Path(out_dir) / ".hallo3-cache", inputs=[jobs_file])
     if shard_jobs and not video:
         jobs = shard(jobs, rank, world)
     out_dir = fsutil.ensure_output_folder(out_dir)
@@ -84,10 +92,17 @@ def render_batch(jobs_file: str | Path, out_dir: str | Path, *, model: str = "ha
         if isinstance(job, Hallo3Error):
             errors.append(str(job))
             continue
-        if job.output.exists():
-            log.info("%s exists, skipping", job.output)
-            written.append(job.output)
-            continue
+        if os.path.lexists(job.output):
+            try:  # only a regular file is a finished video; a folder, fifo or device by that name is refused
+                fsutil.check_output_path(job.output, fsutil.VIDEO_SUFFIXES)
+            except Hallo3Error as err:
+                errors.append(str(err))
+                log.error("%s", err)
+                continue
+            if job.output.is_file():
+                log.info("%s exists, skipping", job.output)
+                written.append(job.output)
+                continue
         renderer = renderer or VideoRenderer(model, seed=seed, **options)  # missing weights stop the batch
         try:
             written.append(renderer.render(job))

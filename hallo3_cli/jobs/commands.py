@@ -19,8 +19,8 @@ import torch
 
 from hallo3_cli import fsutil, geometry, stages
 from hallo3_cli.errors import StageFileError
-from hallo3_cli.jobs.common import (RenderSettings, fingerprint, job_lock, require_weights, start_video,
-                                    warn_random)
+from hallo3_cli.jobs.common import (RenderSettings, check_arguments, check_settings, fingerprint, job_lock, preset_argument,
+                                    require_weights, start_video, warn_random)
 from hallo3_cli.jobs.resume import render_parts
 from hallo3_cli.loading import LoraWeights, PipelineLoader, resolve_runtime
 from hallo3_cli.presets import Preset, get_preset
@@ -36,9 +36,10 @@ def embed_audio(speech: str | Path, output: str | Path, *, model: str | Preset =
     """Decode ``speech``, optionally isolate the voice, compute the features and write an audio stage file."""
     from hallo3_cli import vocals
 
-    speech = fsutil.require_file(speech)
-    (output,) = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES)], inputs=[speech])
-    preset = get_preset(model) if isinstance(model, str) else model
+    speech = fsutil.require_file(fsutil.path_argument(speech, "speech"))
+    check_arguments(flags={"separate_vocals": separate_vocals})
+    (output,) = fsutil.check_outputs([(fsutil.path_argument(output, "output"), fsutil.STAGE_SUFFIXES)], inputs=[speech])
+    preset = preset_argument(model)
     separator_path = vocals.find_separator_model(preset) if separate_vocals else None
     # only the device matters (wav2vec2 goes straight onto it): no memory mode to plan; an unusable device
     # fails before any weights are checked
@@ -98,11 +99,15 @@ def encode_reference(image: str | Path, output: str | Path, *, model: str | Pres
                      loader: PipelineLoader | None = None, lora: LoraWeights | None = None) -> Path:
     """Portrait → reference stage file (face embedding and box, VAE latent, prompt, reference bank). ``lora``: the
     adapters of a fine-tuned run (they change the bank when the run adapted the reference network)."""
-    from hallo3_cli.image_io import write_preview
+    from hallo3_cli.image_io import image_format, write_preview
 
-    image = fsutil.require_file(image)
-    output, *_ = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES), (preview, fsutil.PREVIEW_SUFFIXES)], inputs=[image])
-    preset = get_preset(model) if isinstance(model, str) else model
+    image = fsutil.require_file(fsutil.path_argument(image, "image"))
+    check_arguments(prompt=prompt, runtime=runtime)
+    output, *_ = fsutil.check_outputs([(fsutil.path_argument(output, "output"), fsutil.STAGE_SUFFIXES),
+                                       (fsutil.path_argument(preview, "preview", optional=True), fsutil.PREVIEW_SUFFIXES)],
+                                      inputs=[image])
+    image_format(image)  # by content, before any model work (load_image checks it again before decoding)
+    preset = preset_argument(model)
     if loader is None:
         runtime = resolve_runtime(runtime, preset)  # an unusable device fails before any weights are checked
         require_weights(preset, (stages.REFERENCE,))
@@ -164,7 +169,16 @@ def render_clips(audio: str | Path, reference: str | Path, output: str | Path, *
         from hallo3_cli.jobs.parallel_session import announce
 
         announce("preflight")
-    (output,) = fsutil.check_outputs([(output, fsutil.STAGE_SUFFIXES)], inputs=[audio, reference])
+    audio, reference = fsutil.path_argument(audio, "audio"), fsutil.path_argument(reference, "reference")
+    check_arguments(runtime=runtime)
+    check_settings(seed, steps, cfg)
+    if model is not None:
+        model = preset_argument(model).name
+    (output,) = fsutil.check_outputs([(fsutil.path_argument(output, "output"), fsutil.STAGE_SUFFIXES)], inputs=[audio, reference])
+    # the side paths too, before any work: finished clips beside the output, and its lock file
+    parts, lock_path = clips_side_paths(output)
+    fsutil.check_output_folder(parts, outputs=[output], inputs=[audio, reference])
+    fsutil.check_output_path(lock_path)
     audio_stage = stages.load_stage(audio, stages.AUDIO, model=model)
     reference_stage = stages.load_stage(reference, stages.REFERENCE, model=model or audio_stage.model)
     preset = get_preset(audio_stage.model)
@@ -178,8 +192,7 @@ def render_clips(audio: str | Path, reference: str | Path, output: str | Path, *
         loader = PipelineLoader(preset, runtime, parallel=session.config if session is not None else None, lora=lora)
     if main:
         warn_random(preset)
-    parts = output.with_name(output.name + ".parts")
-    lock = job_lock(output.with_name(f".{output.name}.lock")) if main else contextlib.nullcontext()
+    lock = job_lock(lock_path) if main else contextlib.nullcontext()
     with session.guard() if session is not None else contextlib.nullcontext(), lock:
         latents = [clip.latents for clip in render_parts(loader, audio_stage, reference_stage, settings, parts,
                                                          decode_resumed=False, progress=progress, session=session)]
@@ -203,6 +216,12 @@ def render_clips(audio: str | Path, reference: str | Path, output: str | Path, *
     return output
 
 
+def clips_side_paths(output: str | Path) -> tuple[Path, Path]:
+    """Where a clips file's render keeps its finished clips (``<name>.parts/``) and its lock
+    (``.<name>.lock``), beside it; shortened with a digest when a long output name would not fit."""
+    return fsutil.side_path(output, suffix=".parts"), fsutil.side_path(output, prefix=".", suffix=".lock")
+
+
 # ---------------------------------------------------------------------------------------------
 # stitch
 
@@ -215,7 +234,9 @@ def stitch(clips: str | Path, output: str | Path, *, audio: str | Path, runtime:
     from hallo3_cli.progress import bar
     from hallo3_cli.video_io import VideoWriter
 
-    (output,) = fsutil.check_outputs([(output, fsutil.VIDEO_SUFFIXES)], inputs=[clips, audio])
+    clips, audio = fsutil.path_argument(clips, "clips"), fsutil.path_argument(audio, "audio")
+    check_arguments(runtime=runtime)
+    (output,) = fsutil.check_outputs([(fsutil.path_argument(output, "output"), fsutil.VIDEO_SUFFIXES)], inputs=[clips, audio])
     clip_stage = stages.load_stage(clips, stages.CLIPS)
     audio_info(audio)  # fail early, with the file named, on an unreadable recording
     preset = get_preset(clip_stage.model)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from hallo3_cli import fsutil, stages
-from hallo3_cli.errors import StageFileError
+from hallo3_cli import fsutil, options, stages
+from hallo3_cli.errors import ArgumentError, Hallo3Error, StageFileError
 from hallo3_cli.loading import LoraWeights
-from hallo3_cli.presets import Preset
+from hallo3_cli.presets import Preset, get_preset
 from hallo3_cli.runtime import Runtime
 
 log = logging.getLogger("hallo3")
@@ -30,7 +30,13 @@ class RenderSettings:
     @classmethod
     def for_preset(cls, preset: Preset, seed: int = 42, steps: int | None = None, cfg: float | None = None,
                    lora: LoraWeights | None = None) -> RenderSettings:
-        return cls(seed=seed, steps=preset.steps if steps is None else steps, cfg=preset.cfg if cfg is None else cfg,
+        """The settings of a render with ``preset``'s defaults for ``None``; each value checked (the Python API's
+        arguments: ``TypeError``/``ValueError`` naming ``seed``, ``steps``, ``cfg`` or ``lora``)."""
+        check_settings(seed, steps, cfg)
+        if lora is not None and not isinstance(lora, LoraWeights):
+            raise TypeError(f"lora must be a hallo3_cli.loading.LoraWeights (LoraWeights.parse('PATH[:SCALE]')) or None, "
+                            f"got {type(lora).__name__}")
+        return cls(seed=seed, steps=preset.steps if steps is None else steps, cfg=preset.cfg if cfg is None else float(cfg),
                    lora=lora)
 
     def params(self, runtime: Runtime) -> dict:
@@ -39,6 +45,44 @@ class RenderSettings:
         if self.lora is not None:  # (absent without adapters: files and keys of plain renders stay as they were)
             params.update(self.lora.identity())
         return params
+
+
+def check_settings(seed, steps=None, cfg=None) -> None:
+    """A render's ``seed`` (an int), ``steps`` and ``cfg`` (``None``: the preset's) within the ranges of
+    :mod:`hallo3_cli.options`; ``TypeError``/``ValueError`` naming the argument, before any work."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    try:
+        if steps is not None:
+            options.check_steps(steps, "steps")
+        if cfg is not None:
+            options.check_guidance(cfg, "cfg")
+    except ValueError as err:
+        raise ArgumentError(str(err)) from None
+
+
+def preset_argument(model, name: str = "model") -> Preset:
+    """``model`` (a preset name or a :class:`Preset`) as a Preset; ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(model, Preset):
+        return model
+    if not isinstance(model, str):
+        raise TypeError(f"{name} must be a model preset name (str) or a Preset, got {type(model).__name__}")
+    try:
+        return get_preset(model)
+    except Hallo3Error as err:
+        raise ArgumentError(f"{name}: {err}") from None
+
+
+def check_arguments(*, prompt=None, runtime=None, flags: dict | None = None) -> None:
+    """The Python API's other arguments of a job: ``prompt`` a str or None, ``runtime`` a
+    :class:`~hallo3_cli.runtime.Runtime` or None, ``flags`` booleans by name; ``TypeError`` naming the argument."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string or None, got {type(prompt).__name__}")
+    if runtime is not None and not isinstance(runtime, Runtime):
+        raise TypeError(f"runtime must be a hallo3_cli.runtime.Runtime or None, got {type(runtime).__name__}")
+    for name, value in (flags or {}).items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def fingerprint(preset: Preset, kind: stages.StageKind, params: dict | None = None) -> str:

@@ -9,7 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from hallo3_cli import geometry, stages
+from hallo3_cli import fsutil, geometry, stages
 from hallo3_cli.errors import Hallo3Error, StageFileError
 from hallo3_cli.jobs.common import RenderSettings, check_stages, fingerprint
 from hallo3_cli.loading import PipelineLoader
@@ -68,7 +68,7 @@ def render_parts(loader: PipelineLoader, audio: stages.Stage, reference: stages.
     total = geometry.num_clips(audio.meta["num_frames"], preset.clip_length, preset.motion_frames)
     main = session is None or session.is_main
     if main:
-        parts_dir.mkdir(parents=True, exist_ok=True)
+        fsutil.ensure_output_folder(parts_dir)  # (a failure: one line, exit 4)
     resumed = _finished_parts(parts_dir, key, total) if main else []
     if session is not None:
         count = session.agree(len(resumed))  # nothing is written until every rank has read them
@@ -77,7 +77,7 @@ def render_parts(loader: PipelineLoader, audio: stages.Stage, reference: stages.
             if len(resumed) != count:
                 raise Hallo3Error(f"rank 0 found {count} finished clips in {parts_dir}, this rank reads {len(resumed)} "
                                   "(every rank must see the same cache folder)")
-    bar = Progress(progress and main, total, settings.steps, done=len(resumed))
+    bar = Progress(progress and main, total, settings.steps, done=len(resumed), decode_resumed=decode_resumed)
     meta = {"model": preset.name, "weights": fingerprint(preset, stages.CLIPS), "params": settings.params(runtime),
             "source_sha256": key, "render_key": key}
     current = {"clip": len(resumed)}
@@ -105,6 +105,8 @@ def render_parts(loader: PipelineLoader, audio: stages.Stage, reference: stages.
                 stages.save_stage(parts_dir / _part_name(clip.index), stages.CLIP, {"latents": clip.latents},
                                   {**meta, "index": clip.index})
                 bar.finish_clip()
+            elif decode_resumed:
+                bar.resumed_clip(clip.index)
             yield clip
     finally:
         bar.close()

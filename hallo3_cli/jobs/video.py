@@ -14,10 +14,10 @@ from pathlib import Path
 from hallo3_cli import fsutil, geometry, stages
 from hallo3_cli.errors import Hallo3Error, InputError, StageFileError
 from hallo3_cli.jobs.commands import embed_audio, encode_reference
-from hallo3_cli.jobs.common import RenderSettings, job_lock, require_weights, start_video, warn_random
+from hallo3_cli.jobs.common import (RenderSettings, check_arguments, check_settings, job_lock, preset_argument, require_weights,
+                                    start_video, warn_random)
 from hallo3_cli.jobs.resume import render_key, render_parts
 from hallo3_cli.loading import LoraWeights, PipelineLoader, resolve_runtime
-from hallo3_cli.presets import get_preset
 from hallo3_cli.runtime import Runtime
 
 log = logging.getLogger("hallo3")
@@ -54,8 +54,10 @@ class VideoRenderer:
                  cache_dir: str | Path | None = None, separate_vocals: bool = False, progress: bool = True,
                  allow_download: bool = True, runtime: Runtime | None = None, parallel=None,
                  lora: LoraWeights | None = None):
-        self.preset = get_preset(model)
+        self.preset = preset_argument(model)
         self.settings = RenderSettings.for_preset(self.preset, seed, steps, cfg, lora)
+        check_arguments(runtime=runtime, flags={"separate_vocals": separate_vocals})
+        cache_dir = fsutil.path_argument(cache_dir, "cache_dir", optional=True)
         extra = ("audio_separator",) if separate_vocals else ()
         # ``parallel`` (--parallel video): the split is checked and the process group joined first
         self.session = start_video(parallel, self.preset, runtime) if parallel is not None else None
@@ -156,6 +158,7 @@ class VideoRenderer:
             fsutil.require_file(job.image)
             fsutil.require_file(job.speech)
             (output,) = fsutil.check_outputs([(job.output, fsutil.VIDEO_SUFFIXES)], inputs=[job.image, job.speech])
+            fsutil.check_output_folder(self.cache_for(output), outputs=[output], inputs=[job.image, job.speech])
             audio_info(job.speech)
             load_image(job.image)  # both inputs readable before anything is computed or cached
             cache = fsutil.ensure_output_folder(self.cache_for(output)) if self.is_main else self.cache_for(output)
@@ -169,21 +172,57 @@ class VideoRenderer:
             key = render_key(audio, reference, settings, preset, self.runtime)
             parts = cache / f"{key}.parts"
             crop = crop_box_for_output(reference.meta["framing"], preset.height, preset.width)
+            record = cache / f"{key}.video.json"
             # ranks > 0 compute every clip with rank 0 but write nothing
             lock = job_lock(cache / f".{key}.lock") if main else contextlib.nullcontext()
-            with lock, (VideoWriter(output, preset.width, preset.height, fps=preset.fps, audio=job.speech, crop=crop)
-                        if main else contextlib.nullcontext()) as writer:
-                remaining = audio.meta["num_frames"]
-                for clip in render_parts(self.loader, audio, reference, settings, parts, decode_resumed=main,
-                                         progress=self.progress, on_step=on_step, session=self.session):
-                    if writer is not None:
-                        frames = geometry.new_frames(clip.frames, preset.motion_frames, remaining)
-                        writer.write(frames)
-                        remaining -= len(frames)
-                    if on_clip is not None:
-                        on_clip(clip)
-        # The finished clips stay in the cache: the same render again only decodes them.
+            with lock:
+                if self.session is None and on_clip is None and _unchanged(output, record):
+                    log.info("%s is already this render (same inputs and settings, unchanged since it was written): "
+                             "nothing to do", output)
+                    return output
+                tag = {"model": preset.name, "render_key": key}
+                with (VideoWriter(output, preset.width, preset.height, fps=preset.fps, audio=job.speech, crop=crop,
+                                  tag=tag) if main else contextlib.nullcontext()) as writer:
+                    remaining = audio.meta["num_frames"]
+                    for clip in render_parts(self.loader, audio, reference, settings, parts, decode_resumed=main,
+                                             progress=self.progress, on_step=on_step, session=self.session):
+                        if writer is not None:
+                            frames = geometry.new_frames(clip.frames, preset.motion_frames, remaining)
+                            writer.write(frames)
+                            remaining -= len(frames)
+                        if on_clip is not None:
+                            on_clip(clip)
+                if main:
+                    _remember(output, record)
+        # The finished clips stay in the cache: the same render again only decodes them, and while the video is
+        # still the one written (the record's digest) not even that.
         return output
+
+
+def _remember(video: Path, record: Path) -> None:
+    """Write down (``<render key>.video.json`` in the cache) which bytes this render made: size and sha256."""
+    import json
+
+    try:
+        with fsutil.atomic_path(record) as tmp:
+            tmp.write_text(json.dumps({"size": video.stat().st_size, "sha256": fsutil.sha256_file(video)}) + "\n")
+    except (OSError, Hallo3Error) as err:  # only an optimisation: the video itself is written
+        log.warning("could not record the finished render in the cache (%s)", err)
+
+
+def _unchanged(video: Path, record: Path) -> bool:
+    """Whether ``video`` is exactly the file this render wrote before (same size and sha256 as its record):
+    then rendering again would decode every clip to rewrite identical bytes."""
+    import json
+
+    try:
+        if not video.is_file() or not record.is_file():
+            return False
+        known = json.loads(record.read_text())
+        return (isinstance(known, dict) and known.get("size") == video.stat().st_size
+                and known.get("sha256") == fsutil.sha256_file(video))
+    except (OSError, ValueError):
+        return False
 
 
 def render_video(image: str | Path, speech: str | Path, output: str | Path, *, model: str = "hallo3",
@@ -193,11 +232,17 @@ def render_video(image: str | Path, speech: str | Path, output: str | Path, *, m
         from hallo3_cli.jobs.parallel_session import announce
 
         announce("preflight")  # the checks below fail alike on every rank
+    image, speech = fsutil.path_argument(image, "image"), fsutil.path_argument(speech, "speech")
+    output = fsutil.path_argument(output, "output")
     fsutil.require_file(image)
     fsutil.require_file(speech)
+    check_arguments(prompt=prompt, runtime=options.get("runtime"))
+    check_settings(options.get("seed", 42), options.get("steps"), options.get("cfg"))
+    preset_argument(model)
+    cache_dir = fsutil.path_argument(options.get("cache_dir"), "cache_dir", optional=True)
     # fail on typos, and on outputs that would destroy an input, before fetching or loading any weights
     fsutil.check_outputs([(output, fsutil.VIDEO_SUFFIXES)], inputs=[image, speech])
-    fsutil.check_output_folder(options.get("cache_dir") or Path(output).parent / ".hallo3-cache")
+    fsutil.check_output_folder(cache_dir or output.parent / ".hallo3-cache", outputs=[output], inputs=[image, speech])
     renderer = VideoRenderer(model, **options)
     result = renderer.render(Job(Path(image), Path(speech), Path(output), prompt))
     renderer.close()

@@ -341,7 +341,7 @@ class _Preparer:
         left, top = (width - side) // 2, (height - side) // 2
         chunks, offsets, boxes, found = [], [0], [], []
         embedding, embedding_frame, size = None, -1, None
-        for index, rgb in enumerate(iter_frames(video, fps, timestamps=True)):  # variable rates too
+        for index, rgb in enumerate(iter_frames(video, fps)):  # by timestamps: variable rates too
             if size is None:
                 size = rgb.shape[:2]
             elif rgb.shape[:2] != size:
