@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hallo3_cli.errors import InputError
+from hallo3_cli.errors import InputError, reason
 from hallo3_cli.fsutil import require_file
 
 SAMPLE_RATE = 16000
@@ -205,12 +205,7 @@ def _open(path: Path):
     try:
         return av.open(str(path), mode="r")
     except av.error.FFmpegError as err:
-        raise InputError(f"is not a readable audio file ({_reason(err)})", path) from None
-
-
-def _reason(err: Exception) -> str:
-    text = getattr(err, "strerror", None) or str(err)
-    return str(text).strip().splitlines()[0] if str(text).strip() else type(err).__name__
+        raise InputError(f"is not a readable audio file ({reason(err)})", path) from None
 
 
 def _decode(path, *, mono: bool, sample_rate: int | None, keep: bool = True) -> tuple[AudioInfo, list[np.ndarray]]:
@@ -265,7 +260,7 @@ def _decode(path, *, mono: bool, sample_rate: int | None, keep: bool = True) -> 
                     blocks.append(converter.push(data) if converter else data)
         except av.error.FFmpegError as err:
             raise InputError(
-                f"is corrupt: decoding failed after {taken / native_rate:.2f} s ({_reason(err)}); "
+                f"is corrupt: decoding failed after {taken / native_rate:.2f} s ({reason(err)}); "
                 "a gap in the speech would break lip sync, so repair or re-export the recording",
                 path,
             ) from None

@@ -61,8 +61,9 @@ class ModelError(Hallo3Error):
 
 def reason(err: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none): what a one-line error quotes
-    from a library's exception."""
-    text = str(err).strip()
+    from a library's exception. OS and FFmpeg errors give their ``strerror`` (without errno and path: the
+    message names the file itself)."""
+    text = str(getattr(err, "strerror", None) or err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hallo3_cli.errors import InputError
+from hallo3_cli.errors import reason as first_line
 from hallo3_cli.fsutil import require_file
 
 MIN_SIDE = 64
@@ -128,7 +129,7 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     except MemoryError:
         raise
     except Exception as err:  # PIL raises a zoo of types (OSError, SyntaxError, ValueError, ...) for bad data
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise InputError(f"cannot decode image ({reason})", path) from None
     return image
 
@@ -442,7 +443,7 @@ def decode_frame(data: bytes | np.ndarray) -> np.ndarray:
                 raise ValueError(f"not a JPEG or PNG frame ({picture.format})")
             return np.array(picture.convert("RGB"), dtype=np.uint8)
     except (OSError, SyntaxError) as err:
-        raise ValueError(f"undecodable frame ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise ValueError(f"undecodable frame ({first_line(err)})") from None
 
 
 def preview_image(framed: torch.Tensor, inside: torch.Tensor, box: list[int]) -> Image.Image:

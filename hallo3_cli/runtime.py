@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hallo3_cli.errors import UsageError
+from hallo3_cli.errors import reason as first_line
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +72,7 @@ def resolve_device(device: str = "auto") -> str:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         if len(reason) > 160:
             reason = reason[:157] + "..."
         raise UsageError(f"--device {device!r} is not usable here: {reason}") from None

@@ -20,7 +20,7 @@ import av
 import numpy as np
 import torch
 
-from hallo3_cli.errors import InputError, OutputError
+from hallo3_cli.errors import InputError, OutputError, reason
 from hallo3_cli.fsutil import atomic_path, require_file
 
 AAC_SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
@@ -236,7 +236,7 @@ class _AudioFeed:
         try:
             self._input = av.open(str(self.path))
         except (av.FFmpegError, OSError) as err:
-            raise InputError(f"cannot read audio ({_reason(err)})", self.path) from None
+            raise InputError(f"cannot read audio ({reason(err)})", self.path) from None
         if not self._input.streams.audio:
             self._input.close()
             raise InputError("has no audio stream", self.path)
@@ -309,11 +309,9 @@ class _AudioFeed:
             for out in self._resampler.resample(None):
                 yield out.to_ndarray()
         except (av.FFmpegError, OSError) as err:
-            raise InputError(f"cannot decode audio ({_reason(err)})", self.path) from None
+            raise InputError(f"cannot decode audio ({reason(err)})", self.path) from None
 
 
-def _reason(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 RENDER_TAG = "hallo3-cli render"
@@ -362,7 +360,7 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float, float | None]:
                     samples = sum(frame.samples for frame in container.decode(audio))
                     audio_duration = samples / audio.codec_context.sample_rate
     except (av.FFmpegError, OSError, IndexError) as err:
-        raise InputError(f"cannot read video ({_reason(err)})", path) from None
+        raise InputError(f"cannot read video ({reason(err)})", path) from None
     if not frames:
         raise InputError("video holds no frames", path)
     return np.stack(frames), fps, audio_duration

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from hallo3_cli.errors import ModelError
+from hallo3_cli.errors import reason as first_line
 from hallo3_cli.presets import Preset
 
 SEPARATOR_SAMPLE_RATE = 44100
@@ -95,7 +96,7 @@ class MDXSeparator:
                 str(self.model_path), options, providers=providers or ["CPUExecutionProvider"]
             )
         except Exception as err:  # onnxruntime raises its own exception types for corrupt files
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = first_line(err)
             raise ModelError(f"cannot load the vocal separation model ({reason[:200]})", self.model_path) from None
         spec = self.session.get_inputs()[0]
         shape = list(spec.shape)

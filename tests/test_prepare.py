@@ -158,6 +158,7 @@ def test_stage_files_hold_the_video(prepared, raw, face_preset):
     from hallo3_cli import stages
     from hallo3_cli.audio_io import load_audio
     from hallo3_cli.face import FaceAnalyzer, face_mask
+    from hallo3_cli.image_io import decode_frame, encode_frame
     from hallo3_cli.loading import load_face_analyzer
     from hallo3_cli.presets import get_preset
     from hallo3_cli.training.dataset import item_file, read_frames
@@ -175,9 +176,10 @@ def test_stage_files_hold_the_video(prepared, raw, face_preset):
         assert frames.meta["num_frames"] == len(source) == 60
         assert (frames.meta["source_width"], frames.meta["source_height"]) == (source.shape[2], source.shape[1])
         stored = read_frames(item_file(prepared.root, name, "frames"), 0, 60)
-        expected = np.stack([squashed(f) for f in source])
-        error = np.abs(stored.astype(float) - expected)
-        assert error.mean() < 2.0 and np.percentile(error, 99) < 24  # JPEG at quality 95 of the same pixels
+        # the same pixels through the same JPEG encoder: what is left is the decoders' rounding, not the codec's loss
+        expected = np.stack([decode_frame(encode_frame(squashed(f), "jpeg", 95)) for f in source])
+        error = np.abs(stored.astype(int) - expected)
+        assert error.mean() < 0.05 and error.max() <= 2
         # the face: first frame's embedding, union of the per-frame boxes (ratio 1.0), squashed like the frames
         first = analyzer.analyze(source[0], ratio=1.0)
         assert face.meta["embedding_frame"] == 0 and face.meta["frames_without_face"] == 0

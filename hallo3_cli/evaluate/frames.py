@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hallo3_cli.errors import InputError
+from hallo3_cli.errors import InputError, reason
 from hallo3_cli.face import resize_linear
 from hallo3_cli.fsutil import require_file
 
@@ -42,11 +42,6 @@ class VideoInfo:
     fps: float
     has_audio: bool
     duration: float | None = None  # seconds the container declares for the video stream (None: not said)
-
-
-def _reason(err: BaseException) -> str:
-    text = str(getattr(err, "strerror", None) or err).strip()  # FFmpeg errors: without errno and path
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def probe_video(path: str | Path) -> VideoInfo:
@@ -73,7 +68,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     except InputError:
         raise
     except (av.FFmpegError, OSError, ValueError) as err:
-        raise InputError(f"cannot read video ({_reason(err)})", path) from None
+        raise InputError(f"cannot read video ({reason(err)})", path) from None
     if not width or not height:
         raise InputError("video stream has no frame size", path)
     return VideoInfo(int(width), int(height), float(rate), has_audio, duration)
@@ -118,7 +113,7 @@ def iter_frames(path: str | Path, fps: int = FPS) -> Iterator[np.ndarray]:
                     yield held
                     emitted += 1
     except (av.FFmpegError, OSError, ValueError) as err:
-        raise InputError(f"cannot decode video ({_reason(err)})", path) from None
+        raise InputError(f"cannot decode video ({reason(err)})", path) from None
 
 
 # ---------------------------------------------------------------------------------------------

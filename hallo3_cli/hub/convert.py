@@ -21,6 +21,7 @@ import torch
 
 from hallo3_cli import fsutil
 from hallo3_cli.errors import InputError, ModelError, OutputError
+from hallo3_cli.errors import reason as first_line
 
 MAIN_PREFIX = "model.diffusion_model."
 REF_PREFIX = "ref_model.diffusion_model."
@@ -87,7 +88,7 @@ def load_official_state_dict(src: str | Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals(_harmless_numpy_globals()):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - report any refusal as a one-line input error
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         if "Unsupported global" in str(err) or "weights_only" in str(err):
             reason = "it contains Python objects that are not safe to load: " + _unsafe_globals(path, reason)
         raise InputError(f"cannot read checkpoint safely: {reason}", path) from None

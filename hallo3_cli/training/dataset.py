@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from hallo3_cli import stages
-from hallo3_cli.errors import InputError, StageFileError
+from hallo3_cli.errors import InputError, StageFileError, reason
 
 MANIFEST = "manifest.json"
 REPORT = "report.json"
@@ -105,7 +105,7 @@ def read_manifest(root: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"unreadable manifest ({str(err).splitlines()[0]})", path) from None
+        raise InputError(f"unreadable manifest ({reason(err)})", path) from None
     if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
         raise InputError(f"not a {DATASET_FORMAT} manifest", path)
     if manifest.get("format_version") != DATASET_VERSION:
@@ -126,7 +126,7 @@ def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as err:  # safetensors raises its own error types for every kind of damage
-        raise StageFileError(f"unreadable stage file ({str(err).splitlines()[0] if str(err) else type(err).__name__})",
+        raise StageFileError(f"unreadable stage file ({reason(err)})",
                              path) from None
 
 
