@@ -553,6 +553,97 @@ def prepare_cmd(
     emit(result.manifest)
 
 
+def _targets(value):
+    """Callback: a comma-separated list of module-name suffixes ('' = none)."""
+    if value is None:
+        return value
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+@app.command("train")
+def train_cmd(
+    dataset: Path = typer.Argument(..., help="Dataset folder written by 'hallo3 prepare'."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run folder: checkpoints/, logs/ (TensorBoard), model/ and model-ema/ (or lora/ and lora-ema/), train.json."),
+    stage: int = typer.Option(..., "--stage", callback=_number(1, 2), help="1: the identity path (both DiTs' attention + face modules); 2: the audio path (docs/training.md)."),
+    model: str = typer.Option("hallo3", "--model", "-m", help=MODEL_HELP + " Stage 2 may start from a stage-1 run's RUN/model.", callback=_model),
+    steps: int = typer.Option(30000, "--steps", callback=_number(1, 10**9), help="Updates to run (the release: 30,000 per stage)."),
+    lr_steps: Optional[int] = typer.Option(None, "--lr-steps", callback=_number(1, 10**9), help="Length the LR warm-up (1 %) and linear decay are laid over (default: --steps)."),
+    micro_batch: int = typer.Option(1, "--micro-batch", callback=_number(1, 4096), help="Samples per micro-batch and process (the release: 1)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", callback=_number(1, 4096), help="Micro-batches accumulated per update and process; one process accumulating N stands for N ranks (timestep bands included)."),
+    seed: int = typer.Option(0, "--seed", callback=_number(0, 2**63 - 1), help="Seed of every draw (samples, dropout, noise, timesteps)."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", callback=_number(0, 1, low_open=True), help="AdamW peak learning rate (the release: 1e-5)."),
+    beta1: Optional[float] = typer.Option(None, "--beta1", callback=_number(0, 1, high_open=True), help="AdamW beta1 (the release: 0.9)."),
+    beta2: Optional[float] = typer.Option(None, "--beta2", callback=_number(0, 1, high_open=True), help="AdamW beta2 (the release: 0.95)."),
+    adam_eps: Optional[float] = typer.Option(None, "--adam-eps", callback=_number(0, 1, low_open=True), help="AdamW epsilon (the release: 1e-8)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", callback=_number(0, 1), help="Decoupled weight decay, none on norms and biases (the release: 1e-4)."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", callback=_number(0, 1e6, low_open=True), help="Global gradient-norm clip (the release: 0.1)."),
+    warmup: Optional[float] = typer.Option(None, "--warmup", callback=_number(0, 1), help="Warm-up, a fraction of --lr-steps (the release: 0.01)."),
+    auto_warmup_steps: Optional[int] = typer.Option(None, "--auto-warmup-steps", callback=_number(0, 10**9), help="The release's fine-tuning warm-up: the first N updates capped at --auto-warmup-rate x lr (the release: 100; 0: off)."),
+    auto_warmup_rate: Optional[float] = typer.Option(None, "--auto-warmup-rate", callback=_number(0, 1), help="The cap of those updates, a fraction of --lr (the release: 0.05)."),
+    ema_max_decay: Optional[float] = typer.Option(None, "--ema-max-decay", callback=_number(0, 1, high_open=True), help="EMA decay min(this, (1+n)/(10+n)) (the release: 0.9999)."),
+    drop_text: Optional[float] = typer.Option(None, "--drop-text", callback=_number(0, 1), help="Caption dropout rate (the release: 0.1)."),
+    drop_image: Optional[float] = typer.Option(None, "--drop-image", callback=_number(0, 1), help="Image-condition dropout rate (the release: 0.05)."),
+    drop_reference: Optional[float] = typer.Option(None, "--drop-reference", callback=_number(0, 1), help="Reference-latent dropout rate (the release: 0.05)."),
+    drop_audio: Optional[float] = typer.Option(None, "--drop-audio", callback=_number(0, 1), help="Audio dropout rate, stage 2 (the release: 0.05)."),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", callback=_one_of("no", "bf16"), help="bf16: frozen weights in bf16, trained ones float32 masters, computed under autocast; no: float32."),
+    gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute the main DiT's blocks in the backward pass (the release's choice; less memory)."),
+    lora: Optional[int] = typer.Option(None, "--lora", callback=_number(1, 4096), help="Train LoRA adapters of this rank instead of the release's parameters (a deviation; one GPU)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", callback=_number(0, 1e6, low_open=True), help="LoRA alpha (default: the rank)."),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", callback=_targets, help="Comma-separated module names of the main DiT to adapt (default: the stage's attention, docs/training.md)."),
+    lora_reference_targets: Optional[str] = typer.Option(None, "--lora-reference-targets", callback=_targets, help="The same for the reference network ('' = leave it alone; default: its attention in stage 1)."),
+    save_every: int = typer.Option(500, "--save-every", callback=_number(1, 10**9), help="A checkpoint every N updates (and at the end)."),
+    keep: Optional[int] = typer.Option(None, "--keep", callback=_number(1, 10**6), help="Keep only the newest N checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its newest checkpoint (the same data, seed and recipe)."),
+    stop_at: Optional[int] = typer.Option(None, "--stop-at", callback=_number(1, 10**9), help="Save and stop after this update (a time-boxed job; --resume continues)."),
+    validate_every: Optional[int] = typer.Option(None, "--validate-every", callback=_number(1, 10**9), help="Render and score (hallo3 eval) the validation pair every N updates."),
+    validation_portrait: Optional[Path] = typer.Option(None, "--validation-portrait", help="Held-out portrait for --validate-every."),
+    validation_speech: Optional[Path] = typer.Option(None, "--validation-speech", help="Held-out speech for --validate-every."),
+    device: str = typer.Option("auto", "--device", callback=_one_of("auto", "cpu"), help="auto: this process's GPU (accelerate's choice), else the CPU; cpu."),
+    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help="TensorBoard event files in RUN/logs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+) -> None:
+    """Fine-tune Hallo3 on a prepared dataset, as the release trains it (or LoRA adapters). Prints a JSON summary.
+
+    \b
+    Examples:
+      hallo3 train data/ -o runs/s1 --stage 1
+      hallo3 train data/ -o runs/s2 --stage 2 --model runs/s1/model
+      hallo3 train data/ -o runs/lora --stage 2 --lora 64
+      accelerate launch --num-processes 8 -m hallo3_cli train data/ -o runs/s1 --stage 1
+      hallo3 train data/ -o runs/s1 --stage 1 --resume
+    """
+    _setup(quiet)
+    if lora is None and (lora_alpha is not None or lora_targets is not None or lora_reference_targets is not None):
+        raise typer.BadParameter("--lora-alpha and --lora-targets need --lora RANK", param_hint="--lora")
+    if validate_every is not None and (validation_portrait is None or validation_speech is None):
+        raise typer.BadParameter("--validate-every needs --validation-portrait and --validation-speech",
+                                 param_hint="--validate-every")
+    _loading_torch()
+    import dataclasses
+
+    from hallo3_cli.training import RELEASE
+    from hallo3_cli.training.trainer import LoraSpec, TrainConfig, train
+
+    chosen = {"learning_rate": learning_rate, "eps": adam_eps, "weight_decay": weight_decay, "grad_clip": grad_clip,
+              "warmup": warmup, "auto_warmup_steps": auto_warmup_steps, "auto_warmup_rate": auto_warmup_rate,
+              "ema_max_decay": ema_max_decay, "drop_text": drop_text, "drop_image": drop_image,
+              "drop_reference": drop_reference, "drop_audio": drop_audio}
+    if beta1 is not None or beta2 is not None:
+        chosen["betas"] = (RELEASE.betas[0] if beta1 is None else beta1, RELEASE.betas[1] if beta2 is None else beta2)
+    recipe = dataclasses.replace(RELEASE, micro_batch=micro_batch, save_every=save_every,
+                                 **{k: v for k, v in chosen.items() if v is not None})
+    spec = None if lora is None else LoraSpec(lora, lora_alpha, lora_targets, lora_reference_targets)
+    config = TrainConfig(dataset, output, stage, model=model, steps=steps, lr_steps=lr_steps, micro_batch=micro_batch,
+                         grad_accum=grad_accum, seed=seed, recipe=recipe, mixed_precision=mixed_precision,
+                         gradient_checkpointing=gradient_checkpointing, lora=spec, save_every=save_every, keep=keep,
+                         resume=resume, stop_at=stop_at, validate_every=validate_every,
+                         validation_portrait=validation_portrait, validation_speech=validation_speech, device=device,
+                         tensorboard=tensorboard, progress=not quiet)
+    result = train(config)
+    if os.environ.get("RANK", "0") == "0":
+        print(result.to_json(), flush=True)
+
+
 @app.command("stitch")
 def stitch_cmd(
     clips: Path = typer.Argument(..., help="Clips file written by 'hallo3 render -o CLIPS.safetensors'."),
