@@ -248,6 +248,7 @@ class Hallo3Pipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         if (path / "model_index.json").is_file():
             # model_index.json names our modules; diffusers resolves them from those already imported
             import hallo3_cli.models  # noqa: F401
+            import hallo3_cli.models.tokenization_hashed  # noqa: F401  (the folder of a random preset names it)
             import hallo3_cli.scheduling_hallo3  # noqa: F401
 
             face = kwargs.pop("face_analyzer", _FROM_FOLDER)  # None: run without face models

@@ -147,7 +147,7 @@ class TrainConfig:
 
 
 def _jsonable(value):
-    return json.loads(json.dumps(value))
+    return json.loads(json.dumps(value, default=str))
 
 
 def check_recipe(recipe: Recipe) -> None:
