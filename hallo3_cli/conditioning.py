@@ -25,19 +25,33 @@ class DiTConditions:
     face_embeds: torch.Tensor
     audio_embeds: torch.Tensor | None = None
 
-    def dropped(self, *, text: bool = False, audio: bool = False) -> DiTConditions:
+    def dropped(self, *, text: bool | torch.Tensor = False, audio: bool | torch.Tensor = False) -> DiTConditions:
         """The release's null conditions: a dropped text or audio condition is zeros (the raw wav2vec features,
         before the audio projection); the face embedding is never dropped. Classifier-free guidance's
-        unconditional half drops both (docs/model.md §6); training drops each with its own rate (§10.3)."""
+        unconditional half drops both (docs/model.md §6); training drops each with its own rate (§10.3).
+        ``text``/``audio``: for the whole batch (a bool) or per sample (a (B,) bool tensor)."""
+        audio_embeds = self.audio_embeds
         return dataclasses.replace(
             self,
-            prompt_embeds=torch.zeros_like(self.prompt_embeds) if text else self.prompt_embeds,
-            audio_embeds=torch.zeros_like(self.audio_embeds) if audio and self.audio_embeds is not None else self.audio_embeds,
+            prompt_embeds=zero_samples(self.prompt_embeds, text),
+            audio_embeds=zero_samples(audio_embeds, audio) if audio_embeds is not None else None,
         )
 
     def unconditional(self) -> DiTConditions:
         """The unconditional half of classifier-free guidance: text and audio dropped together."""
         return self.dropped(text=True, audio=True)
+
+
+def zero_samples(tensor: torch.Tensor, drop: bool | torch.Tensor) -> torch.Tensor:
+    """``tensor`` (batch first) with the samples ``drop`` selects replaced by exact zeros: ``drop`` a bool (the
+    whole batch) or a (B,) bool tensor (per sample). Differentiable; a sample kept is passed through unchanged."""
+    if not isinstance(drop, torch.Tensor):
+        return torch.zeros_like(tensor) if drop else tensor
+    if drop.dtype != torch.bool or drop.shape != tensor.shape[:1]:
+        raise ValueError(f"a per-sample drop flag must be a ({tensor.shape[0]},) bool tensor, got "
+                         f"{tuple(drop.shape)} {drop.dtype}")
+    keep = ~drop.to(tensor.device).reshape(-1, *(1,) * (tensor.ndim - 1))
+    return torch.where(keep, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
 
 
 def reference_bank(reference_net, ref_latent: torch.Tensor, prompt_embeds: torch.Tensor,

@@ -316,10 +316,12 @@ class PipelineLoader:
     """A ``Hallo3Pipeline`` of a preset whose components load when a stage asks for them (:meth:`need`) and can
     be freed as soon as their outputs exist (:meth:`release`: T5 and the reference DiT are needed once per
     portrait). ``parallel`` (a :class:`~hallo3_cli.parallel.ParallelConfig`; the runtime's device is its
-    device): the main DiT's calls are split over the process group once it is placed (``--parallel video``)."""
+    device): the main DiT's calls are split over the process group once it is placed (``--parallel video``).
+    ``pipe``: an existing pipeline of the preset (e.g. a trainer's, built from the networks it trains): its
+    components are used as they are and never released; only those it lacks are loaded (and freed) here."""
 
     def __init__(self, preset: Preset, runtime: Runtime | None = None, *, parallel=None,
-                 lora: LoraWeights | None = None):
+                 lora: LoraWeights | None = None, pipe: Hallo3Pipeline | None = None):
         self.preset = preset
         self.lora = lora
         self.runtime = resolve_runtime(runtime, preset)
@@ -330,11 +332,16 @@ class PipelineLoader:
         self.placement = Placement(self.runtime)
         self.parallel = parallel
         self.parallel_state = None
-        self.pipe = Hallo3Pipeline(transformer=None, vae=None, scheduler=Hallo3DPMSolverSDEScheduler(),
-                                   **preset.pipeline_config())
+        self._borrowed: set[str] = set()  # the components of a given ``pipe``: the caller's, never released
+        if pipe is None:
+            pipe = Hallo3Pipeline(transformer=None, vae=None, scheduler=Hallo3DPMSolverSDEScheduler(),
+                                  **preset.pipeline_config())
+        else:
+            self._borrowed = {name for name in pipe.components if getattr(pipe, name, None) is not None}
+        self.pipe = pipe
         self.pipe.parallel = parallel
         self.pipe.set_progress_bar_config(disable=True)  # the jobs show their own clip/step progress
-        self._face_loaded = False
+        self._face_loaded = pipe.face_analyzer is not None
 
     def need(self, *names: str) -> Hallo3Pipeline:
         """The pipeline, with the components ``names`` loaded (those already there are kept)."""
@@ -351,7 +358,7 @@ class PipelineLoader:
         """Free components for good (they load again if a later stage needs them)."""
         for name in names:
             module = getattr(self.pipe, name, None)
-            if module is None:
+            if module is None or name in self._borrowed:
                 continue
             self.pipe.register_modules(**{name: None})
             if isinstance(module, torch.nn.Module):

@@ -87,6 +87,22 @@ def clip_audio(features: torch.Tensor, index: int, clip_length: int, motion_fram
     return audio
 
 
+def motion_mask(height: int, width: int, generator: torch.Generator, rate: float = MASK_RATE) -> torch.Tensor:
+    """The one random pixel mask both motion frames share (docs/model.md §7.3, §10.3): float32 ``(H, W)``, 0 on
+    the pixels drawn (each with probability ``rate``), else 1; one ``rand`` of ``generator``."""
+    return (torch.rand(height, width, generator=generator) > rate).float()
+
+
+def vae_latents(vae, frames: torch.Tensor, generator: torch.Generator, scale: float,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Frames ``(B, F, 3, H, W)`` in [-1, 1] → the VAE posterior SAMPLE ×``scale``, ``(B, f, 16, h, w)`` in the
+    VAE's dtype (the causal VAE maps 1 + 4k frames to 1 + k latent frames), drawn from ``generator``. ``device``:
+    where the VAE runs (default: its parameters' device)."""
+    device = vae.device if device is None else device
+    posterior = vae.encode(frames.permute(0, 2, 1, 3, 4).to(device, vae.dtype)).latent_dist
+    return (posterior.sample(generator=generator) * scale).permute(0, 2, 1, 3, 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # what the stages produce
 
@@ -353,10 +369,8 @@ class Hallo3Pipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
     @torch.no_grad()
     def encode_reference_latent(self, masked: torch.Tensor) -> torch.Tensor:
         """The framed face-masked image ``(3, H, W)`` in [-1, 1] → its VAE latent ``(1, 1, 16, h, w)`` ×scale."""
-        vae = self._module("vae")
-        posterior = vae.encode(masked[None, :, None].to(self.execution_device, vae.dtype)).latent_dist
-        latent = posterior.sample(generator=torch.Generator().manual_seed(REFERENCE_SEED)) * self.vae_scale
-        return latent.permute(0, 2, 1, 3, 4)
+        return vae_latents(self._module("vae"), masked[None, None], torch.Generator().manual_seed(REFERENCE_SEED),
+                           self.vae_scale, self.execution_device)
 
     @torch.no_grad()
     def reference_features(self, ref_latent: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
@@ -444,12 +458,9 @@ class Hallo3Pipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         """VAE latent of ``[image, m(motion_1), m(motion_2)]`` ×scale, zero-padded to the clip's latent frames
         (docs/model.md §7.3); ``m`` zeroes one random pixel mask shared by both motion frames."""
         _, height, width = image.shape
-        vae = self._module("vae")
-        keep = (torch.rand(height, width, generator=generator) > MASK_RATE).to(motion.dtype)
-        frames = torch.cat([image[None], motion * keep]).to(self.execution_device, vae.dtype)  # (3, 3, H, W)
-        posterior = vae.encode(frames.permute(1, 0, 2, 3)[None]).latent_dist
-        latent = posterior.sample(generator=generator) * self.vae_scale  # (1, 16, 1, h, w)
-        latent = latent.permute(0, 2, 1, 3, 4)
+        keep = motion_mask(height, width, generator).to(motion.dtype)
+        frames = torch.cat([image[None], motion * keep])[None]  # (1, 3, 3, H, W)
+        latent = vae_latents(self._module("vae"), frames, generator, self.vae_scale, self.execution_device)
         pad = torch.zeros(1, self.latent_frames - 1, *latent.shape[2:], device=latent.device, dtype=latent.dtype)
         return torch.cat([latent, pad], dim=1)
 

@@ -48,13 +48,18 @@ class Job:
 
 
 class VideoRenderer:
-    """Face + speech → mp4, with stage files cached in ``cache_dir``; one pipeline for many jobs."""
+    """Face + speech → mp4, with stage files cached in ``cache_dir``; one pipeline for many jobs. ``loader``: the
+    pipeline to render with (a :class:`~hallo3_cli.loading.PipelineLoader` of the same preset, e.g. over a
+    trainer's in-memory pipeline; its runtime is used), else one is made for ``runtime``."""
 
     def __init__(self, model: str = "hallo3", *, seed: int = 42, steps: int | None = None, cfg: float | None = None,
                  cache_dir: str | Path | None = None, separate_vocals: bool = False, progress: bool = True,
                  allow_download: bool = True, runtime: Runtime | None = None, parallel=None,
-                 lora: LoraWeights | None = None):
+                 lora: LoraWeights | None = None, loader: PipelineLoader | None = None):
         self.preset = preset_argument(model)
+        if loader is not None and (loader.preset.name != self.preset.name or parallel is not None or lora is not None):
+            raise ValueError("a given loader must be of the same model preset, without parallel or lora (the "
+                             "loader's pipeline is used as it is)")
         self.settings = RenderSettings.for_preset(self.preset, seed, steps, cfg, lora)
         check_arguments(runtime=runtime, flags={"separate_vocals": separate_vocals})
         cache_dir = fsutil.path_argument(cache_dir, "cache_dir", optional=True)
@@ -62,10 +67,12 @@ class VideoRenderer:
         # ``parallel`` (--parallel video): the split is checked and the process group joined first
         self.session = start_video(parallel, self.preset, runtime) if parallel is not None else None
         # an unusable device fails before any download
-        runtime = self.session.runtime if self.session is not None else resolve_runtime(runtime, self.preset)
+        if loader is None:
+            runtime = self.session.runtime if self.session is not None else resolve_runtime(runtime, self.preset)
         require_weights(self.preset, (stages.AUDIO, stages.REFERENCE, stages.CLIPS), allow_download, progress, extra)
-        self.loader = PipelineLoader(self.preset, runtime, parallel=self.session.config if self.session is not None else None,
-                                     lora=lora)
+        self.loader = loader or PipelineLoader(self.preset, runtime,
+                                               parallel=self.session.config if self.session is not None else None,
+                                               lora=lora)
         self.runtime = self.loader.runtime
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.separate_vocals = separate_vocals

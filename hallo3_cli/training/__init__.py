@@ -1,7 +1,9 @@
 """Fine-tuning Hallo3 as the release trains it (docs/model.md §10; docs/training.md): talking-head videos prepared
-into a dataset of stage files and the samples drawn from it (:mod:`.prepare`, :mod:`.dataset`), the training step
-and the trainable sets (:mod:`.step`), the recipe's numbers and schedules (:mod:`.recipe`)."""
+into a dataset of stage files and the samples drawn from it (:mod:`.prepare`, :mod:`.dataset`), the conditions of
+a step built from a batch (:mod:`.conditions`), the training step and the trainable sets (:mod:`.step`), the
+recipe's numbers and schedules (:mod:`.recipe`), validation renders scored while training (:mod:`.validation`)."""
 
+from hallo3_cli.training.conditions import condition_frames, step_inputs
 from hallo3_cli.training.dataset import Hallo3Dataset, read_manifest, start_range
 from hallo3_cli.training.prepare import PrepareResult, check_dataset, find_sources, format_summary, prepare_dataset
 from hallo3_cli.training.recipe import (
@@ -25,10 +27,12 @@ from hallo3_cli.training.step import (
     training_forward,
     training_loss,
 )
+from hallo3_cli.training.validation import log_scores, validate, validation_paths
 
 __all__ = [
     "RELEASE", "RELEASE_RULES", "Hallo3Dataset", "PrepareResult", "Recipe", "TrainRule", "TrainingForward",
-    "check_dataset", "decays", "ema_decay", "ema_decay_float32", "find_sources", "format_summary", "learning_rate",
-    "lr_lambda", "official_parameter_names", "prepare_dataset", "read_manifest", "sample_timesteps", "start_range",
-    "timestep_band", "trainable_parameters", "training_forward", "training_loss", "weight_decay_groups",
+    "check_dataset", "condition_frames", "decays", "ema_decay", "ema_decay_float32", "find_sources", "format_summary",
+    "learning_rate", "log_scores", "lr_lambda", "official_parameter_names", "prepare_dataset", "read_manifest", "sample_timesteps", "start_range",
+    "step_inputs", "timestep_band", "trainable_parameters", "training_forward", "training_loss", "validate",
+    "validation_paths", "weight_decay_groups",
 ]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hallo3_cli.pipeline_hallo3 import MASK_RATE
 from hallo3_cli.sampler import NUM_TRAIN_TIMESTEPS
 
 
@@ -25,6 +26,10 @@ class Recipe:
     drop_image: float = 0.05
     drop_reference: float = 0.05
     drop_audio: float = 0.05  # stage 2 only: the dataset zeroes the audio window
+    # the image condition's motion frames (§10.3): Gaussian noise of σ = exp(N(mean, std)) per sample (None: no
+    # noise), then one pixel mask of this rate shared by both frames and the batch (the rate inference masks with)
+    motion_noise: tuple[float, float] | None = (-3.0, 0.5)
+    motion_mask_rate: float = MASK_RATE
     # AdamW (sat FusedEmaAdam), no weight decay on LayerNorms and biases (§10.6)
     learning_rate: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.95)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hallo3_cli.conditioning import DiTConditions, dit_velocity, reference_bank
+from hallo3_cli.conditioning import DiTConditions, dit_velocity, reference_bank, zero_samples
 from hallo3_cli.hub.convert import MAIN_PREFIX, REF_PREFIX, official_names
 from hallo3_cli.scheduling_hallo3 import Hallo3DPMSolverSDEScheduler
 
@@ -115,25 +115,27 @@ def _timesteps(timestep, batch: int, device) -> torch.Tensor:
     return t
 
 
-def _image_condition(image_condition: torch.Tensor, latents: torch.Tensor, drop: bool) -> torch.Tensor:
-    """The image condition's latent frame(s) zero-padded to the clip's latent frames (docs/model.md §10.3)."""
+def _image_condition(image_condition: torch.Tensor, latents: torch.Tensor, drop: bool | torch.Tensor) -> torch.Tensor:
+    """The image condition's latent frame(s) zero-padded to the clip's latent frames (docs/model.md §10.3), zeroed
+    where ``drop`` (the batch, or the samples of a (B,) bool tensor)."""
     frames = latents.shape[1]
     shape = image_condition.shape
     if image_condition.ndim != 5 or shape[0] != latents.shape[0] or shape[2:] != latents.shape[2:]:
         raise ValueError(f"image_condition {tuple(image_condition.shape)} does not fit latents {tuple(latents.shape)}")
     if image_condition.shape[1] > frames:
         raise ValueError(f"image_condition has {image_condition.shape[1]} latent frames, the clip {frames}")
-    if drop:
+    if isinstance(drop, bool) and drop:
         return torch.zeros_like(latents, dtype=image_condition.dtype)
     pad = latents.new_zeros((latents.shape[0], frames - image_condition.shape[1], *latents.shape[2:]),
                             dtype=image_condition.dtype)
-    return torch.cat([image_condition, pad], dim=1)
+    return zero_samples(torch.cat([image_condition, pad], dim=1), drop)
 
 
 def training_forward(transformer, reference_net, *, stage: int, latents: torch.Tensor, noise: torch.Tensor, timestep,
                      image_condition: torch.Tensor, ref_latent: torch.Tensor, prompt_embeds: torch.Tensor,
-                     face_embeds: torch.Tensor, audio: torch.Tensor | None = None, drop_text: bool = False,
-                     drop_reference: bool = False, drop_audio: bool = False, drop_image: bool = False,
+                     face_embeds: torch.Tensor, audio: torch.Tensor | None = None, drop_text: bool | torch.Tensor = False,
+                     drop_reference: bool | torch.Tensor = False, drop_audio: bool | torch.Tensor = False,
+                     drop_image: bool | torch.Tensor = False,
                      attention_kwargs: dict | None = None) -> TrainingForward:
     """The release's training forward (docs/model.md §10.3, §10.5); arguments as :func:`training_loss`."""
     stage = _check_stage(stage)
@@ -151,7 +153,7 @@ def training_forward(transformer, reference_net, *, stage: int, latents: torch.T
     conditions = conditions.dropped(text=drop_text, audio=drop_audio)
 
     # the reference network reads the (possibly dropped) caption, not zeros as at inference (§10.3)
-    ref = torch.zeros_like(ref_latent) if drop_reference else ref_latent
+    ref = zero_samples(ref_latent, drop_reference)
     ref_dtype = reference_net.dtype
     bank = reference_bank(reference_net, ref.to(ref_dtype), conditions.prompt_embeds.to(ref_dtype), attention_kwargs)
 
@@ -170,8 +172,9 @@ def training_forward(transformer, reference_net, *, stage: int, latents: torch.T
 
 def training_loss(transformer, reference_net, *, stage: int, latents: torch.Tensor, noise: torch.Tensor, timestep,
                   image_condition: torch.Tensor, ref_latent: torch.Tensor, prompt_embeds: torch.Tensor,
-                  face_embeds: torch.Tensor, audio: torch.Tensor | None = None, drop_text: bool = False,
-                  drop_reference: bool = False, drop_audio: bool = False, drop_image: bool = False,
+                  face_embeds: torch.Tensor, audio: torch.Tensor | None = None, drop_text: bool | torch.Tensor = False,
+                  drop_reference: bool | torch.Tensor = False, drop_audio: bool | torch.Tensor = False,
+                  drop_image: bool | torch.Tensor = False,
                   attention_kwargs: dict | None = None) -> torch.Tensor:
     """The release's loss of one batch, a float32 scalar: ``mean((F − v)²)`` with ``F`` the main DiT's
     v-prediction at ``x_t = α·x0 + √(1 − α²)·ε`` and ``v = α·ε − √(1 − α²)·x0`` (α from the full 1000-step
@@ -182,8 +185,9 @@ def training_loss(transformer, reference_net, *, stage: int, latents: torch.Tens
     [reference, motion frames], zero-padded here to the clip; ``ref_latent`` (B, 1, 16, h, w) the masked reference
     latent; ``prompt_embeds`` (B, L, D) T5 output; ``face_embeds`` (B, 512), never dropped; ``audio``
     (B, 49, window, layers, channels) windowed wav2vec features in stage 2, None in stage 1 (no audio path).
-    ``drop_*``: the release's condition dropout for this batch (§10.3): text → zeros (for both DiTs), reference
-    latent → zeros, audio → zero features, image condition → zeros.
+    ``drop_*``: the release's condition dropout (§10.3), for the whole batch (a bool) or per sample (a (B,) bool
+    tensor, as :func:`~hallo3_cli.training.conditions.step_inputs` draws them): text → zeros (for both DiTs),
+    reference latent → zeros, audio → zero features, image condition → zeros.
     """
     return training_forward(
         transformer, reference_net, stage=stage, latents=latents, noise=noise, timestep=timestep,
