@@ -560,6 +560,21 @@ def _targets(value):
     return tuple(t.strip() for t in value.split(",") if t.strip())
 
 
+def _motion_noise(value):
+    """Callback: ``MEAN,STD`` (two finite numbers, STD >= 0) or ``off`` (returned as ``()``)."""
+    if value is None:
+        return value
+    if value.strip().lower() == "off":
+        return ()
+    try:
+        mean, std = (float(v) for v in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not 'MEAN,STD' or 'off'") from None
+    if not (math.isfinite(mean) and math.isfinite(std) and std >= 0):
+        raise typer.BadParameter(f"{value!r}: MEAN and STD must be finite and STD >= 0")
+    return (mean, std)
+
+
 @app.command("train")
 def train_cmd(
     dataset: Path = typer.Argument(..., help="Dataset folder written by 'hallo3 prepare'."),
@@ -585,6 +600,8 @@ def train_cmd(
     drop_image: Optional[float] = typer.Option(None, "--drop-image", callback=_number(0, 1), help="Image-condition dropout rate (the release: 0.05)."),
     drop_reference: Optional[float] = typer.Option(None, "--drop-reference", callback=_number(0, 1), help="Reference-latent dropout rate (the release: 0.05)."),
     drop_audio: Optional[float] = typer.Option(None, "--drop-audio", callback=_number(0, 1), help="Audio dropout rate, stage 2 (the release: 0.05)."),
+    motion_noise: Optional[str] = typer.Option(None, "--motion-noise", callback=_motion_noise, help="Noise on the image condition's motion frames: 'MEAN,STD' of log sigma (the release: -3,0.5) or 'off'."),
+    motion_mask_rate: Optional[float] = typer.Option(None, "--motion-mask-rate", callback=_number(0, 1), help="Pixel-mask rate of the motion frames (the release: 0.1; 0: no mask)."),
     mixed_precision: str = typer.Option("no", "--mixed-precision", callback=_one_of("no", "bf16"), help="bf16: frozen weights in bf16, trained ones float32 masters, computed under autocast; no: float32."),
     gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute the main DiT's blocks in the backward pass (the release's choice; less memory)."),
     lora: Optional[int] = typer.Option(None, "--lora", callback=_number(1, 4096), help="Train LoRA adapters of this rank instead of the release's parameters (a deviation; one GPU)."),
@@ -627,11 +644,13 @@ def train_cmd(
     chosen = {"learning_rate": learning_rate, "eps": adam_eps, "weight_decay": weight_decay, "grad_clip": grad_clip,
               "warmup": warmup, "auto_warmup_steps": auto_warmup_steps, "auto_warmup_rate": auto_warmup_rate,
               "ema_max_decay": ema_max_decay, "drop_text": drop_text, "drop_image": drop_image,
-              "drop_reference": drop_reference, "drop_audio": drop_audio}
+              "drop_reference": drop_reference, "drop_audio": drop_audio, "motion_mask_rate": motion_mask_rate}
     if beta1 is not None or beta2 is not None:
         chosen["betas"] = (RELEASE.betas[0] if beta1 is None else beta1, RELEASE.betas[1] if beta2 is None else beta2)
     recipe = dataclasses.replace(RELEASE, micro_batch=micro_batch, save_every=save_every,
                                  **{k: v for k, v in chosen.items() if v is not None})
+    if motion_noise is not None:
+        recipe = dataclasses.replace(recipe, motion_noise=motion_noise or None)  # 'off': None
     spec = None if lora is None else LoraSpec(lora, lora_alpha, lora_targets, lora_reference_targets)
     config = TrainConfig(dataset, output, stage, model=model, steps=steps, lr_steps=lr_steps, micro_batch=micro_batch,
                          grad_accum=grad_accum, seed=seed, recipe=recipe, mixed_precision=mixed_precision,

@@ -152,7 +152,8 @@ def _jsonable(value):
 
 def check_recipe(recipe: Recipe) -> None:
     """Every number of a recipe usable (ArgumentError naming it otherwise)."""
-    for name in ("drop_text", "drop_image", "drop_reference", "drop_audio", "warmup", "auto_warmup_rate"):
+    for name in ("drop_text", "drop_image", "drop_reference", "drop_audio", "warmup", "auto_warmup_rate",
+                 "motion_mask_rate"):
         value = getattr(recipe, name)
         if not (math.isfinite(value) and 0 <= value <= 1):
             raise ArgumentError(f"{name} must be in [0, 1], got {value}")
@@ -466,34 +467,23 @@ def _save(accelerator, run, step, named, ema, optimizer, scheduler, updates, ski
 
 def _validate(accelerator, config, preset, networks, vae, step, writer) -> None:
     """A render of the held-out portrait and speech with the networks as they are now, scored as ``hallo3 eval``
-    scores (main process; the others wait)."""
+    scores (:func:`~hallo3_cli.training.validation.validate`; main process, the others wait)."""
     if accelerator.is_main_process:
-        from hallo3_cli.training.validation import validate
+        from hallo3_cli.pipeline_hallo3 import Hallo3Pipeline
+        from hallo3_cli.scheduling_hallo3 import Hallo3DPMSolverSDEScheduler
+        from hallo3_cli.training.validation import log_scores, validate
 
-        pipe = _pipeline(preset, networks, vae, accelerator.device)
-        was = networks.training
-        networks.eval()
-        try:
-            with torch.no_grad():
-                scores = validate(pipe, config.output, step, portrait=config.validation_portrait,
-                                  speech=config.validation_speech)
-        finally:
-            networks.train(was)
-        for key, value in (scores or {}).items():
-            if writer is not None and isinstance(value, (int, float)) and math.isfinite(value):
-                writer.add_scalar(f"validation/{key}", value, step)
+        pipe = Hallo3Pipeline(transformer=networks.transformer, reference_net=networks.reference_net, vae=vae,
+                              scheduler=Hallo3DPMSolverSDEScheduler(), **preset.pipeline_config())
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            result = validate(pipe, config.output, step, portrait=config.validation_portrait,
+                              speech=config.validation_speech, model=preset, seed=config.seed)
+        if result.get("not_scored"):
+            log.info("validation render at step %d: %s (not scored: %s)", step, result["video"], result["not_scored"])
+        if writer is not None:
+            log_scores(writer, result)
     accelerator.wait_for_everyone()
-
-
-def _pipeline(preset, networks, vae, device):
-    """A ``Hallo3Pipeline`` of the preset's other components around the networks in training."""
-    from hallo3_cli.loading import PipelineLoader
-    from hallo3_cli.runtime import Runtime
-
-    loader = PipelineLoader(preset, Runtime(device=str(device), dtype="float32", offload="none"))
-    pipe = loader.need("feature_extractor", "audio_encoder", "face_analyzer", "tokenizer", "text_encoder")
-    pipe.register_modules(transformer=networks.transformer, reference_net=networks.reference_net, vae=vae)
-    return pipe
 
 
 class _Meter:
