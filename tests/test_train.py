@@ -225,7 +225,7 @@ def test_overfitting_one_video(stage1_run, base_model, dataset):
 
 def test_render_loads_the_exported_model(stage1_run, media_dir, speech, tmp_path):
     run, _ = stage1_run
-    one = cut_wav(speech, tmp_path / "one.wav", 0.4)
+    one = cut_wav(speech, tmp_path / "one.wav", 0.6)
     out = tmp_path / "out.mp4"
     result = hallo3("render", media_dir / "face_0001.jpg", one, "-o", out, "--model", run / "model", "--device", "cpu",
                     "-q")
@@ -264,7 +264,7 @@ def test_lora_run_exports_adapters_that_render_applies(dataset, base_model, env,
     pipe = Hallo3Pipeline.from_pretrained(base_model)
     pipe.load_lora_weights(run / "lora")  # diffusers' own loader reads the main DiT's file
     assert any("lora_B" in name and p.abs().sum() > 0 for name, p in pipe.transformer.named_parameters())
-    one = cut_wav(speech, tmp_path / "one.wav", 0.4)
+    one = cut_wav(speech, tmp_path / "one.wav", 0.6)
     out = tmp_path / "lora.mp4"
     hallo3("render", media_dir / "face_0001.jpg", one, "-o", out, "--model", base_model, "--lora", f"{run / 'lora'}:0.5",
            "--device", "cpu", "-q")
