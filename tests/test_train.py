@@ -347,24 +347,29 @@ def test_two_processes_equal_one_accumulating_two(dataset, env):
 
 
 def test_bad_arguments_are_one_line_errors(stage1_run, dataset, env, tmp_path):
+    from hallo3_cli.errors import UsageError
+    from hallo3_cli.training.trainer import TrainConfig, train
+
     run, _ = stage1_run
     cases = [
         (("--stage", 3), 2, "--stage"),
         (("--stage", 1, "--lora-alpha", 8), 2, "--lora"),
         (("--stage", 1, "--motion-noise", "x"), 2, "MEAN,STD"),
         (("--stage", 1, "--validate-every", 5), 2, "--validation-portrait"),
+        (("--stage", 1, "--mixed-precision", "fp16"), 2, "--mixed-precision"),
     ]
     for extra, code, words in cases:
         result = hallo3("train", dataset, "-o", tmp_path / "new", *extra, check=False)
         assert result.returncode == code and words in result.stderr, (extra, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    slow = [
-        (("train", dataset, "-o", run, "--stage", 1, "--model", MODEL), 2, "already holds a training run"),
-        (("train", dataset, "-o", run, "--stage", 1, "--model", MODEL, "--resume"), 2, "holds a different run"),
-        (("train", tmp_path / "nothing", "-o", tmp_path / "r", "--stage", 1, "--model", MODEL), 3, "manifest.json"),
-    ]
-    for args, code, words in slow:
-        result = hallo3(*args, "--device", "cpu", check=False)
-        assert result.returncode == code and words in result.stderr, (args, result.stderr)
-        assert "Traceback" not in result.stderr
-        assert result.stderr.strip().splitlines()[-1].startswith("hallo3: ")
+    # a folder holding a run: not without --resume, and --resume only for the same run (checked before any work)
+    with pytest.raises(UsageError, match="already holds a training run"):
+        train(TrainConfig(dataset, run, 1, model=MODEL, device="cpu"))
+    with pytest.raises(UsageError, match="holds a different run"):
+        train(TrainConfig(dataset, run, 1, model=MODEL, device="cpu", resume=True))
+    assert not list(run.glob(".*tmp*"))
+    result = hallo3("train", tmp_path / "nothing", "-o", tmp_path / "r", "--stage", 1, "--model", MODEL,
+                    "--device", "cpu", check=False)
+    assert result.returncode == 3 and "manifest.json" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("hallo3: error: ")
+    assert not (tmp_path / "r").exists()  # nothing written

@@ -305,6 +305,11 @@ def train(config: TrainConfig) -> TrainResult:
     began = time.perf_counter()
     accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    sharded = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
+    if accelerator.distributed_type.name in sharded:
+        # the checkpoints hold one process's full optimizer state: right for DDP, not for sharded states
+        raise UsageError(f"hallo3 train runs on one process or DDP; {accelerator.distributed_type.name} (from the "
+                         "accelerate config) is not supported yet (docs/training.md)")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     slots = world * config.grad_accum
     run = config.output
