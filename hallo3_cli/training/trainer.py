@@ -296,13 +296,20 @@ def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training run; returns its :class:`TrainResult` (also written to ``RUN/train.json``).
     Ctrl-C saves a checkpoint and raises KeyboardInterrupt."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
+    from hallo3_cli.fsutil import require_file
     from hallo3_cli.loading import load_network
     from hallo3_cli.presets import get_preset
     from hallo3_cli.training.dataset import Hallo3Dataset
 
+    if config.validate_every is not None:  # checked now, not at the first validation hours later
+        for path in (config.validation_portrait, config.validation_speech):
+            require_file(path)
     began = time.perf_counter()
+    # accelerate keeps its settings per process: a second run in this process may use another precision
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     sharded = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
@@ -482,8 +489,10 @@ def _validate(accelerator, config, preset, networks, vae, step, writer) -> None:
                               scheduler=Hallo3DPMSolverSDEScheduler(), **preset.pipeline_config())
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
+            # one clip of speech, at least 1 s (hallo3's shortest speech is 0.5 s; short test clips are less)
+            seconds = max(1.0, (preset.clip_length - preset.motion_frames) / preset.fps)
             result = validate(pipe, config.output, step, portrait=config.validation_portrait,
-                              speech=config.validation_speech, model=preset, seed=config.seed)
+                              speech=config.validation_speech, model=preset, seed=config.seed, max_seconds=seconds)
         if result.get("not_scored"):
             log.info("validation render at step %d: %s (not scored: %s)", step, result["video"], result["not_scored"])
         if writer is not None:
@@ -591,8 +600,8 @@ def export_model(folder: Path, preset, transformer, reference_net, dtype) -> Non
             loader = PipelineLoader(preset, Runtime(device="cpu", dtype="float32", offload="none"))
             others = [c.name for c in COMPONENTS if c.name not in trained and c.name != "scheduler"]
             pipe = loader.need(*others)
-            pipe.register_modules(scheduler=loader.load("scheduler"))
-            pipe.save_pretrained(str(tmp))
+            pipe.register_modules(scheduler=loader.load("scheduler"), **trained)
+            pipe.save_pretrained(str(tmp))  # (the two DiTs are written again below, in the export dtype)
             index = json.loads((tmp / "model_index.json").read_text())
             faces = preset.table.get("face_models")
             faces = Path(faces) if faces else None
@@ -619,7 +628,8 @@ def export_model(folder: Path, preset, transformer, reference_net, dtype) -> Non
         for name, model in trained.items():
             entry = next(c for c in COMPONENTS if c.name == name)
             index[name] = [entry.library, entry.class_name]
-            (tmp / name).mkdir(exist_ok=True)
+            shutil.rmtree(tmp / name, ignore_errors=True)
+            (tmp / name).mkdir()
             model.save_config(str(tmp / name))
             state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
             save_file(state, str(tmp / name / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
