@@ -321,6 +321,30 @@ def test_ctrl_c_saves_and_resume_is_bit_identical(dataset, env):
         assert all(torch.equal(state[k], other[k]) for k in state)
 
 
+def test_a_non_finite_loss_skips_the_update_and_stop_at_stops(dataset, env, monkeypatch):
+    """The second micro-batch's loss made NaN: that update is skipped (no optimizer, scheduler or EMA step; the
+    weights stay finite) and the run goes on; --stop-at saves and stops without exporting."""
+    from hallo3_cli.training import trainer
+
+    calls, original = [], trainer.training_loss
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(trainer, "training_loss", poisoned)
+    run = env / "nan"
+    result = trainer.train(trainer.TrainConfig(dataset, run, 1, model=MODEL, steps=4, stop_at=3, save_every=10,
+                                               device="cpu", tensorboard=False, progress=False))
+    assert (result.steps, result.updates, result.skipped, result.stopped) == (3, 2, 1, True)
+    assert not result.exported and not (run / "model").exists()
+    state = final_state(run, 3)
+    assert state["state"]["updates"] == 2 and state["state"]["scheduler"]["last_epoch"] == 2
+    assert all(torch.isfinite(t).all() for t in [*state["trainable"].values(), *state["ema"].values()])
+    assert all(int(s["step"]) == 2 for s in state["optimizer"]["state"].values())
+
+
 def test_two_processes_equal_one_accumulating_two(dataset, env):
     """torchrun (gloo) with 2 processes × micro-batch 1 against 1 process accumulating 2 micro-batches: the same
     samples, draws and timestep bands, so the same weights within 1e-5."""
