@@ -20,7 +20,7 @@ import hallo3_cli
 from hallo3_cli import errors
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["download", "convert", "embed-audio", "encode-ref", "render", "stitch", "prepare"]
+COMMANDS = ["download", "convert", "embed-audio", "encode-ref", "render", "stitch", "prepare", "train"]
 HEAVY = ["torch", "numpy", "diffusers", "transformers", "av", "safetensors", "onnxruntime", "PIL"]
 
 
