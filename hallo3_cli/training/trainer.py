@@ -239,8 +239,8 @@ def lora_state(model) -> dict[str, torch.Tensor]:
 
 @dataclass
 class TrainResult:
-    """What a run did: ``steps`` reached, ``updates`` applied and ``skipped`` (non-finite loss), the last mean
-    ``loss``, the exported folders, and whether it ``stopped`` early (``stop_at``)."""
+    """What a run did: ``steps`` reached, ``updates`` applied and ``skipped`` (non-finite loss), the last update's
+    mean ``loss`` (None if it was not finite), the exported folders, and whether it ``stopped`` early (``stop_at``)."""
 
     output: Path
     steps: int
@@ -394,6 +394,7 @@ def train(config: TrainConfig) -> TrainResult:
                 loss, finite = _update(config, accelerator, model, vae, dataset, step, rank, slots, recipe)
                 flags = accelerator.reduce(torch.tensor([0.0 if finite else 1.0, float(interrupt.requested)],
                                                         device=device), "sum")
+                lr = optimizer.param_groups[0]["lr"]  # this update's
                 if flags[0] == 0:
                     grad_norm = accelerator.clip_grad_norm_([p for _, p in named], recipe.grad_clip)
                     optimizer.step()
@@ -409,11 +410,10 @@ def train(config: TrainConfig) -> TrainResult:
                     if main:
                         log.warning("update %d skipped: the loss is not finite on some process", step)
                 optimizer.zero_grad(set_to_none=True)
-                last_loss = float(loss)
-                lr = scheduler.get_last_lr()[0]
+                last_loss = float(loss) if bool(torch.isfinite(loss)) else None
                 meter.update(step, last_loss, lr)
                 if writer is not None:
-                    writer.add_scalar("train/loss", last_loss, step)
+                    writer.add_scalar("train/loss", float(loss), step)
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/skipped", skipped, step)
                     if grad_norm is not None:
@@ -515,9 +515,9 @@ class _Meter:
             self.bar.update(start)
         self.began = self.last = time.perf_counter()
 
-    def update(self, step: int, loss: float, lr: float) -> None:
+    def update(self, step: int, loss: float | None, lr: float) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}", refresh=False)
+            self.bar.set_postfix(loss="nan" if loss is None else f"{loss:.4g}", lr=f"{lr:.3g}", refresh=False)
             self.bar.update(1)
             return
         from hallo3_cli.progress import LOG_EVERY
@@ -527,7 +527,8 @@ class _Meter:
             self.last = now
             rate = (step - self.start) / max(now - self.began, 1e-9)
             eta = (self.total - step) / rate if rate else float("inf")
-            log.info("step %d/%d  loss %.4g  lr %.3g  %.2f it/s  ETA %.0f s", step, self.total, loss, lr, rate, eta)
+            log.info("step %d/%d  loss %s  lr %.3g  %.2f it/s  ETA %.0f s", step, self.total,
+                     "nan" if loss is None else f"{loss:.4g}", lr, rate, eta)
 
     def close(self) -> None:
         if self.bar is not None:
