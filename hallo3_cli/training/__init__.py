@@ -1,7 +1,8 @@
 """Fine-tuning Hallo3 as the release trains it (docs/model.md §10; docs/training.md): talking-head videos prepared
 into a dataset of stage files and the samples drawn from it (:mod:`.prepare`, :mod:`.dataset`), the conditions of
 a step built from a batch (:mod:`.conditions`), the training step and the trainable sets (:mod:`.step`), the
-recipe's numbers and schedules (:mod:`.recipe`), validation renders scored while training (:mod:`.validation`)."""
+recipe's numbers and schedules (:mod:`.recipe`), validation renders scored while training (:mod:`.validation`), and
+the trainer behind ``hallo3 train`` (:mod:`.trainer`, its run folder :mod:`.checkpoint`)."""
 
 from hallo3_cli.training.conditions import condition_frames, step_inputs
 from hallo3_cli.training.dataset import Hallo3Dataset, read_manifest, start_range
@@ -27,10 +28,12 @@ from hallo3_cli.training.step import (
     training_forward,
     training_loss,
 )
+from hallo3_cli.training.trainer import LoraSpec, TrainConfig, TrainResult, train
 from hallo3_cli.training.validation import log_scores, validate, validation_paths
 
 __all__ = [
-    "RELEASE", "RELEASE_RULES", "Hallo3Dataset", "PrepareResult", "Recipe", "TrainRule", "TrainingForward",
+    "RELEASE", "RELEASE_RULES", "Hallo3Dataset", "LoraSpec", "PrepareResult", "Recipe", "TrainConfig", "TrainResult",
+    "TrainRule", "TrainingForward", "train",
     "check_dataset", "condition_frames", "decays", "ema_decay", "ema_decay_float32", "find_sources", "format_summary",
     "learning_rate", "log_scores", "lr_lambda", "official_parameter_names", "prepare_dataset", "read_manifest", "sample_timesteps", "start_range",
     "step_inputs", "timestep_band", "trainable_parameters", "training_forward", "training_loss", "validate",
