@@ -13,6 +13,18 @@ OFFICIAL = SHARED / "fixtures" / "official"
 MEDIA = SHARED / "fixtures" / "media"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README's command runs one worker per core), each worker and the processes it starts
+    use their share of the cores: torch's default of one thread per core in every worker oversubscribes them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def cut_wav(source: Path, target: Path, seconds: float) -> Path:
     """The first ``seconds`` of a wav file (stdlib only): short real speech for end-to-end tests."""
     import wave
