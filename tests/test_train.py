@@ -345,25 +345,67 @@ def test_a_non_finite_loss_skips_the_update_and_stop_at_stops(dataset, env, monk
     assert all(int(s["step"]) == 2 for s in state["optimizer"]["state"].values())
 
 
-def test_two_processes_equal_one_accumulating_two(dataset, env):
-    """torchrun (gloo) with 2 processes × micro-batch 1 against 1 process accumulating 2 micro-batches: the same
-    samples, draws and timestep bands, so the same weights within 1e-5."""
+@pytest.fixture(scope="module")
+def accumulating(dataset, env) -> Path:
+    """1 process accumulating 2 micro-batches, 2 updates: what 2 processes × micro-batch 1 must equal."""
     from hallo3_cli.training.trainer import TrainConfig, train
 
     one = env / "accumulating"
     train(TrainConfig(dataset, one, 1, model=MODEL, steps=2, grad_accum=2, save_every=2, device="cpu",
                       tensorboard=False, progress=False))
-    two = env / "ddp"
+    return one
+
+
+def torchrun(dataset, run: Path, *extra, port: int) -> subprocess.CompletedProcess:
+    """``hallo3 train`` stage 1, 2 updates, under torchrun with 2 CPU processes (gloo)."""
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m",
-         "hallo3_cli", "train", str(dataset), "-o", str(two), "--stage", "1", "--model", MODEL, "--steps", "2",
-         "--save-every", "2", "--device", "cpu", "--no-tensorboard", "-q"],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m",
+         "hallo3_cli", "train", str(dataset), "-o", str(run), "--stage", "1", "--model", MODEL, "--steps", "2",
+         "--device", "cpu", "--no-tensorboard", "-q", *map(str, extra)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_processes_equal_one_accumulating_two(dataset, env, accumulating):
+    """torchrun (gloo) with 2 processes × micro-batch 1 against 1 process accumulating 2 micro-batches: the same
+    samples, draws and timestep bands, so the same weights within 1e-5."""
+    two = env / "ddp"
+    result = torchrun(dataset, two, "--save-every", 2, port=29517)
     assert json.loads(result.stdout)["updates"] == 2  # one summary: rank 0's
-    a, b = final_state(one, 2), final_state(two, 2)
+    a, b = final_state(accumulating, 2), final_state(two, 2)
     assert a["trainable"] and a["state"]["updates"] == b["state"]["updates"] == 2
     assert_same_state(a, b, atol=1e-5)
+
+
+def test_fsdp2_equals_one_process_and_resumes(dataset, env, accumulating):
+    """--engine fsdp2 (torch FSDP2 over 2 gloo processes, a shard of every block on each): the checkpoint (full
+    tensors gathered from the shards) equals 1 process accumulating 2 micro-batches within 1e-5, weights, EMA and
+    Adam moments; the exported model holds the gathered weights; and resuming from its step-1 checkpoint under
+    FSDP2 gives its step-2 checkpoint bit for bit."""
+    import shutil
+
+    run = env / "fsdp2"
+    result = torchrun(dataset, run, "--engine", "fsdp2", "--save-every", 1, port=29518)
+    assert json.loads(result.stdout)["updates"] == 2
+    a, b = final_state(accumulating, 2), final_state(run, 2)
+    assert_same_state(a, b, atol=1e-5)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for name, state in a["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(state[key], b["optimizer"]["state"][name][key], atol=1e-7, rtol=1e-3), (name, key)
+    for network in ("transformer", "reference_net"):
+        exported = weights(run / "model-ema" / network)
+        for name, tensor in b["ema"].items():
+            if name.startswith(network + "."):
+                assert torch.equal(exported[name[len(network) + 1:]], tensor), name
+    shutil.copytree(run, env / "fsdp2-resumed")
+    shutil.rmtree(env / "fsdp2-resumed" / "checkpoints" / "step-2")
+    torchrun(dataset, env / "fsdp2-resumed", "--engine", "fsdp2", "--save-every", 1, "--resume", port=29519)
+    resumed = final_state(env / "fsdp2-resumed", 2)
+    assert_same_state(b, resumed)
+    for name, state in b["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], resumed["optimizer"]["state"][name][k]) for k in state), name
 
 
 # ---------------------------------------------------------------------------------------------
