@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -322,8 +323,11 @@ def test_ctrl_c_saves_and_resume_is_bit_identical(dataset, env):
 
 
 def test_a_non_finite_loss_skips_the_update_and_stop_at_stops(dataset, env, monkeypatch):
-    """The second micro-batch's loss made NaN: that update is skipped (no optimizer, scheduler or EMA step; the
-    weights stay finite) and the run goes on; --stop-at saves and stops without exporting."""
+    """The first micro-batch's loss made NaN: that update is skipped (no optimizer, scheduler or EMA step; the
+    weights stay finite) and the run goes on; --stop-at saves and stops without exporting. A checkpoint written
+    before any update holds an empty optimizer state, and a resume from it continues the run bit for bit."""
+    import shutil
+
     from hallo3_cli.training import trainer
 
     calls, original = [], trainer.training_loss
@@ -331,18 +335,30 @@ def test_a_non_finite_loss_skips_the_update_and_stop_at_stops(dataset, env, monk
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = original(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 2 else loss
+        return loss * float("nan") if len(calls) == 1 else loss
 
     monkeypatch.setattr(trainer, "training_loss", poisoned)
     run = env / "nan"
-    result = trainer.train(trainer.TrainConfig(dataset, run, 1, model=MODEL, steps=4, stop_at=3, save_every=10,
-                                               device="cpu", tensorboard=False, progress=False))
+    config = trainer.TrainConfig(dataset, run, 1, model=MODEL, steps=4, stop_at=3, save_every=1, device="cpu",
+                                 tensorboard=False, progress=False)
+    result = trainer.train(config)
     assert (result.steps, result.updates, result.skipped, result.stopped) == (3, 2, 1, True)
     assert not result.exported and not (run / "model").exists()
+    first = final_state(run, 1)
+    assert first["state"]["updates"] == 0 and first["optimizer"]["state"] == {}
     state = final_state(run, 3)
     assert state["state"]["updates"] == 2 and state["state"]["scheduler"]["last_epoch"] == 2
     assert all(torch.isfinite(t).all() for t in [*state["trainable"].values(), *state["ema"].values()])
     assert all(int(s["step"]) == 2 for s in state["optimizer"]["state"].values())
+    resumed = env / "nan-resumed"
+    shutil.copytree(run, resumed)
+    for step in (2, 3):
+        shutil.rmtree(resumed / "checkpoints" / f"step-{step}")
+    trainer.train(replace(config, output=resumed, resume=True))  # (no NaN now: calls is past the first)
+    again = final_state(resumed, 3)
+    assert_same_state(state, again)
+    for name, moments in state["optimizer"]["state"].items():
+        assert all(torch.equal(moments[k], again["optimizer"]["state"][name][k]) for k in moments), name
 
 
 @pytest.fixture(scope="module")
@@ -404,6 +420,7 @@ def test_fsdp2_equals_one_process_and_resumes(dataset, env, accumulating):
     torchrun(dataset, env / "fsdp2-resumed", "--engine", "fsdp2", "--save-every", 1, "--resume", port=29519)
     resumed = final_state(env / "fsdp2-resumed", 2)
     assert_same_state(b, resumed)
+    assert b["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
     for name, state in b["optimizer"]["state"].items():
         assert all(torch.equal(state[k], resumed["optimizer"]["state"][name][k]) for k in state), name
 

@@ -567,8 +567,13 @@ def load_full_state(networks, named, ema, optimizer, loaded: dict) -> None:
             if isinstance(tensor, DTensor):  # every process read the file: its own slice, no communication
                 full = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
             tensor.copy_(full)
-    if loaded["optimizer"]["state"]:  # (not strict: parameters that never had a gradient, the reference network's last block, have no state)
+    # not strict: parameters that never had a gradient (the reference network's last block) have no state
+    if loaded["optimizer"]["state"]:
         set_optimizer_state_dict(networks, optimizer, loaded["optimizer"], options=_state_options(strict=False))
+        # torch initialises every state with a zero-gradient step first: stateless in the run stays stateless
+        for name, parameter in named:
+            if name not in loaded["optimizer"]["state"]:
+                optimizer.state.pop(parameter, None)
 
 
 def _validate(accelerator, config, preset, networks, vae, step, writer) -> None:
