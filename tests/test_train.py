@@ -445,6 +445,16 @@ def test_bad_arguments_are_one_line_errors(stage1_run, dataset, env, tmp_path):
         result = hallo3("train", dataset, "-o", tmp_path / "new", *extra, check=False)
         assert result.returncode == code and words in result.stderr, (extra, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    from hallo3_cli.errors import ArgumentError
+    from hallo3_cli.training.trainer import LoraSpec
+
+    with pytest.raises(ArgumentError, match="--lora trains on the ddp engine"):
+        TrainConfig(dataset, tmp_path / "new", 1, engine="fsdp2", lora=LoraSpec(4))
+    with pytest.raises(ArgumentError, match="validate_every runs on the ddp engine only"):
+        TrainConfig(dataset, tmp_path / "new", 1, engine="fsdp2", validate_every=1, validation_portrait=tmp_path,
+                    validation_speech=tmp_path)
+    with pytest.raises(ArgumentError, match="engine must be one of ddp, fsdp2"):
+        TrainConfig(dataset, tmp_path / "new", 1, engine="deepspeed")
     # a folder holding a run: not without --resume, and --resume only for the same run (checked before any work)
     with pytest.raises(UsageError, match="already holds a training run"):
         train(TrainConfig(dataset, run, 1, model=MODEL, device="cpu"))

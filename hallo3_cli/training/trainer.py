@@ -514,6 +514,13 @@ def shard_networks(networks: TrainableNetworks, device: torch.device) -> None:
 
     from hallo3_cli.models.blocks import Hallo3Block
 
+    import warnings
+
+    # A block returns views (slices of its outputs); FSDP2 warns that an in-place op on one would skip its backward
+    # all-gather. Nothing downstream modifies them in place (their gradients equal the unsharded run's in
+    # tests/test_train.py, the reference network's blocks without checkpointing), so the warning is noise here.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPHallo3Block\) returned a view",
+                            category=UserWarning)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for module in list(networks.modules()):
         if isinstance(module, Hallo3Block):
