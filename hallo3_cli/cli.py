@@ -616,6 +616,7 @@ def train_cmd(
     validation_portrait: Optional[Path] = typer.Option(None, "--validation-portrait", help="Held-out portrait for --validate-every."),
     validation_speech: Optional[Path] = typer.Option(None, "--validation-speech", help="Held-out speech for --validate-every."),
     device: str = typer.Option("auto", "--device", callback=_one_of("auto", "cpu"), help="auto: this process's GPU (accelerate's choice), else the CPU; cpu."),
+    engine: str = typer.Option("ddp", "--engine", callback=_one_of("ddp", "fsdp2"), help="ddp: every process holds the networks and optimizer; fsdp2: torch FSDP2 shards them per transformer block (full fine-tuning on several GPUs)."),
     tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help="TensorBoard event files in RUN/logs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
@@ -626,7 +627,7 @@ def train_cmd(
       hallo3 train data/ -o runs/s1 --stage 1
       hallo3 train data/ -o runs/s2 --stage 2 --model runs/s1/model
       hallo3 train data/ -o runs/lora --stage 2 --lora 64
-      accelerate launch --num-processes 8 -m hallo3_cli train data/ -o runs/s1 --stage 1
+      torchrun --nproc-per-node 8 -m hallo3_cli train data/ -o runs/s1 --stage 1 --engine fsdp2
       hallo3 train data/ -o runs/s1 --stage 1 --resume
     """
     _setup(quiet)
@@ -657,7 +658,7 @@ def train_cmd(
                          gradient_checkpointing=gradient_checkpointing, lora=spec, save_every=save_every, keep=keep,
                          resume=resume, stop_at=stop_at, validate_every=validate_every,
                          validation_portrait=validation_portrait, validation_speech=validation_speech, device=device,
-                         tensorboard=tensorboard, progress=not quiet)
+                         engine=engine, tensorboard=tensorboard, progress=not quiet)
     result = train(config)
     if os.environ.get("RANK", "0") == "0":
         print(result.to_json(), flush=True)

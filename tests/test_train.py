@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -322,8 +323,11 @@ def test_ctrl_c_saves_and_resume_is_bit_identical(dataset, env):
 
 
 def test_a_non_finite_loss_skips_the_update_and_stop_at_stops(dataset, env, monkeypatch):
-    """The second micro-batch's loss made NaN: that update is skipped (no optimizer, scheduler or EMA step; the
-    weights stay finite) and the run goes on; --stop-at saves and stops without exporting."""
+    """The first micro-batch's loss made NaN: that update is skipped (no optimizer, scheduler or EMA step; the
+    weights stay finite) and the run goes on; --stop-at saves and stops without exporting. A checkpoint written
+    before any update holds an empty optimizer state, and a resume from it continues the run bit for bit."""
+    import shutil
+
     from hallo3_cli.training import trainer
 
     calls, original = [], trainer.training_loss
@@ -331,39 +335,94 @@ def test_a_non_finite_loss_skips_the_update_and_stop_at_stops(dataset, env, monk
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = original(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 2 else loss
+        return loss * float("nan") if len(calls) == 1 else loss
 
     monkeypatch.setattr(trainer, "training_loss", poisoned)
     run = env / "nan"
-    result = trainer.train(trainer.TrainConfig(dataset, run, 1, model=MODEL, steps=4, stop_at=3, save_every=10,
-                                               device="cpu", tensorboard=False, progress=False))
+    config = trainer.TrainConfig(dataset, run, 1, model=MODEL, steps=4, stop_at=3, save_every=1, device="cpu",
+                                 tensorboard=False, progress=False)
+    result = trainer.train(config)
     assert (result.steps, result.updates, result.skipped, result.stopped) == (3, 2, 1, True)
     assert not result.exported and not (run / "model").exists()
+    first = final_state(run, 1)
+    assert first["state"]["updates"] == 0 and first["optimizer"]["state"] == {}
     state = final_state(run, 3)
     assert state["state"]["updates"] == 2 and state["state"]["scheduler"]["last_epoch"] == 2
     assert all(torch.isfinite(t).all() for t in [*state["trainable"].values(), *state["ema"].values()])
     assert all(int(s["step"]) == 2 for s in state["optimizer"]["state"].values())
+    resumed = env / "nan-resumed"
+    shutil.copytree(run, resumed)
+    for step in (2, 3):
+        shutil.rmtree(resumed / "checkpoints" / f"step-{step}")
+    trainer.train(replace(config, output=resumed, resume=True))  # (no NaN now: calls is past the first)
+    again = final_state(resumed, 3)
+    assert_same_state(state, again)
+    for name, moments in state["optimizer"]["state"].items():
+        assert all(torch.equal(moments[k], again["optimizer"]["state"][name][k]) for k in moments), name
 
 
-def test_two_processes_equal_one_accumulating_two(dataset, env):
-    """torchrun (gloo) with 2 processes × micro-batch 1 against 1 process accumulating 2 micro-batches: the same
-    samples, draws and timestep bands, so the same weights within 1e-5."""
+@pytest.fixture(scope="module")
+def accumulating(dataset, env) -> Path:
+    """1 process accumulating 2 micro-batches, 2 updates: what 2 processes × micro-batch 1 must equal."""
     from hallo3_cli.training.trainer import TrainConfig, train
 
     one = env / "accumulating"
     train(TrainConfig(dataset, one, 1, model=MODEL, steps=2, grad_accum=2, save_every=2, device="cpu",
                       tensorboard=False, progress=False))
-    two = env / "ddp"
+    return one
+
+
+def torchrun(dataset, run: Path, *extra, port: int) -> subprocess.CompletedProcess:
+    """``hallo3 train`` stage 1, 2 updates, under torchrun with 2 CPU processes (gloo)."""
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m",
-         "hallo3_cli", "train", str(dataset), "-o", str(two), "--stage", "1", "--model", MODEL, "--steps", "2",
-         "--save-every", "2", "--device", "cpu", "--no-tensorboard", "-q"],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m",
+         "hallo3_cli", "train", str(dataset), "-o", str(run), "--stage", "1", "--model", MODEL, "--steps", "2",
+         "--device", "cpu", "--no-tensorboard", "-q", *map(str, extra)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_processes_equal_one_accumulating_two(dataset, env, accumulating):
+    """torchrun (gloo) with 2 processes × micro-batch 1 against 1 process accumulating 2 micro-batches: the same
+    samples, draws and timestep bands, so the same weights within 1e-5."""
+    two = env / "ddp"
+    result = torchrun(dataset, two, "--save-every", 2, port=29517)
     assert json.loads(result.stdout)["updates"] == 2  # one summary: rank 0's
-    a, b = final_state(one, 2), final_state(two, 2)
+    a, b = final_state(accumulating, 2), final_state(two, 2)
     assert a["trainable"] and a["state"]["updates"] == b["state"]["updates"] == 2
     assert_same_state(a, b, atol=1e-5)
+
+
+def test_fsdp2_equals_one_process_and_resumes(dataset, env, accumulating):
+    """--engine fsdp2 (torch FSDP2 over 2 gloo processes, a shard of every block on each): the checkpoint (full
+    tensors gathered from the shards) equals 1 process accumulating 2 micro-batches within 1e-5, weights, EMA and
+    Adam moments; the exported model holds the gathered weights; and resuming from its step-1 checkpoint under
+    FSDP2 gives its step-2 checkpoint bit for bit."""
+    import shutil
+
+    run = env / "fsdp2"
+    result = torchrun(dataset, run, "--engine", "fsdp2", "--save-every", 1, port=29518)
+    assert json.loads(result.stdout)["updates"] == 2
+    a, b = final_state(accumulating, 2), final_state(run, 2)
+    assert_same_state(a, b, atol=1e-5)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for name, state in a["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(state[key], b["optimizer"]["state"][name][key], atol=1e-7, rtol=1e-3), (name, key)
+    for network in ("transformer", "reference_net"):
+        exported = weights(run / "model-ema" / network)
+        for name, tensor in b["ema"].items():
+            if name.startswith(network + "."):
+                assert torch.equal(exported[name[len(network) + 1:]], tensor), name
+    shutil.copytree(run, env / "fsdp2-resumed")
+    shutil.rmtree(env / "fsdp2-resumed" / "checkpoints" / "step-2")
+    torchrun(dataset, env / "fsdp2-resumed", "--engine", "fsdp2", "--save-every", 1, "--resume", port=29519)
+    resumed = final_state(env / "fsdp2-resumed", 2)
+    assert_same_state(b, resumed)
+    assert b["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
+    for name, state in b["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], resumed["optimizer"]["state"][name][k]) for k in state), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +445,16 @@ def test_bad_arguments_are_one_line_errors(stage1_run, dataset, env, tmp_path):
         result = hallo3("train", dataset, "-o", tmp_path / "new", *extra, check=False)
         assert result.returncode == code and words in result.stderr, (extra, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    from hallo3_cli.errors import ArgumentError
+    from hallo3_cli.training.trainer import LoraSpec
+
+    with pytest.raises(ArgumentError, match="--lora trains on the ddp engine"):
+        TrainConfig(dataset, tmp_path / "new", 1, engine="fsdp2", lora=LoraSpec(4))
+    with pytest.raises(ArgumentError, match="validate_every runs on the ddp engine only"):
+        TrainConfig(dataset, tmp_path / "new", 1, engine="fsdp2", validate_every=1, validation_portrait=tmp_path,
+                    validation_speech=tmp_path)
+    with pytest.raises(ArgumentError, match="engine must be one of ddp, fsdp2"):
+        TrainConfig(dataset, tmp_path / "new", 1, engine="deepspeed")
     # a folder holding a run: not without --resume, and --resume only for the same run (checked before any work)
     with pytest.raises(UsageError, match="already holds a training run"):
         train(TrainConfig(dataset, run, 1, model=MODEL, device="cpu"))

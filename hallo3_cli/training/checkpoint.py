@@ -6,9 +6,13 @@ limit, and the exported results (docs/training.md "The trainer").
 =========================  ==========================================================================================
 ``trainable.safetensors``  the trained parameters (float32 masters; LoRA: the adapters), by trainer name
 ``ema.safetensors``        their exponential moving average (float32)
-``optimizer.pt``           the optimizer's state dict (tensors and numbers only: read with ``weights_only=True``)
+``optimizer.pt``           the optimizer's full state dict keyed by parameter name (torch.distributed.checkpoint's
+                           full format, gathered from every process; tensors and numbers only: read with
+                           ``weights_only=True``)
 ``state.json``             update counters, the LR scheduler's state, the data position and the run's identity
 =========================  ==========================================================================================
+
+The files are the same whatever the engine (one process, DDP, FSDP2): full tensors, written by the main process.
 
 Every random draw of the trainer depends only on (seed, update step, micro-batch slot), so the data position is the
 update step and no RNG state needs saving.
@@ -31,7 +35,7 @@ RUN_FILE = "run.json"
 RUN_FORMAT = "hallo3.train-run"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FORMAT = "hallo3.train-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the optimizer's state keyed by parameter name
 TRAINABLE = "trainable.safetensors"
 EMA = "ema.safetensors"
 OPTIMIZER = "optimizer.pt"

@@ -40,6 +40,9 @@ from hallo3_cli.training.step import trainable_parameters, training_loss
 log = logging.getLogger("hallo3")
 
 MIXED_PRECISION = ("no", "bf16")
+#: ``ddp``: every process holds the whole networks and optimizer (accelerate's DDP); ``fsdp2``: torch's FSDP2
+#: (``fully_shard``) shards parameters, gradients and optimizer state per transformer block over the processes.
+ENGINES = ("ddp", "fsdp2")
 #: LoRA targets by stage (module-name suffixes, PEFT's matching): the attention layers the release trains in that
 #: stage (docs/model.md §10.4); the reference network is adapted in stage 1 only.
 LORA_TARGETS = {
@@ -83,7 +86,8 @@ class TrainConfig:
     ``save_every``/``keep``: checkpoints every N updates, the newest ``keep`` kept (None: all); ``resume``:
     continue the run in ``output`` from its newest checkpoint; ``stop_at``: save and stop after that update (a
     time-boxed job; ``resume`` continues it); ``validate_every`` with ``validation_portrait`` and
-    ``validation_speech``: render and score a held-out pair every N updates (``hallo3 eval``'s scores).
+    ``validation_speech``: render and score a held-out pair every N updates (``hallo3 eval``'s scores); ``engine``:
+    one of :data:`ENGINES` (the run's results do not depend on it).
     """
 
     dataset: Path
@@ -107,6 +111,7 @@ class TrainConfig:
     validation_portrait: Path | None = None
     validation_speech: Path | None = None
     device: str = "auto"
+    engine: str = "ddp"
     tensorboard: bool = True
     progress: bool = True
 
@@ -125,6 +130,14 @@ class TrainConfig:
             raise ArgumentError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if self.device not in ("auto", "cpu"):
             raise ArgumentError(f"device must be auto (accelerate's choice) or cpu, got {self.device!r}")
+        if self.engine not in ENGINES:
+            raise ArgumentError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "fsdp2" and self.lora is not None:
+            raise ArgumentError("--lora trains on the ddp engine (its adapters are small); fsdp2 is for full "
+                                "fine-tuning")
+        if self.engine == "fsdp2" and self.validate_every is not None:
+            raise ArgumentError("validate_every runs on the ddp engine only: a validation render runs on rank 0, "
+                                "and sharded networks need every rank in each forward")
         if self.lora is not None and (not isinstance(self.lora.rank, int) or self.lora.rank < 1):
             raise ArgumentError(f"LoRA rank must be a positive integer, got {self.lora.rank!r}")
         if self.validate_every is not None and (self.validation_portrait is None or self.validation_speech is None):
@@ -312,12 +325,14 @@ def train(config: TrainConfig) -> TrainResult:
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    sharded = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
-    if accelerator.distributed_type.name in sharded:
-        # the checkpoints hold one process's full optimizer state: right for DDP, not for sharded states
-        raise UsageError(f"hallo3 train runs on one process or DDP; {accelerator.distributed_type.name} (from the "
-                         "accelerate config) is not supported yet (docs/training.md)")
+    if accelerator.distributed_type.name in {"FSDP", "DEEPSPEED", "MEGATRON_LM"}:
+        # the trainer shards with torch's fully_shard itself (--engine fsdp2): accelerate enables its FSDP plugin
+        # on GPUs only, so its path could not be the one tested on CPU (docs/training.md "Engines")
+        raise UsageError(f"the accelerate config asks for {accelerator.distributed_type.name}, which hallo3 train "
+                         "does not use: launch without it and pass --engine fsdp2 for sharded training "
+                         "(docs/training.md)")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    sharded = config.engine == "fsdp2" and world > 1  # one process: nothing to shard, the same run unsharded
     slots = world * config.grad_accum
     run = config.output
     identity = config.identity(slots)
@@ -345,19 +360,23 @@ def train(config: TrainConfig) -> TrainResult:
         add_lora(networks, config.lora.resolved(config.stage))
     else:
         trainable_parameters(transformer, reference_net, config.stage)
-    named = [(name, p) for name, p in networks.named_parameters() if p.requires_grad]
-    for _, parameter in named:
-        parameter.data = parameter.data.float()
+    for _, parameter in networks.named_parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()  # per block, as the release checkpoints its main DiT (§10.6)
     networks.train()
     networks.to(device)
+    if sharded:
+        shard_networks(networks, device)
+    # (after sharding: fully_shard replaces the parameters by DTensors holding this process's shard)
+    named = [(name, p) for name, p in networks.named_parameters() if p.requires_grad]
 
     optimizer = torch.optim.AdamW(
         weight_decay_groups({"transformer": transformer, "reference_net": reference_net}, recipe.weight_decay),
         lr=recipe.learning_rate, betas=tuple(recipe.betas), eps=recipe.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
-    ema = {name: p.detach().float().clone() for name, p in named}
+    ema = {name: p.detach().float().clone() for name, p in named}  # sharded as its parameter under fsdp2
 
     start, updates, skipped = 0, 0, 0
     found = ckpt.checkpoints(run) if config.resume else []
@@ -367,11 +386,7 @@ def train(config: TrainConfig) -> TrainResult:
         names = [name for name, _ in named]
         if sorted(loaded["trainable"]) != sorted(names):
             raise InputError("holds other trainable parameters than this run's", path / ckpt.TRAINABLE)
-        with torch.no_grad():
-            for name, parameter in named:
-                parameter.copy_(loaded["trainable"][name])
-                ema[name].copy_(loaded["ema"][name])
-        optimizer.load_state_dict(loaded["optimizer"])
+        load_full_state(networks, named, ema, optimizer, loaded)
         scheduler.load_state_dict(loaded["state"]["scheduler"])
         start, updates, skipped = step, loaded["state"]["updates"], loaded["state"]["skipped"]
         if main:
@@ -379,7 +394,10 @@ def train(config: TrainConfig) -> TrainResult:
     if main:
         ckpt.write_run(run, identity, _jsonable({**asdict(config), "recipe": asdict(recipe), "world_size": world}))
 
-    model, optimizer = accelerator.prepare(networks, optimizer)
+    if sharded:
+        model = networks  # sharded in place; accelerate only places the tensors, casts and reduces
+    else:
+        model, optimizer = accelerator.prepare(networks, optimizer)
     writer = None
     if config.tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
@@ -391,11 +409,12 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         with _Interrupt() as interrupt:
             for step in range(start + 1, config.steps + 1):
-                loss, finite = _update(config, accelerator, model, vae, dataset, step, rank, slots, recipe)
+                loss, finite = _update(config, accelerator, model, vae, dataset, step, rank, slots, recipe, sharded)
                 flags = accelerator.reduce(torch.tensor([0.0 if finite else 1.0, float(interrupt.requested)],
                                                         device=device), "sum")
                 lr = optimizer.param_groups[0]["lr"]  # this update's
                 if flags[0] == 0:
+                    # over DTensor gradients torch's clip reduces the shards' norms: the global norm (§10.6)
                     grad_norm = accelerator.clip_grad_norm_([p for _, p in named], recipe.grad_clip)
                     optimizer.step()
                     scheduler.step()
@@ -417,10 +436,11 @@ def train(config: TrainConfig) -> TrainResult:
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/skipped", skipped, step)
                     if grad_norm is not None:
-                        writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                        writer.add_scalar("train/grad_norm", float(_full(grad_norm)), step)
                 stop = flags[1] > 0 or step == config.stop_at
                 if step % config.save_every == 0 or stop or step == config.steps:
-                    _save(accelerator, run, step, named, ema, optimizer, scheduler, updates, skipped, config)
+                    _save(accelerator, run, step, networks, named, ema, optimizer, scheduler, updates, skipped,
+                          config)
                 if config.validate_every and step % config.validate_every == 0:
                     _validate(accelerator, config, preset, networks, vae, step, writer)
                 if flags[1] > 0:
@@ -434,8 +454,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     stopped = step < config.steps
     result = TrainResult(run, step, updates, skipped, last_loss, stopped=stopped)
-    if not stopped and main:
-        result.exported = export_run(run, config, preset, networks, named, ema, dtype)
+    if not stopped:
+        exported = export_run(run, config, preset, networks, named, ema, dtype, main=main)
+        result.exported = exported if main else {}
     result.seconds = round(time.perf_counter() - began, 3)
     if main:
         ckpt.write_json(run / SUMMARY, json.loads(result.to_json()))
@@ -443,7 +464,8 @@ def train(config: TrainConfig) -> TrainResult:
     return result
 
 
-def _update(config, accelerator, model, vae, dataset, step, rank, slots, recipe) -> tuple[torch.Tensor, bool]:
+def _update(config, accelerator, model, vae, dataset, step, rank, slots, recipe,
+            sharded) -> tuple[torch.Tensor, bool]:
     """The micro-batches of one update on this process: forward, backward (gradients accumulated, synchronised
     on the last); returns the mean loss of all processes' micro-batches and whether this process's were finite."""
     from torch.utils.data import default_collate
@@ -460,7 +482,9 @@ def _update(config, accelerator, model, vae, dataset, step, rank, slots, recipe)
             inputs = step_inputs(batch, vae, stage=config.stage, recipe=recipe, generator=generator, rank=slot,
                                  world_size=slots, micro_step=0, drops=True)
         synced = k == config.grad_accum - 1
-        with (contextlib.nullcontext() if synced else accelerator.no_sync(model)), accelerator.autocast():
+        if sharded:  # FSDP2's no_sync: keep unsharded gradients until the last micro-batch reduce-scatters them
+            model.set_requires_gradient_sync(synced)
+        with (contextlib.nullcontext() if synced or sharded else accelerator.no_sync(model)), accelerator.autocast():
             loss = model(**inputs)
         finite = finite and bool(torch.isfinite(loss))
         accelerator.backward(loss / config.grad_accum)  # the gradient of the mean over the update's micro-batches
@@ -468,13 +492,95 @@ def _update(config, accelerator, model, vae, dataset, step, rank, slots, recipe)
     return accelerator.reduce(torch.stack(losses).mean(), "mean"), finite
 
 
-def _save(accelerator, run, step, named, ema, optimizer, scheduler, updates, skipped, config) -> None:
+def _save(accelerator, run, step, networks, named, ema, optimizer, scheduler, updates, skipped, config) -> None:
+    """A checkpoint in the one format of every engine: full tensors by trainer name, gathered on all processes
+    (a collective), written by the main process."""
+    trainable, ema_full, optimizer_state = full_state(networks, named, ema, optimizer)
     if accelerator.is_main_process:
         state = {"updates": updates, "skipped": skipped, "scheduler": _jsonable(scheduler.state_dict()),
                  "data_position": step}
-        ckpt.save_checkpoint(run, step, trainable={name: p for name, p in named}, ema=ema,
-                             optimizer_state=optimizer.state_dict(), state=state, keep=config.keep)
+        ckpt.save_checkpoint(run, step, trainable=trainable, ema=ema_full, optimizer_state=optimizer_state,
+                             state=state, keep=config.keep)
     accelerator.wait_for_everyone()
+
+
+# -- sharding and full state dicts ------------------------------------------------------------------------------------
+
+def shard_networks(networks: TrainableNetworks, device: torch.device) -> None:
+    """FSDP2 over all processes: each transformer block of both DiTs is one unit (all-gathered for its forward and
+    backward, its gradients reduce-scattered), the rest (embeddings, projections, norms) the root's. In place."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hallo3_cli.models.blocks import Hallo3Block
+
+    import warnings
+
+    # A block returns views (slices of its outputs); FSDP2 warns that an in-place op on one would skip its backward
+    # all-gather. Nothing downstream modifies them in place (their gradients equal the unsharded run's in
+    # tests/test_train.py, the reference network's blocks without checkpointing), so the warning is noise here.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPHallo3Block\) returned a view",
+                            category=UserWarning)
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for module in list(networks.modules()):
+        if isinstance(module, Hallo3Block):
+            fully_shard(module, mesh=mesh)
+    fully_shard(networks, mesh=mesh)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _state_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_state(networks, named, ema, optimizer) -> tuple[dict, dict, dict]:
+    """The trained parameters, their EMA and the optimizer's state as full CPU tensors keyed by trainer name (the
+    optimizer's by parameter name, torch.distributed.checkpoint's full format), whatever the engine. Every process
+    must call it; under FSDP2 only the main process gets them (the others: empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    names = {name for name, _ in named}
+    options = _state_options(cpu_offload=True, ignore_frozen_params=True)
+    trainable = {k: v for k, v in get_model_state_dict(networks, options=options).items() if k in names}
+    ema_full = {name: _full(tensor).cpu() for name, tensor in ema.items()}
+    if optimizer.state:
+        optimizer_state = get_optimizer_state_dict(networks, optimizer, options=options)
+    else:  # no update yet: torch's getter would create the state with a zero-gradient step, changing the run
+        ids = {id(p): name for name, p in named}
+        optimizer_state = {"state": {}, "param_groups": [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": [ids[id(p)] for p in group["params"]]}
+            for group in optimizer.param_groups]}
+    return trainable, ema_full, optimizer_state
+
+
+def load_full_state(networks, named, ema, optimizer, loaded: dict) -> None:
+    """A checkpoint's full tensors (:func:`full_state`'s) into the networks, the EMA and the optimizer, each
+    process taking its shard under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    set_model_state_dict(networks, loaded["trainable"], options=_state_options(strict=False))
+    with torch.no_grad():
+        for name, tensor in ema.items():
+            full = loaded["ema"][name].to(tensor.device)
+            if isinstance(tensor, DTensor):  # every process read the file: its own slice, no communication
+                full = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
+            tensor.copy_(full)
+    # not strict: parameters that never had a gradient (the reference network's last block) have no state
+    if loaded["optimizer"]["state"]:
+        set_optimizer_state_dict(networks, optimizer, loaded["optimizer"], options=_state_options(strict=False))
+        # torch initialises every state with a zero-gradient step first: stateless in the run stays stateless
+        for name, parameter in named:
+            if name not in loaded["optimizer"]["state"]:
+                optimizer.state.pop(parameter, None)
 
 
 def _validate(accelerator, config, preset, networks, vae, step, writer) -> None:
@@ -537,21 +643,34 @@ class _Meter:
 
 # -- exporting ---------------------------------------------------------------------------------------------------------
 
-def export_run(run: Path, config: TrainConfig, preset, networks: TrainableNetworks, named, ema, dtype) -> dict:
+def export_run(run: Path, config: TrainConfig, preset, networks: TrainableNetworks, named, ema, dtype, *,
+               main: bool = True) -> dict:
     """The finished run's results: ``RUN/model`` (raw weights) and ``RUN/model-ema`` as model folders, or for LoRA
-    ``RUN/lora`` and ``RUN/lora-ema`` (adapter files ``hallo3 render --lora`` reads)."""
+    ``RUN/lora`` and ``RUN/lora-ema`` (adapter files ``hallo3 render --lora`` reads). Every process calls it (the
+    full weights are gathered from the shards under FSDP2); the ``main`` one writes."""
+    if config.lora is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        raw = get_model_state_dict(networks, options=_state_options(cpu_offload=True))
+        ema_full = {name: _full(tensor).cpu() for name, tensor in ema.items()}
+        if not main:
+            return {}
+        out = {}
+        for folder, weights in ((MODEL_DIR, {}), (EMA_MODEL_DIR, ema_full)):
+            export_model(run / folder, preset, networks.transformer, networks.reference_net, dtype,
+                         state={**raw, **weights})
+            out[folder] = str(run / folder)
+        return out
+    if not main:  # LoRA runs on DDP: the main process holds every adapter
+        return {}
     raw = {name: p.detach().clone() for name, p in named}
     out = {}
     try:
-        for folder, weights in ((MODEL_DIR, raw), (EMA_MODEL_DIR, ema)):
+        for folder, weights in ((LORA_DIR, raw), (EMA_LORA_DIR, ema)):
             with torch.no_grad():
                 for name, parameter in named:
                     parameter.copy_(weights[name])
-            if config.lora is not None:
-                folder = LORA_DIR if folder == MODEL_DIR else EMA_LORA_DIR
-                export_lora(run / folder, networks)
-            else:
-                export_model(run / folder, preset, networks.transformer, networks.reference_net, dtype)
+            export_lora(run / folder, networks)
             out[folder] = str(run / folder)
     finally:
         with torch.no_grad():
@@ -581,10 +700,11 @@ def export_lora(folder: Path, networks: TrainableNetworks) -> None:
                 safe_serialization=True, lora_adapter_metadata=metadata)
 
 
-def export_model(folder: Path, preset, transformer, reference_net, dtype) -> None:
+def export_model(folder: Path, preset, transformer, reference_net, dtype, state: dict | None = None) -> None:
     """A model folder (``model_index.json`` + one folder per component) that ``Hallo3Pipeline.from_pretrained`` and
     ``--model`` load: the two DiTs as trained (in ``dtype``), the frozen components hard-linked (else copied) from
-    the base model's folders, or for a random preset written from its seeded weights."""
+    the base model's folders, or for a random preset written from its seeded weights. ``state``: the two DiTs'
+    weights as one state dict (keys ``transformer.*``, ``reference_net.*``; default: the modules' own)."""
     import os
     import shutil
 
@@ -601,8 +721,8 @@ def export_model(folder: Path, preset, transformer, reference_net, dtype) -> Non
             loader = PipelineLoader(preset, Runtime(device="cpu", dtype="float32", offload="none"))
             others = [c.name for c in COMPONENTS if c.name not in trained and c.name != "scheduler"]
             pipe = loader.need(*others)
-            pipe.register_modules(scheduler=loader.load("scheduler"), **trained)
-            pipe.save_pretrained(str(tmp))  # (the two DiTs are written again below, in the export dtype)
+            pipe.register_modules(scheduler=loader.load("scheduler"))
+            pipe.save_pretrained(str(tmp))  # the two DiTs are written below
             index = json.loads((tmp / "model_index.json").read_text())
             faces = preset.table.get("face_models")
             faces = Path(faces) if faces else None
@@ -632,8 +752,10 @@ def export_model(folder: Path, preset, transformer, reference_net, dtype) -> Non
             shutil.rmtree(tmp / name, ignore_errors=True)
             (tmp / name).mkdir()
             model.save_config(str(tmp / name))
-            state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / name / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+            weights = model.state_dict() if state is None else {
+                key[len(name) + 1:]: value for key, value in state.items() if key.startswith(name + ".")}
+            weights = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.items()}
+            save_file(weights, str(tmp / name / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
