@@ -46,17 +46,19 @@ from hallo3_cli.formatting import flops as _flop
 from hallo3_cli.formatting import memory_size as _gib
 from hallo3_cli.plan import DEVICE_RESERVE, _build_on, _configs, _preset, _strict
 from hallo3_cli.presets import Preset
+from hallo3_cli.runtime import TRAIN_ENGINES
 from hallo3_cli.training.recipe import RELEASE, Recipe, weight_decay_groups
 from hallo3_cli.training.step import trainable_parameters, training_loss
 
 log = logging.getLogger("hallo3")
 
-#: Engines the trainer runs on: (name, what it shards).
+#: Engines the trainer runs on (``runtime.TRAIN_ENGINES``) and what each shards.
 ENGINES = {
     "ddp": "nothing: every GPU holds everything (accelerate DDP; meant for --lora)",
     "zero2": "optimizer state, fp32 masters, EMA and gradients (DeepSpeed ZeRO-2, the release's engine)",
     "fsdp2": "parameters too (PyTorch FSDP2 per block, bf16 gathering, fp32 gradients)",
 }
+assert tuple(ENGINES) == TRAIN_ENGINES
 #: ZeRO-2's reduce bucket in gradients (``reduce_bucket_size`` of the release's config, docs/model.md §10.6).
 ZERO2_BUCKET = 1_000_000_000
 #: Card sizes the verdict is given for (GiB, as ``nvidia-smi`` counts them: "80 GB" cards hold ~80 GiB).
@@ -145,14 +147,23 @@ def _lora_targets(named: list[tuple[str, torch.nn.Parameter]], networks: dict[st
     return targets
 
 
-def _add_lora(networks: dict[str, torch.nn.Module], targets: dict[str, list[str]], rank: int) -> None:
+def _add_lora(networks: dict[str, torch.nn.Module], targets: dict[str, list[str]], rank: int, fake) -> None:
+    """peft's LoRA layers through diffusers' ``add_adapter``, created on the meta device (outside fake mode) and then
+    given fake float32 weights (peft's upcast of adapters): peft's own move onto the base layer's device would swap
+    tensors, which fake parameters do not allow, and it leaves meta adapters where they are."""
     from peft import LoraConfig
 
     for label, network in networks.items():
         network.requires_grad_(False)
-        if targets[label]:
-            network.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
-                                           target_modules=targets[label]))
+        if not targets[label]:
+            continue
+        with torch.device("meta"), tracing.no_init():
+            network.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets[label]))
+        with fake:
+            for module in network.modules():
+                for name, p in list(module._parameters.items()):
+                    if p is not None and p.is_meta:
+                        module._parameters[name] = torch.nn.Parameter(torch.zeros(p.shape, dtype=torch.float32))
 
 
 def _count(networks: dict[str, torch.nn.Module], vae: torch.nn.Module) -> _Tensors:
@@ -195,10 +206,10 @@ def _trace(configs_key: str, stage: int, lora_rank: int | None, dtype: torch.dty
         reference = _build_on("reference", configs["reference"], dtype)
         vae = _build_on("vae", configs["vae"], dtype)
         named = trainable_parameters(main, reference, stage)
-        if lora_rank is not None:
-            targets = _lora_targets(named, {"transformer": main, "reference_net": reference})
-            with tracing.no_init():
-                _add_lora({"transformer": main, "reference_net": reference}, targets, lora_rank)
+    if lora_rank is not None:
+        targets = _lora_targets(named, {"transformer": main, "reference_net": reference})
+        with tracing.quiet():
+            _add_lora({"transformer": main, "reference_net": reference}, targets, lora_rank, fake)
     main.enable_gradient_checkpointing()  # per block in the main DiT, none in the reference DiT (§10.6)
     main.train()
     reference.train()
