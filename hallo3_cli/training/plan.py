@@ -116,6 +116,7 @@ class _Tensors:
     parameters: dict[str, int]
     weights: dict[str, int]  # network → bytes of parameters and buffers as stored (frozen and trainable)
     trainable: tuple[tuple[int, int], ...]  # (numel, itemsize) of each trainable tensor
+    decay_groups: tuple[tuple[float, tuple[int, ...]], ...]  # the recipe's AdamW groups: (weight decay, numels)
     frozen_dit_bytes: int
     trainable_dit_bytes: int
     block_bytes: int  # the largest DiT block, all its parameters in the compute dtype
@@ -131,7 +132,6 @@ class _Trace:
     step_peak: int
     forward_flops: int
     backward_flops: int
-    optimizer_peak: dict[int, int]  # gpus → the optimizer step's transient bytes
 
 
 def _lora_targets(named: list[tuple[str, torch.nn.Parameter]], networks: dict[str, torch.nn.Module]) -> dict[str, list[str]]:
@@ -166,7 +166,7 @@ def _add_lora(networks: dict[str, torch.nn.Module], targets: dict[str, list[str]
                         module._parameters[name] = torch.nn.Parameter(torch.zeros(p.shape, dtype=torch.float32))
 
 
-def _count(networks: dict[str, torch.nn.Module], vae: torch.nn.Module) -> _Tensors:
+def _count(networks: dict[str, torch.nn.Module], vae: torch.nn.Module, recipe: Recipe) -> _Tensors:
     trainable, frozen_bytes, trainable_bytes = [], 0, 0
     block_bytes, block_trainable, root = 0, 0, 0
     for network in networks.values():
@@ -189,18 +189,16 @@ def _count(networks: dict[str, torch.nn.Module], vae: torch.nn.Module) -> _Tenso
                   "vae": sum(p.numel() for p in vae.parameters())}
     weights = {"transformer": tracing.tensor_bytes(networks["transformer_net"]),
                "reference": tracing.tensor_bytes(networks["reference_net"]), "vae": tracing.tensor_bytes(vae)}
-    return _Tensors(parameters, weights, tuple(trainable), frozen_bytes, trainable_bytes, block_bytes, block_trainable,
-                    root)
+    groups = weight_decay_groups({"transformer": networks["transformer_net"], "reference_net": networks["reference_net"]},
+                                 recipe.weight_decay)
+    decay_groups = tuple((g["weight_decay"], tuple(p.numel() for p in g["params"])) for g in groups)
+    return _Tensors(parameters, weights, tuple(trainable), decay_groups, frozen_bytes, trainable_bytes, block_bytes,
+                    block_trainable, root)
 
 
-@functools.lru_cache(maxsize=8)
-def _trace(configs_key: str, stage: int, lora_rank: int | None, dtype: torch.dtype, height: int, width: int,
-           frames: int, text_length: int, keep_grads: bool, gpus: tuple[int, ...], recipe: Recipe) -> _Trace:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+def _build(configs_key: str, stage: int, lora_rank: int | None, dtype: torch.dtype, fake):
+    """Both DiTs and the VAE on fake tensors, with the stage's trainable set (or LoRA adapters on it)."""
     configs = json.loads(configs_key)["networks"]
-    sampler.alphas_cumprod()  # computed before fake mode (it goes through numpy)
-    fake = FakeTensorMode(allow_non_fake_inputs=True)
     with tracing.quiet(), fake:
         main = _build_on("transformer", configs["transformer"], dtype)
         reference = _build_on("reference", configs["reference"], dtype)
@@ -210,18 +208,36 @@ def _trace(configs_key: str, stage: int, lora_rank: int | None, dtype: torch.dty
         targets = _lora_targets(named, {"transformer": main, "reference_net": reference})
         with tracing.quiet():
             _add_lora({"transformer": main, "reference_net": reference}, targets, lora_rank, fake)
+    return main, reference, vae
+
+
+def trainable_count(stage: int, *, lora_rank: int | None = None, model: str | Preset = "hallo3") -> tuple[int, int]:
+    """(parameters, tensors) that a training run of ``stage`` trains, from the networks the plan builds."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    main, reference, _ = _build(_configs(_preset(model)), stage, lora_rank, torch.bfloat16,
+                                FakeTensorMode(allow_non_fake_inputs=True))
+    trainable = [p for m in (main, reference) for p in m.parameters() if p.requires_grad]
+    return sum(p.numel() for p in trainable), len(trainable)
+
+
+@functools.lru_cache(maxsize=8)
+def _trace(configs_key: str, stage: int, lora_rank: int | None, dtype: torch.dtype, height: int, width: int,
+           frames: int, text_length: int, keep_grads: bool, recipe: Recipe) -> _Trace:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    sampler.alphas_cumprod()  # computed before fake mode (it goes through numpy)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    main, reference, vae = _build(configs_key, stage, lora_rank, dtype, fake)
     main.enable_gradient_checkpointing()  # per block in the main DiT, none in the reference DiT (§10.6)
     main.train()
     reference.train()
-    tensors = _count({"transformer_net": main, "reference_net": reference}, vae)
+    tensors = _count({"transformer_net": main, "reference_net": reference}, vae, recipe)
     trainable = [p for m in (main, reference) for p in m.parameters() if p.requires_grad]
     if not keep_grads:  # a sharding engine takes each gradient as it is made (bucketed, reduced, sharded)
         for p in trainable:
             p.register_post_accumulate_grad_hook(_drop_grad)
 
-    h, w = geometry.latent_size(height, width)
-    latent_frames = geometry.latent_frames(frames)
-    config = main.config
     granularity = 512  # CUDA's allocation granularity, as plan.py counts device memory
     with fake, tracing.quiet(), tracing.FlashAttention():
         with torch.no_grad(), tracing.session({"vae": vae}, granularity) as tracer:
@@ -234,43 +250,57 @@ def _trace(configs_key: str, stage: int, lora_rank: int | None, dtype: torch.dty
         vae_peak, vae_flops = tracer.peak, tracer.flops
 
         with tracing.session({"transformer": main, "reference": reference}, granularity) as tracer:
-            x0 = torch.zeros(1, latent_frames, geometry.LATENT_CHANNELS, h, w)
-            audio = None
-            if stage == 2:
-                audio = torch.zeros(1, frames, config.audio_window, config.audio_layers, config.audio_channels,
-                                    dtype=dtype)
-            loss = training_loss(
-                main, reference, stage=stage, latents=x0, noise=torch.zeros_like(x0), timestep=500,
-                image_condition=torch.zeros(1, 1, geometry.LATENT_CHANNELS, h, w),
-                ref_latent=torch.zeros(1, 1, geometry.LATENT_CHANNELS, h, w),
-                prompt_embeds=torch.zeros(1, text_length, config.text_embed_dim, dtype=dtype),
-                face_embeds=torch.zeros(1, config.face_embed_dim), audio=audio)
-            forward_flops = tracer.flops
-            loss.backward()
-            del loss
+            forward_flops = run_step(main, reference, stage, height=height, width=width, frames=frames,
+                                     text_length=text_length, flops=lambda: tracer.flops)
         step_peak, backward_flops = tracer.peak, tracer.flops - forward_flops
+    return _Trace(tensors, vae_peak, vae_flops, step_peak, forward_flops, backward_flops)
 
-        optimizer_peak = {n: _optimizer_transient(main, reference, n, recipe) for n in gpus}
-    return _Trace(tensors, vae_peak, vae_flops, step_peak, forward_flops, backward_flops, optimizer_peak)
+
+def run_step(main, reference, stage: int, *, height: int, width: int, frames: int, text_length: int,
+             flops=None):
+    """One training step's forward and backward at micro-batch 1 on zero inputs of the clip's shapes, as the plan
+    traces it (``training_loss`` then ``backward()``; the networks as the trainer sets them up); the inputs are
+    made inside. Returns ``flops()`` read between the forward and the backward (None without ``flops``)."""
+    dtype = main.dtype
+    h, w = geometry.latent_size(height, width)
+    config = main.config
+    x0 = torch.zeros(1, geometry.latent_frames(frames), geometry.LATENT_CHANNELS, h, w)
+    audio = None
+    if stage == 2:
+        audio = torch.zeros(1, frames, config.audio_window, config.audio_layers, config.audio_channels, dtype=dtype)
+    loss = training_loss(
+        main, reference, stage=stage, latents=x0, noise=torch.zeros_like(x0), timestep=500,
+        image_condition=torch.zeros(1, 1, geometry.LATENT_CHANNELS, h, w),
+        ref_latent=torch.zeros(1, 1, geometry.LATENT_CHANNELS, h, w),
+        prompt_embeds=torch.zeros(1, text_length, config.text_embed_dim, dtype=dtype),
+        face_embeds=torch.zeros(1, config.face_embed_dim), audio=audio)
+    forward = flops() if flops is not None else None
+    loss.backward()
+    return forward
 
 
 def _drop_grad(parameter: torch.Tensor) -> None:
     parameter.grad = None
 
 
-def _optimizer_transient(main, reference, gpus: int, recipe: Recipe) -> int:
+@functools.lru_cache(maxsize=16)
+def _optimizer_transient(decay_groups: tuple[tuple[float, tuple[int, ...]], ...], gpus: int, recipe: Recipe) -> int:
     """Bytes ``torch.optim.AdamW`` (foreach, the CUDA default) allocates beyond its state in a step over this GPU's
-    share of the fp32 masters (each trainable tensor split over ``gpus``), in the recipe's groups."""
-    groups = []
-    for group in weight_decay_groups({"transformer": main, "reference_net": reference}, recipe.weight_decay):
-        shards = [torch.nn.Parameter(torch.zeros(math.ceil(p.numel() / gpus))) for p in group["params"]]
-        for shard in shards:
-            shard.grad = torch.zeros_like(shard)
-        groups.append({"params": shards, "weight_decay": group["weight_decay"]})
-    optimizer = torch.optim.AdamW(groups, lr=recipe.learning_rate, betas=recipe.betas, eps=recipe.eps, foreach=True)
-    optimizer.step()  # the first step creates the state (counted as resident, not here)
-    with tracing.session({}, 512) as tracer:
-        optimizer.step()
+    share of the fp32 masters (each trainable tensor split over ``gpus``), in the recipe's weight-decay groups."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        groups = []
+        for decay, numels in decay_groups:
+            shards = [torch.nn.Parameter(torch.zeros(math.ceil(n / gpus))) for n in numels]
+            for shard in shards:
+                shard.grad = torch.zeros_like(shard)
+            groups.append({"params": shards, "weight_decay": decay})
+        optimizer = torch.optim.AdamW(groups, lr=recipe.learning_rate, betas=recipe.betas, eps=recipe.eps,
+                                      foreach=True)
+        optimizer.step()  # the first step creates the state (resident, counted there)
+        with tracing.session({}, 512) as tracer:
+            optimizer.step()
     return tracer.peak
 
 
@@ -294,14 +324,14 @@ def _resident(t: _Tensors, engine: str, gpus: int) -> dict[str, int]:
             "fp32 masters": 4 * shard, "AdamW m+v": 8 * shard, "EMA": 4 * shard, "VAE": t.weights["vae"]}
 
 
-def _phase_parts(trace: _Trace, engine: str, gpus: int) -> dict[str, dict[str, int]]:
+def _phase_parts(trace: _Trace, engine: str, gpus: int, recipe: Recipe) -> dict[str, dict[str, int]]:
     """What each phase adds on top of the resident parts."""
     t = trace.tensors
     trainable = sum(n for n, _ in t.trainable)
     grad_bytes = sum(n * size for n, size in t.trainable)  # in each parameter's own dtype
     shard = math.ceil(trainable / gpus)
     step = {"activations and inputs": trace.step_peak}
-    optimizer = {"AdamW temporaries": trace.optimizer_peak[gpus]}
+    optimizer = {"AdamW temporaries": _optimizer_transient(t.decay_groups, gpus, recipe)}
     if engine == "ddp":
         # the traced backward keeps every gradient (.grad), as DDP does; its buckets hold a second copy
         step["DDP gradient buckets"] = grad_bytes
@@ -321,8 +351,9 @@ def _phase_parts(trace: _Trace, engine: str, gpus: int) -> dict[str, dict[str, i
             "optimizer-step": optimizer}
 
 
-def _notes(engine: str, lora_rank: int | None) -> tuple[str, ...]:
-    notes = ["device: tensor memory as torch.cuda.max_memory_allocated counts it; the verdict keeps 1 GiB free for "
+def _notes(engine: str, lora_rank: int | None, dtype: str) -> tuple[str, ...]:
+    notes = [] if dtype == "bfloat16" else [f"{dtype} weights and activations (not the trainer's bf16)"]
+    notes += ["device: tensor memory as torch.cuda.max_memory_allocated counts it; the verdict keeps 1 GiB free for "
              "the CUDA context, cuDNN/NCCL workspaces and fragmentation",
              "bf16 weights; trainable bf16 weights have fp32 masters; AdamW m+v and EMA in fp32; micro-batch 1; "
              "gradient checkpointing per main-DiT block, none in the reference DiT; SDPA as a fused kernel",
@@ -352,6 +383,7 @@ def plan_training(
     frames: int | None = None,
     model: str | Preset = "hallo3",
     recipe: Recipe = RELEASE,
+    dtype: str = "bfloat16",
     progress: bool = False,
 ) -> TrainingPlan:
     """Per-GPU peak memory and FLOPs of one training step of ``stage`` (1 or 2) at micro-batch 1.
@@ -359,7 +391,8 @@ def plan_training(
     ``lora_rank``: LoRA adapters of that rank instead of the stage's full trainable set. ``engine``: ``ddp``,
     ``zero2`` or ``fsdp2`` (default: ``ddp`` with LoRA, ``fsdp2`` without); ``gpus``: data-parallel GPUs to shard
     over. ``gpu_memory``: a card size in GiB to judge besides :data:`GPU_SIZES`. ``height``/``width``/``frames``:
-    the clip (default: the preset's, 480×720×49 for the release). Traces are cached per process.
+    the clip (default: the preset's, 480×720×49 for the release). ``dtype``: the weights' and activations'
+    (``bfloat16``, as the trainer on a GPU; ``float32`` to compare with a CPU run). Traces are cached per process.
     """
     preset = _preset(model)
     if stage not in (1, 2):
@@ -388,14 +421,15 @@ def plan_training(
         raise UsageError(f"{height}×{width} is larger than the {preset.name} model's {preset.height}×{preset.width}")
     if frames < 1 or (frames - 1) % 4:
         raise UsageError(f"frames must be 4k + 1 (the VAE's temporal compression), got {frames}")
-    dtype = torch.bfloat16
+    if dtype not in ("bfloat16", "float32"):
+        raise UsageError(f"dtype must be bfloat16 or float32, got {dtype!r}")
     if progress:
         log.info("tracing a stage-%d training step of %s at %d×%d×%d on fake tensors (no weights, no memory; "
                  "seconds)", stage, preset.name, height, width, frames)
-    trace = _trace(_configs(preset), stage, lora_rank, dtype, height, width, frames, preset.text_length,
-                   engine == "ddp", (gpus,), recipe)
+    trace = _trace(_configs(preset), stage, lora_rank, getattr(torch, dtype), height, width, frames, preset.text_length,
+                   engine == "ddp", recipe)
     resident = _resident(trace.tensors, engine, gpus)
-    parts = _phase_parts(trace, engine, gpus)
+    parts = _phase_parts(trace, engine, gpus, recipe)
     base = sum(resident.values())
     phases = {phase: base + sum(parts[phase].values()) for phase in PHASES}
     peak_phase = max(PHASES, key=lambda phase: phases[phase])
@@ -405,11 +439,11 @@ def plan_training(
     flops = {"vae-encode": trace.vae_flops, "forward": trace.forward_flops, "backward": trace.backward_flops}
     return TrainingPlan(
         model=preset.name, stage=stage, lora_rank=lora_rank, engine=engine, gpus=gpus, height=height, width=width,
-        frames=frames, dtype="bfloat16", parameters=trace.tensors.parameters,
+        frames=frames, dtype=dtype, parameters=trace.tensors.parameters,
         trainable_parameters=sum(n for n, _ in trace.tensors.trainable),
         trainable_tensors=len(trace.tensors.trainable), resident=resident, phase_parts=parts, phases=phases,
         peak_bytes=peak, peak_phase=peak_phase, flops_per_step=sum(flops.values()), flops=flops, fits=fits,
-        notes=_notes(engine, lora_rank),
+        notes=_notes(engine, lora_rank, dtype),
     )
 
 
@@ -431,7 +465,7 @@ def format_training_plan(result: TrainingPlan) -> str:
         f"{_flop(r.flops['forward'])}, backward with recomputation {_flop(r.flops['backward'])})",
         "",
     ]
-    rows = [("per GPU", "part", "GiB")]
+    rows = [("per GPU", "part", "memory")]
     rows += [("resident", name, _gib(size)) for name, size in r.resident.items()]
     for phase in PHASES:
         rows += [(phase, name, _gib(size)) for name, size in r.phase_parts[phase].items()]
