@@ -185,7 +185,7 @@ def test_step_activations_match_a_measured_cpu_step(check_preset, measured):
         planned = plan_training(stage, model=check_preset, engine="ddp", dtype="float32")
         traced = planned.phase_parts["forward-backward"]["activations and inputs"]
         assert real[stage] > 50e6  # large enough to measure
-        assert 0.85 < traced / real[stage] < 1.15, (stage, traced, real[stage])
+        assert 0.95 < traced / real[stage] < 1.05, (stage, traced, real[stage])
 
 
 # ---------------------------------------------------------------------------------------------
