@@ -322,7 +322,7 @@ def plan_cmd(
     width: Optional[int] = typer.Option(None, "--width", callback=_number(16, 8192, multiple=16), help="Frame width, a multiple of 16 (default: the preset's, 720; height × width at most the preset's frame area)."),
     device_kind: str = typer.Option("cuda", "--device-kind", callback=_one_of(*DEVICE_KIND_CHOICES), help="cuda (bf16) or cpu (float32, device = host memory)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (peak_device_bytes, peak_host_bytes, flops_per_clip, ...; with --gpus also gpus, comm_bytes_per_step, predicted_speedup)."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", callback=_number(1, 4096), help="Plan one video on N GPUs (render --parallel video): memory and FLOPs per rank, bytes sent per denoising step, predicted speed-up."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", callback=_number(1, 4096), help="Plan one video on N GPUs (render --parallel video): memory and FLOPs per rank, bytes sent per denoising step, predicted speed-up. With --train: the data-parallel GPUs the training state is split over."),
     interconnect: Optional[str] = typer.Option(None, "--interconnect", callback=_interconnect, help="With --gpus: nvlink (450 GB/s one way, the default), pcie (25 GB/s) or a bandwidth in GB/s."),
     cfg_parallel: Optional[bool] = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="With --gpus: as render --parallel video."),
     ulysses: Optional[int] = typer.Option(None, "--ulysses", callback=_number(1, 4096), help="With --gpus: as render --parallel video."),
