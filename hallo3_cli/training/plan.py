@@ -46,19 +46,17 @@ from hallo3_cli.formatting import flops as _flop
 from hallo3_cli.formatting import memory_size as _gib
 from hallo3_cli.plan import DEVICE_RESERVE, _build_on, _configs, _preset, _strict
 from hallo3_cli.presets import Preset
-from hallo3_cli.runtime import TRAIN_ENGINES
 from hallo3_cli.training.recipe import RELEASE, Recipe, weight_decay_groups
 from hallo3_cli.training.step import trainable_parameters, training_loss
 
 log = logging.getLogger("hallo3")
 
-#: Engines the trainer runs on (``runtime.TRAIN_ENGINES``) and what each shards.
+#: Engines the trainer runs on (the choices of ``runtime.TRAIN_ENGINES``) and what each shards.
 ENGINES = {
     "ddp": "nothing: every GPU holds everything (accelerate DDP; meant for --lora)",
     "zero2": "optimizer state, fp32 masters, EMA and gradients (DeepSpeed ZeRO-2, the release's engine)",
     "fsdp2": "parameters too (PyTorch FSDP2 per block, bf16 gathering, fp32 gradients)",
 }
-assert tuple(ENGINES) == TRAIN_ENGINES
 #: ZeRO-2's reduce bucket in gradients (``reduce_bucket_size`` of the release's config, docs/model.md §10.6).
 ZERO2_BUCKET = 1_000_000_000
 #: Card sizes the verdict is given for (GiB, as ``nvidia-smi`` counts them: "80 GB" cards hold ~80 GiB).
@@ -242,7 +240,7 @@ def _trace(configs_key: str, stage: int, lora_rank: int | None, dtype: torch.dty
     with fake, tracing.quiet(), tracing.FlashAttention():
         with torch.no_grad(), tracing.session({"vae": vae}, granularity) as tracer:
             clip = torch.zeros(1, 3, frames, height, width, dtype=dtype)
-            latents = vae.encode(clip).latent_dist.sample() * 0.7
+            latents = vae.encode(clip).latent_dist.sample()
             del clip
             condition = vae.encode(torch.zeros(1, 3, 3, height, width, dtype=dtype)).latent_dist.sample()
             ref = vae.encode(torch.zeros(1, 3, 1, height, width, dtype=dtype)).latent_dist.sample()
