@@ -206,6 +206,12 @@ def _build(configs_key: str, stage: int, lora_rank: int | None, dtype: torch.dty
         targets = _lora_targets(named, {"transformer": main, "reference_net": reference})
         with tracing.quiet():
             _add_lora({"transformer": main, "reference_net": reference}, targets, lora_rank, fake)
+    with fake:  # the trainer keeps what it trains in float32 (the masters), the rest in the compute dtype
+        for network in (main, reference):
+            for module in network.modules():
+                for name, p in list(module._parameters.items()):
+                    if p is not None and p.requires_grad and p.dtype != torch.float32:
+                        module._parameters[name] = torch.nn.Parameter(torch.zeros(p.shape, dtype=torch.float32))
     return main, reference, vae
 
 
@@ -247,7 +253,8 @@ def _trace(configs_key: str, stage: int, lora_rank: int | None, dtype: torch.dty
             del latents, condition, ref
         vae_peak, vae_flops = tracer.peak, tracer.flops
 
-        with tracing.session({"transformer": main, "reference": reference}, granularity) as tracer:
+        autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)  # accelerate's bf16 autocast
+        with tracing.session({"transformer": main, "reference": reference}, granularity) as tracer, autocast:
             forward_flops = run_step(main, reference, stage, height=height, width=width, frames=frames,
                                      text_length=text_length, flops=lambda: tracer.flops)
         step_peak, backward_flops = tracer.peak, tracer.flops - forward_flops
@@ -315,8 +322,8 @@ def _resident(t: _Tensors, engine: str, gpus: int) -> dict[str, int]:
                 "fp32 masters": masters, "AdamW m+v": 8 * trainable, "EMA": 4 * trainable,
                 "VAE": t.weights["vae"]}
     shard = math.ceil(trainable / gpus)
-    if engine == "zero2":
-        return {"frozen DiT weights": t.frozen_dit_bytes, "trainable weights": t.trainable_dit_bytes,
+    if engine == "zero2":  # DeepSpeed's bf16 engine holds every parameter in bf16, the fp32 masters in its shards
+        return {"frozen DiT weights": t.frozen_dit_bytes, "trainable weights": 2 * trainable,
                 "fp32 masters": 4 * shard, "AdamW m+v": 8 * shard, "EMA": 4 * shard, "VAE": t.weights["vae"]}
     return {"frozen DiT weights": math.ceil(t.frozen_dit_bytes / gpus), "trainable weights": 0,
             "fp32 masters": 4 * shard, "AdamW m+v": 8 * shard, "EMA": 4 * shard, "VAE": t.weights["vae"]}
@@ -330,15 +337,15 @@ def _phase_parts(trace: _Trace, engine: str, gpus: int, recipe: Recipe) -> dict[
     shard = math.ceil(trainable / gpus)
     step = {"activations and inputs": trace.step_peak}
     optimizer = {"AdamW temporaries": _optimizer_transient(t.decay_groups, gpus, recipe)}
+    masters = 4 * sum(n for n, size in t.trainable if size != 4)
     if engine == "ddp":
         # the traced backward keeps every gradient (.grad), as DDP does; its buckets hold a second copy
         step["DDP gradient buckets"] = grad_bytes
         optimizer.update({"gradients": grad_bytes, "DDP gradient buckets": grad_bytes,
-                          "fp32 gradients of the masters": 4 * sum(n for n, size in t.trainable if size != 4)})
+                          **({"fp32 gradients of the masters": masters} if masters else {})})
     elif engine == "zero2":
-        own = math.ceil(grad_bytes / gpus)
-        step.update({"reduced gradient shard": own,
-                     "reduce bucket": min(trainable, ZERO2_BUCKET) * (grad_bytes // max(trainable, 1))})
+        own = 2 * shard  # bf16 gradients, reduced into this GPU's shard
+        step.update({"reduced gradient shard": own, "reduce bucket": 2 * min(trainable, ZERO2_BUCKET)})
         optimizer.update({"reduced gradient shard": own, "fp32 gradient shard": 4 * shard})
     else:
         block_grads = t.block_trainable * (2 + 4)  # a block's gradients gathered in bf16, reduced in fp32
@@ -353,16 +360,21 @@ def _notes(engine: str, lora_rank: int | None, dtype: str) -> tuple[str, ...]:
     notes = [] if dtype == "bfloat16" else [f"{dtype} weights and activations (not the trainer's bf16)"]
     notes += ["device: tensor memory as torch.cuda.max_memory_allocated counts it; the verdict keeps 1 GiB free for "
              "the CUDA context, cuDNN/NCCL workspaces and fragmentation",
-             "bf16 weights; trainable bf16 weights have fp32 masters; AdamW m+v and EMA in fp32; micro-batch 1; "
-             "gradient checkpointing per main-DiT block, none in the reference DiT; SDPA as a fused kernel",
+             "as hallo3 train holds them: frozen weights in bf16, trained ones in fp32 (their own masters), the step "
+             "under bf16 autocast (traced with CPU autocast); AdamW m+v and EMA in fp32; micro-batch 1; gradient "
+             "checkpointing per main-DiT block, none in the reference DiT; SDPA as a fused kernel",
              "held besides the DiTs: the VAE (bf16, latents are encoded each step); not T5 (prompts precomputed "
              "by hallo3 prepare) nor wav2vec2 (features precomputed)",
              "optimizer step: torch AdamW with foreach (CUDA's default); a fused AdamW allocates less"]
+    if engine in ("zero2", "fsdp2"):
+        notes.append("hallo3 train runs on one process or DDP today; the sharded engines are planned as they would "
+                     "hold the state (docs/training.md)")
     if engine == "zero2":
-        notes.append(f"zero2: reduce bucket {ZERO2_BUCKET:.0e} gradients (the release's config), no offload")
+        notes.append(f"zero2: every parameter in bf16 (DeepSpeed's bf16 engine), fp32 masters sharded; reduce bucket "
+                     f"{ZERO2_BUCKET:.0e} gradients (the release's config), no offload")
     if engine == "fsdp2":
         notes.append("fsdp2: one unit per DiT block plus the root modules; frozen weights sharded in bf16, trainable "
-                     "ones as fp32 masters (MixedPrecisionPolicy bf16 params, fp32 reduce)")
+                     "ones as fp32 shards (MixedPrecisionPolicy bf16 params, fp32 reduce)")
     if lora_rank is not None:
         notes.append(f"--lora {lora_rank}: peft adapters (fp32, alpha = rank) on the attention projections of the "
                      "stage's trainable set instead of training it whole")
