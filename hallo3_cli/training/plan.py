@@ -13,12 +13,14 @@ PEFT integration), and three phases run for real code on tensors that hold no da
    the recipe's weight-decay groups (its second step: the state exists).
 
 FLOPs are ``torch.utils.flop_counter``'s formulas over phases 1–2 (the recomputation of checkpointing included).
-What stays allocated between steps is read from the built modules (bytes of each tensor as it is stored) and
-split over the GPUs by the engine's rule (:data:`ENGINES`):
+What stays allocated between steps is read from the built modules (bytes of each tensor as it is stored), held as
+``hallo3 train`` holds them (frozen weights in bf16, the trained parameters in float32: their own masters; the step
+under bf16 autocast), and split over the GPUs by the engine's rule (:data:`ENGINES`):
 
 - ``ddp``: everything replicated, plus DDP's gradient buckets (a second copy of the gradients);
-- ``zero2`` (DeepSpeed ZeRO-2, the release's engine): weights replicated; fp32 masters, AdamW m and v, EMA and
-  the reduced gradients sharded over the GPUs; one reduce bucket of up to :data:`ZERO2_BUCKET` gradients;
+- ``zero2`` (DeepSpeed ZeRO-2, the release's engine): weights replicated (all bf16 in DeepSpeed's bf16 engine);
+  fp32 masters, AdamW m and v, EMA and the reduced gradients sharded; one reduce bucket of up to
+  :data:`ZERO2_BUCKET` gradients;
 - ``fsdp2``: every DiT parameter sharded too (frozen ones in bf16, trainable ones as their fp32 master); while a
   block runs its parameters are gathered whole (two blocks at once with prefetching) and the root modules'
   parameters are gathered for the whole step.
@@ -195,7 +197,7 @@ def _count(networks: dict[str, torch.nn.Module], vae: torch.nn.Module, recipe: R
 
 
 def _build(configs_key: str, stage: int, lora_rank: int | None, dtype: torch.dtype, fake):
-    """Both DiTs and the VAE on fake tensors, with the stage's trainable set (or LoRA adapters on it)."""
+    """Both DiTs and the VAE on fake tensors, with the stage's trainable set (or LoRA adapters on it) in float32."""
     configs = json.loads(configs_key)["networks"]
     with tracing.quiet(), fake:
         main = _build_on("transformer", configs["transformer"], dtype)
