@@ -21,7 +21,8 @@ import typer
 from hallo3_cli import options
 from hallo3_cli.version import __version__
 from hallo3_cli.errors import Hallo3Error, reason
-from hallo3_cli.runtime import DEVICE_KINDS, DTYPE_CHOICES, OFFLOAD_CHOICES, PARALLEL_MODES, WEIGHTS_DTYPE_CHOICES
+from hallo3_cli.runtime import (DEVICE_KINDS, DTYPE_CHOICES, OFFLOAD_CHOICES, PARALLEL_MODES, TRAIN_ENGINES,
+                               WEIGHTS_DTYPE_CHOICES)
 
 app = typer.Typer(
     name="hallo3",
@@ -321,11 +322,16 @@ def plan_cmd(
     width: Optional[int] = typer.Option(None, "--width", callback=_number(16, 8192, multiple=16), help="Frame width, a multiple of 16 (default: the preset's, 720; height × width at most the preset's frame area)."),
     device_kind: str = typer.Option("cuda", "--device-kind", callback=_one_of(*DEVICE_KIND_CHOICES), help="cuda (bf16) or cpu (float32, device = host memory)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object (peak_device_bytes, peak_host_bytes, flops_per_clip, ...; with --gpus also gpus, comm_bytes_per_step, predicted_speedup)."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", callback=_number(1, 4096), help="Plan one video on N GPUs (render --parallel video): memory and FLOPs per rank, bytes sent per denoising step, predicted speed-up."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", callback=_number(1, 4096), help="Plan one video on N GPUs (render --parallel video): memory and FLOPs per rank, bytes sent per denoising step, predicted speed-up. With --train: the data-parallel GPUs the training state is split over."),
     interconnect: Optional[str] = typer.Option(None, "--interconnect", callback=_interconnect, help="With --gpus: nvlink (450 GB/s one way, the default), pcie (25 GB/s) or a bandwidth in GB/s."),
     cfg_parallel: Optional[bool] = typer.Option(None, "--cfg-parallel/--no-cfg-parallel", help="With --gpus: as render --parallel video."),
     ulysses: Optional[int] = typer.Option(None, "--ulysses", callback=_number(1, 4096), help="With --gpus: as render --parallel video."),
     ring: Optional[int] = typer.Option(None, "--ring", callback=_number(1, 4096), help="With --gpus: as render --parallel video."),
+    train: bool = typer.Option(False, "--train", help="Plan one training step instead (per-GPU memory and FLOPs; needs --stage)."),
+    stage: Optional[int] = typer.Option(None, "--stage", callback=_number(1, 2), help="With --train: training stage, 1 (identity) or 2 (audio)."),
+    lora: Optional[int] = typer.Option(None, "--lora", callback=_number(1, 4096), help="With --train: LoRA adapters of this rank instead of the stage's full trainable set."),
+    engine: Optional[str] = typer.Option(None, "--engine", callback=_one_of(*TRAIN_ENGINES), help="With --train: ddp (default with --lora), zero2 (DeepSpeed ZeRO-2) or fsdp2 (default otherwise)."),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", callback=_number(0, 1 << 20, low_open=True), help="With --train: also judge a card of this many GiB (besides 24, 48, 80)."),
 ) -> None:
     """Predict peak device and host memory and FLOPs per clip, from the real model traced without memory.
 
@@ -333,8 +339,30 @@ def plan_cmd(
     Examples:
       hallo3 plan --offload group --vae-tiling --json
       hallo3 plan --gpus 8 --interconnect pcie
+      hallo3 plan --train --stage 1 --gpus 8 --engine zero2
+      hallo3 plan --train --stage 2 --lora 64
     """
     _setup(False)
+    if train:
+        inference_only = {"--offload": offload != "auto", "--weights-dtype": weights_dtype != "auto",
+                          "--vae-tiling": vae_tiling, "--steps": steps is not None, "--device-kind": device_kind != "cuda",
+                          "--interconnect": interconnect is not None, "--cfg-parallel": cfg_parallel is not None,
+                          "--ulysses": ulysses is not None, "--ring": ring is not None}
+        given = [name for name, used in inference_only.items() if used]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} plan a render, not a training step", param_hint="--train")
+        if stage is None:
+            raise typer.BadParameter("--train needs --stage 1 or 2", param_hint="--stage")
+        _frame_fits(model, height, width)
+        _loading_torch()
+        from hallo3_cli.training.plan import format_training_plan, plan_training
+
+        result = plan_training(stage, lora_rank=lora, gpus=gpus or 1, engine=engine, gpu_memory=gpu_memory,
+                               height=height, width=width, model=model, progress=True)
+        print(result.to_json() if json_output else format_training_plan(result))
+        return
+    if stage is not None or lora is not None or engine is not None or gpu_memory is not None:
+        raise typer.BadParameter("--stage, --lora, --engine and --gpu-memory need --train", param_hint="--train")
     if gpus is None and (interconnect is not None or cfg_parallel is not None or ulysses is not None or ring is not None):
         raise typer.BadParameter("--interconnect, --cfg-parallel, --ulysses and --ring need --gpus", param_hint="--gpus")
     _frame_fits(model, height, width)

@@ -37,6 +37,8 @@ WEIGHTS_DTYPE_CHOICES = tuple(WEIGHTS_DTYPES)
 #: ``--parallel`` modes of ``render``: ``auto`` = ``jobs`` with ``--batch`` (each process renders its share of
 #: the jobs), ``none`` otherwise; ``video`` = every process shares each denoiser call of one video.
 PARALLEL_MODES = ("auto", "none", "jobs", "video")
+#: Training engines (``hallo3 plan --train --engine``): accelerate DDP, DeepSpeed ZeRO-2, PyTorch FSDP2.
+TRAIN_ENGINES = ("ddp", "zero2", "fsdp2")
 
 
 def parallel_mode(mode: str, *, batch: bool) -> str:

@@ -16,6 +16,7 @@ the square root on), which reproduces the official run bit for bit.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -57,8 +58,16 @@ class Schedule:
 
 def alphas_cumprod() -> np.ndarray:
     """The training schedule's cumulative alpha products, float64 (scaled-linear betas)."""
+    return _alphas_cumprod().copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _alphas_cumprod() -> np.ndarray:
+    # computed once: the training plan then reads it while tracing on fake tensors (which have no .numpy())
     betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
-    return np.cumprod(1.0 - betas.numpy())
+    products = np.cumprod(1.0 - betas.numpy())
+    products.flags.writeable = False
+    return products
 
 
 def _zero_snr_sqrt(alphas_cumprod_ascending_t: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:

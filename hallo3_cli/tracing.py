@@ -96,12 +96,14 @@ class _Tracer(TorchDispatchMode):
 
 
 def _flop_formulas() -> dict:
-    from torch.utils.flop_counter import flop_registry, sdpa_flop
+    from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
 
     formulas = dict(flop_registry)
-    # torch's registry lacks the CPU flash kernel (the one fake CPU tensors dispatch to); sdpa_flop
-    # is the registered (already shape-wrapped) formula of the other fused SDPA kernels
+    # torch's registry lacks the CPU flash kernel (the one fake CPU tensors dispatch to) and its backward;
+    # sdpa_flop / sdpa_backward_flop are the registered (already shape-wrapped) formulas of the other fused
+    # SDPA kernels, whose leading arguments are the same
     formulas[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = sdpa_flop
+    formulas[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = sdpa_backward_flop
     return formulas
 
 
