@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HALLO3_SHARED", REPO.parent / "shared")).resolve()
 OFFICIAL = SHARED / "fixtures" / "official"
 MEDIA = SHARED / "fixtures" / "media"
+TEST_PRESETS = Path(__file__).with_name("presets_test.toml")
 
 
 def pytest_configure(config):
@@ -79,3 +80,12 @@ def converted(fixture, tmp_path_factory):
     main = Hallo3Transformer3DModel.from_pretrained(folders["transformer"]).eval()
     reference = Hallo3ReferenceNet.from_pretrained(folders["reference"]).eval()
     return main, reference
+
+
+@pytest.fixture(scope="module")
+def test_presets():
+    """The test presets (tiny-test, ...) beside the packaged ones for a whole module
+    (``pytestmark = pytest.mark.usefixtures("test_presets")``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HALLO3_PRESETS", str(TEST_PRESETS))
+        yield

@@ -24,25 +24,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_safety import cli  # hallo3 in this process: (exit code, stdout, stderr)
 
 from hallo3_cli import fsutil, stages, store
-from hallo3_cli.cli import main
 from hallo3_cli.errors import ArgumentError, InputError, OutputError, StageFileError
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = Path(__file__).with_name("presets_test.toml")
-
-
-def cli(*argv: str, capsys) -> tuple[int, str, str]:
-    """``hallo3 ARGV`` in this process; (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, out, err, expected_code, *words):
@@ -209,7 +197,12 @@ def test_thin_image_frames_in_bounded_memory(tmp_path):
 
 @pytest.mark.parametrize("src_w, src_h", [(64, 3000), (3000, 64), (100, 1500)])
 def test_window_framing_matches_the_full_resize(src_w, src_h):
-    from hallo3_cli.image_io import MAX_COVER_FACTOR, _resize, frame_geometry, frame_image
+    from hallo3_cli.image_io import (
+        MAX_COVER_FACTOR,
+        _resize,
+        frame_geometry,
+        frame_image,
+    )
 
     source = np.random.default_rng(src_w).integers(0, 255, (src_h, src_w, 3), dtype=np.uint8)
     g = frame_geometry(src_w, src_h, 480, 720)
@@ -528,7 +521,14 @@ def test_variable_frame_rate_videos_are_resampled(tmp_path):
 
 
 def test_jobs_api_names_the_wrong_argument(media):
-    from hallo3_cli.jobs import embed_audio, encode_reference, render_batch, render_clips, render_video, stitch
+    from hallo3_cli.jobs import (
+        embed_audio,
+        encode_reference,
+        render_batch,
+        render_clips,
+        render_video,
+        stitch,
+    )
 
     cases = [
         (lambda: render_video(None, "s.wav", "o.mp4", model="tiny-random"), ValueError, "image is required"),

@@ -14,17 +14,10 @@ from conftest import cut_wav
 from safetensors.torch import load_file
 
 pytest.importorskip("peft")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("test_presets")]
 
 PRESETS = Path(__file__).with_name("presets_test.toml")
 MODEL = "tiny-test"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def test_presets():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HALLO3_PRESETS", str(PRESETS))
-        yield
 
 
 @pytest.fixture(scope="module")

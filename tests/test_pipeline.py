@@ -15,18 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("test_presets")]
 
 PRESETS = Path(__file__).with_name("presets_test.toml")
 GOLDEN = Path(__file__).with_name("data") / "golden_tiny_test_seed7.json"
 MODEL = "tiny-test"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def test_presets():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HALLO3_PRESETS", str(PRESETS))
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,57 +10,15 @@ import sys
 
 import pytest
 import torch
+from test_plan import CHECK_PRESET as PLAN_PRESET
 
 from hallo3_cli.training import plan as training_plan
 from hallo3_cli.training.plan import plan_training, trainable_count
 
-# A mid-size random model whose checkpointed training step allocates a few hundred MB (real CPU steps in seconds).
-CHECK_PRESET = """
-[train-check]
-description = "mid-size random model for validating hallo3 plan --train"
-seed = 0
-height = 384
-width = 576
-fps = 25
-clip_length = 9
-motion_frames = 2
-steps = 2
-cfg = 3.5
-vae_scale = 0.7
-text_length = 226
-default_prompt = "a person talking"
-
-[train-check.transformer]
-num_layers = 2
-num_attention_heads = 8
-attention_head_dim = 64
-time_embed_dim = 64
-audio_intermediate_dim = 64
-audio_cross_attention_dim = 64
-face_cross_attention_dim = 64
-
-[train-check.wav2vec]
-hidden_size = 32
-num_hidden_layers = 2
-num_attention_heads = 2
-intermediate_size = 64
-conv_dim = [32, 32, 32, 32, 32, 32, 32]
-num_conv_pos_embeddings = 16
-num_conv_pos_embedding_groups = 4
-
-[train-check.text_encoder]
-d_model = 256
-d_kv = 32
-d_ff = 512
-num_layers = 2
-num_heads = 4
-vocab_size = 256
-
-[train-check.vae]
-block_out_channels = [16, 16, 16, 16]
-norm_num_groups = 4
-layers_per_block = 1
-"""
+# test_plan's mid-size random model, at a frame and depth whose checkpointed training step allocates a few hundred
+# MB (real CPU steps in seconds).
+CHECK_PRESET = (PLAN_PRESET.replace("[plan-check", "[train-check").replace("hallo3 plan\"", "hallo3 plan --train\"")
+                .replace("height = 1024\nwidth = 1536", "height = 384\nwidth = 576").replace("num_layers = 1\n", "num_layers = 2\n", 1))
 
 # Runs in a fresh process: the preset's random DiTs in float32 as the trainer sets them up (stage's trainable set,
 # per-block checkpointing in the main DiT), one step to warm up, then the measured step: peak RSS minus the RSS

@@ -18,13 +18,7 @@ from hallo3_cli.training.validation import log_scores, validate
 
 PRESETS = Path(__file__).with_name("presets_test.toml")
 MODEL = "tiny-test"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def test_presets():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HALLO3_PRESETS", str(PRESETS))
-        yield
+pytestmark = pytest.mark.usefixtures("test_presets")
 
 
 @pytest.fixture(scope="module")
