@@ -134,16 +134,16 @@ class _Trace:
     backward_flops: int
 
 
-def _lora_targets(named: list[tuple[str, torch.nn.Parameter]], networks: dict[str, torch.nn.Module]) -> dict[str, list[str]]:
-    """The attention projections (Linear layers of ``attn*`` modules) among the stage's trainable set, per network:
-    what ``--lora`` adapts instead of training them whole."""
-    targets = {label: [] for label in networks}
-    for name, _ in named:
-        label, _, rest = name.partition(".")
-        module_name, _, leaf = rest.rpartition(".")
-        module = networks[label].get_submodule(module_name)
-        if leaf == "weight" and isinstance(module, torch.nn.Linear) and ".attn" in f".{module_name}":
-            targets[label].append(module_name)
+def _lora_targets(stage: int, networks: dict[str, torch.nn.Module]) -> dict[str, list[str]]:
+    """The Linear modules ``hallo3 train --lora`` adapts in ``stage``, per network (the trainer's ``LORA_TARGETS``,
+    matched as PEFT matches module-name suffixes)."""
+    from hallo3_cli.training.trainer import LORA_TARGETS
+
+    targets = {}
+    for label, network in networks.items():
+        suffixes = LORA_TARGETS[stage][label]
+        targets[label] = [name for name, module in network.named_modules() if isinstance(module, torch.nn.Linear)
+                          and any(name == s or name.endswith("." + s) for s in suffixes)]
     return targets
 
 
@@ -203,9 +203,9 @@ def _build(configs_key: str, stage: int, lora_rank: int | None, dtype: torch.dty
         main = _build_on("transformer", configs["transformer"], dtype)
         reference = _build_on("reference", configs["reference"], dtype)
         vae = _build_on("vae", configs["vae"], dtype)
-        named = trainable_parameters(main, reference, stage)
+        trainable_parameters(main, reference, stage)  # sets requires_grad: the full run's trainable set
     if lora_rank is not None:
-        targets = _lora_targets(named, {"transformer": main, "reference_net": reference})
+        targets = _lora_targets(stage, {"transformer": main, "reference_net": reference})
         with tracing.quiet():
             _add_lora({"transformer": main, "reference_net": reference}, targets, lora_rank, fake)
     with fake:  # the trainer keeps what it trains in float32 (the masters), the rest in the compute dtype
