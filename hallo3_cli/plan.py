@@ -545,14 +545,8 @@ def plan(
     if device_kind not in DEVICE_KINDS:
         raise Hallo3Error(f"device kind must be one of {', '.join(DEVICE_KINDS)}, got {device_kind!r}")
     compute = _compute_dtype(dtype, device_kind)
-    height = preset.height if height is None else int(height)
-    width = preset.width if width is None else int(width)
+    height, width = frame_size(preset, height, width)
     steps = preset.steps if steps is None else int(steps)
-    if height <= 0 or width <= 0 or height % 16 or width % 16:
-        raise UsageError(f"--height and --width must be positive multiples of 16, got {height}×{width}")
-    if height * width > preset.height * preset.width:
-        raise UsageError(f"{height}×{width} is larger than the {preset.name} model's {preset.height}×{preset.width} "
-                         "(its learned positional table covers that many tokens)")
     if not 1 <= steps <= options.STEPS[1]:
         raise UsageError(f"--steps must be from 1 to {options.STEPS[1]}, got {steps}")
     if progress:
@@ -642,6 +636,19 @@ def _folds_cross_attention(offload: str, storage: torch.dtype | None, compute: t
     (``Hallo3FoldedCrossAttnProcessor``): not when the weights reach the device only inside each
     Linear's own call (sequential offloading) or are stored in another dtype (fp8 layerwise casting)."""
     return offload != "sequential" and (storage is None or storage == compute)
+
+
+def frame_size(preset: Preset, height: int | None, width: int | None) -> tuple[int, int]:
+    """``--height``/``--width`` (default: the preset's frame), checked: positive multiples of 16 and no more pixels
+    than the model's frame."""
+    height = preset.height if height is None else int(height)
+    width = preset.width if width is None else int(width)
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        raise UsageError(f"--height and --width must be positive multiples of 16, got {height}×{width}")
+    if height * width > preset.height * preset.width:
+        raise UsageError(f"{height}×{width} is larger than the {preset.name} model's {preset.height}×{preset.width} "
+                         "(its learned positional table covers that many tokens)")
+    return height, width
 
 
 def _preset(model: str | Preset) -> Preset:

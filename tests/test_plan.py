@@ -65,18 +65,12 @@ layers_per_block = 1
 #: (step, height, width) measured for real: the DiT forward at batch 2, the reference pass, a clip's VAE decode.
 MEASURED = (("clip/denoise", 320, 480), ("encode-ref/reference", 1024, 1536), ("clip/vae-decode", 64, 96))
 
-# Runs in a fresh process: loads the networks with the project's loaders (random weights), then for each
-# step runs it once to warm up (one-time kernel caches are not part of a step's peak; the DiTs' rotary
-# table cache is, so it is dropped again), settles the heap, resets the peak RSS (/proc/self/clear_refs)
-# and runs it again; reports peak RSS minus the RSS before.
-MEASURE = r"""
-import ctypes, gc, json, sys
-import torch
-from hallo3_cli import loading
-from hallo3_cli.plan import run_step
-from hallo3_cli.presets import get_preset
-
-torch.set_num_threads(2)
+# The peak-RSS measurement of one step in a fresh process (tests/test_plan_train.py uses it too): a warm-up run
+# (one-time kernel caches are not part of a step's peak), ``settle()`` drops what the warm-up cached that is (the DiTs'
+# rotary table), the heap is trimmed, the peak RSS reset (/proc/self/clear_refs) and the step run again; the result is
+# peak RSS minus the RSS before.
+PEAK_RSS = r"""
+import ctypes, gc
 libc = ctypes.CDLL(None)
 
 def status(name):
@@ -85,6 +79,27 @@ def status(name):
             if line.startswith(name + ":"):
                 return int(line.split()[1]) * 1024
 
+def measured_peak(run, settle):
+    run()
+    settle()
+    gc.collect()
+    libc.malloc_trim(0)
+    before = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    run()
+    return status("VmHWM") - before
+"""
+
+# Loads the networks with the project's loaders (random weights) and measures each step given as STEP:H:W.
+MEASURE = PEAK_RSS + r"""
+import json, sys
+import torch
+from hallo3_cli import loading
+from hallo3_cli.plan import run_step
+from hallo3_cli.presets import get_preset
+
+torch.set_num_threads(2)
 preset = get_preset(sys.argv[1])
 nets = {"transformer": loading.load_network(preset, "transformer", "cpu", torch.float32),
         "reference": loading.load_network(preset, "reference", "cpu", torch.float32),
@@ -93,16 +108,7 @@ results = {}
 for spec in sys.argv[2:]:
     step, height, width = spec.split(":")
     run = lambda: run_step(step, nets, preset, height=int(height), width=int(width))
-    run()
-    for net in nets.values():
-        net.__dict__.pop("_rotary_cache", None)
-    gc.collect()
-    libc.malloc_trim(0)
-    before = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    run()
-    results[step] = status("VmHWM") - before
+    results[step] = measured_peak(run, lambda: [net.__dict__.pop("_rotary_cache", None) for net in nets.values()])
 print(json.dumps(results))
 """
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from test_plan import CHECK_PRESET as PLAN_PRESET
+from test_plan import PEAK_RSS
 
 from hallo3_cli.training import plan as training_plan
 from hallo3_cli.training.plan import plan_training, trainable_count
@@ -20,11 +21,10 @@ from hallo3_cli.training.plan import plan_training, trainable_count
 CHECK_PRESET = (PLAN_PRESET.replace("[plan-check", "[train-check").replace("hallo3 plan\"", "hallo3 plan --train\"")
                 .replace("height = 1024\nwidth = 1536", "height = 384\nwidth = 576").replace("num_layers = 1\n", "num_layers = 2\n", 1))
 
-# Runs in a fresh process: the preset's random DiTs in float32 as the trainer sets them up (stage's trainable set,
-# per-block checkpointing in the main DiT), one step to warm up, then the measured step: peak RSS minus the RSS
-# before (/proc/self/clear_refs resets the peak); the gradients are made (and kept) during the measured step.
-MEASURE = r"""
-import ctypes, gc, json, sys
+# test_plan's peak-RSS measurement of the preset's random DiTs in float32 as the trainer sets them up (the stage's
+# trainable set, per-block checkpointing in the main DiT); the gradients are made (and kept) during the measured step.
+MEASURE = PEAK_RSS + r"""
+import json, sys
 import torch
 from hallo3_cli import networks
 from hallo3_cli.presets import get_preset
@@ -32,14 +32,6 @@ from hallo3_cli.training import trainable_parameters
 from hallo3_cli.training.plan import run_step
 
 torch.set_num_threads(2)
-libc = ctypes.CDLL(None)
-
-def status(name):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1]) * 1024
-
 preset = get_preset(sys.argv[1])
 results = {}
 for stage in (1, 2):
@@ -50,17 +42,13 @@ for stage in (1, 2):
     main.train(); reference.train()
     run = lambda: run_step(main, reference, stage, height=preset.height, width=preset.width,
                            frames=preset.clip_length, text_length=preset.text_length)
-    run()
-    for net in (main, reference):
-        net.zero_grad(set_to_none=True)
-        net.__dict__.pop("_rotary_cache", None)
-    gc.collect()
-    libc.malloc_trim(0)
-    before = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    run()
-    results[stage] = status("VmHWM") - before
+
+    def settle():
+        for net in (main, reference):
+            net.zero_grad(set_to_none=True)
+            net.__dict__.pop("_rotary_cache", None)
+
+    results[stage] = measured_peak(run, settle)
     del main, reference
 print(json.dumps(results))
 """

@@ -46,7 +46,7 @@ from hallo3_cli import geometry, sampler, tracing
 from hallo3_cli.errors import UsageError
 from hallo3_cli.formatting import flops as _flop
 from hallo3_cli.formatting import memory_size as _gib
-from hallo3_cli.plan import DEVICE_RESERVE, _build_on, _configs, _preset, _strict
+from hallo3_cli.plan import DEVICE_RESERVE, _build_on, _configs, _preset, _strict, frame_size
 from hallo3_cli.presets import Preset
 from hallo3_cli.training.recipe import RELEASE, Recipe, weight_decay_groups
 from hallo3_cli.training.step import trainable_parameters, training_loss
@@ -424,13 +424,8 @@ def plan_training(
     if gpu_memory is not None and not (isinstance(gpu_memory, (int, float)) and math.isfinite(gpu_memory)
                                        and gpu_memory > 0):
         raise UsageError(f"--gpu-memory must be a positive number of GiB, got {gpu_memory!r}")
-    height = preset.height if height is None else int(height)
-    width = preset.width if width is None else int(width)
+    height, width = frame_size(preset, height, width)
     frames = preset.clip_length if frames is None else int(frames)
-    if height <= 0 or width <= 0 or height % 16 or width % 16:
-        raise UsageError(f"--height and --width must be positive multiples of 16, got {height}×{width}")
-    if height * width > preset.height * preset.width:
-        raise UsageError(f"{height}×{width} is larger than the {preset.name} model's {preset.height}×{preset.width}")
     if frames < 1 or (frames - 1) % 4:
         raise UsageError(f"frames must be 4k + 1 (the VAE's temporal compression), got {frames}")
     if dtype not in ("bfloat16", "float32"):
